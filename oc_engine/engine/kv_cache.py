@@ -1,0 +1,66 @@
+"""A static KV cache owned by the engine, written by index at per-sequence positions.
+
+Buffers are allocated once for `batch x max_len` and never change shape or address, so
+the compiled decode step (and a CUDA graph) sees the same tensors every token. Positions
+are device tensors: nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oc_engine.engine.accel import mark_static
+
+
+class StaticKVCache:
+    """Per-layer K and V buffers of shape [batch, kv_heads, max_len, head_dim].
+
+    Layers are allocated on their first write (during the eager prefill), so one class
+    serves models whose layers differ in head count or head size (Gemma 4), and layers
+    that reuse another layer's K/V (Gemma 4's shared layers) cost nothing.
+    """
+
+    def __init__(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        self.batch, self.max_len, self.device, self.dtype = batch, max_len, device, dtype
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._all_rows = CacheRows(self, slice(None))
+
+    def rows(self, start: int, stop: int) -> "CacheRows":
+        return CacheRows(self, slice(start, stop))
+
+    def all_rows(self) -> "CacheRows":
+        return self._all_rows
+
+    def _buffers(self, layer: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.keys:
+            shape = (self.batch, kv_heads, self.max_len, head_dim)
+            self.keys[layer] = mark_static(torch.zeros(shape, device=self.device, dtype=self.dtype))
+            self.values[layer] = mark_static(torch.zeros(shape, device=self.device, dtype=self.dtype))
+        return self.keys[layer], self.values[layer]
+
+
+class CacheRows:
+    """A view of some batch rows of a `StaticKVCache` (prefill writes one sequence at a time)."""
+
+    def __init__(self, cache: StaticKVCache, rows: slice):
+        self.cache, self.rows = cache, rows
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store key/value [B, kv_heads, T, head_dim] at positions pos [B, T]; return the full buffers.
+
+        Returns K, V of shape [B, kv_heads, max_len, head_dim] for these rows; positions
+        not yet written hold zeros and are masked out by the caller.
+        """
+        keys, values = self.cache._buffers(layer, key.shape[1], key.shape[3])
+        if self.rows != slice(None):
+            keys, values = keys[self.rows], values[self.rows]
+        batch_index = torch.arange(key.shape[0], device=pos.device)[:, None].expand_as(pos)
+        # Advanced indices around a slice put [B, T] first: the value is [B, T, kv_heads, head_dim].
+        keys[batch_index, :, pos] = key.transpose(1, 2).to(keys.dtype)
+        values[batch_index, :, pos] = value.transpose(1, 2).to(values.dtype)
+        return keys, values
