@@ -114,7 +114,8 @@ class Engine:
                 first_token_at[b] = time.perf_counter()
                 results[b].prefill_ms = (first_token_at[b] - t0) * 1000
                 results[b].ttft_ms = (first_token_at[b] - start) * 1000
-                self._accept(results[b], streams[b], token, tap, limits[b], config, on_text, collect_taps)
+                self._accept(results[b], streams[b], token, None if tap is None else tap[0], limits[b], config,
+                             on_text, collect_taps)
 
             active = [r for r in results if not r.finished]
             while active:

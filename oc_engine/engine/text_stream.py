@@ -21,11 +21,10 @@ class TextStream:
             return ""
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for stop in self.stop_strings:
-            at = text.find(stop)
-            if at != -1:
-                text = text[:at]
-                self.stopped = True
+        hits = [at for at in (text.find(stop) for stop in self.stop_strings) if at != -1]
+        if hits:  # cut at the earliest occurrence of any stop string
+            text = text[:min(hits)]
+            self.stopped = True
         if not self.stopped:
             if text.endswith("\ufffd"):  # a multi-byte character split across tokens
                 return ""

@@ -61,6 +61,8 @@ class HFModulesRunner(nn.Module):
     def forward(self, input_ids, pos, cache: CacheRows, tap: int | None = None):
         dtype = self.lm_head.weight.dtype
         masks = {t: attention_mask(pos, cache.max_len, dtype, w) for t, w in self.windows.items()}
+        if len(masks) == 1:  # models with one layer type take a prepared 4D mask, not a dict
+            (masks,) = masks.values()
         out = self.text_model(input_ids=input_ids, position_ids=pos, attention_mask=masks,
                               cache=EngineCache(cache, pos), use_cache=True,
                               output_hidden_states=tap is not None)

@@ -1,0 +1,121 @@
+"""The `oc-engine` command line. It only parses options, calls the library and prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import wraps
+
+import click
+
+from oc_engine.errors import OcEngineError
+
+
+def _user_errors(fn):
+    """Turn library errors into a one-line message and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OcEngineError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="oc-engine")
+def main():
+    """Guarded generation for open-weight LLMs.
+
+    \b
+    Quick start (the embedded SmolLM2-135M-Instruct; nothing to download):
+      oc-engine generate --prompt "Explain SQL injection at a high level"
+      oc-engine generate --prompts-file prompts.jsonl --json
+      oc-engine bench
+    """
+    # torch warns once per process that this CPU machine has no CUDA runtime: not news here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
+              "Default: the embedded SmolLM2-135M-Instruct.")
+
+
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--prompt", default=None, help="One prompt (the user turn of the chat template).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False), default=None,
+              help="Several prompts, decoded as one batch: JSONL with a 'prompt' field, or one per line.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence (fixed-length runs for benchmarks).")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy; above 0 samples.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Sample from the smallest set holding this much probability.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up).")
+@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@click.option("--tap-layer", type=int, default=None,
+              help="Return this hidden state per token (index of output_hidden_states; -4 is typical).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of text.")
+@_user_errors
+def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strings, temperature, top_k, top_p,
+             seed, dtype, device, no_compile, no_chat_template, tap_layer, trust_remote_code, as_json):
+    """Generate text for one prompt or a batch, streaming it as it is produced.
+
+    \b
+    Examples:
+      oc-engine generate --prompt "Explain SQL injection at a high level"
+      oc-engine generate --prompt "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 1
+      oc-engine generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
+    """
+    from oc_engine.engine.decode import Engine, GenerationConfig
+    from oc_engine.engine.loading import load_model
+    from oc_engine.engine.prompts import read_prompts_file, render_prompt
+    from oc_engine.engine.sampling import SamplingConfig
+
+    if (prompt is None) == (prompts_file is None):
+        raise OcEngineError("give exactly one of --prompt or --prompts-file")
+    prompts = [prompt] if prompt is not None else read_prompts_file(prompts_file)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_strings=tuple(stop_strings),
+                              ignore_eos=ignore_eos,
+                              sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    engine = Engine(loaded, compile=not no_compile, tap=tap_layer)
+    token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
+    if engine.compile and not as_json:
+        click.echo("oc-engine: compiling the decode step (about a minute on CPU the first time; "
+                   "--no-compile skips it)", err=True)
+
+    stream = len(prompts) == 1 and not as_json
+    on_text = (lambda _index, piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+    results = engine.generate(token_ids, config, on_text=on_text)
+
+    for r in results:
+        if as_json:
+            click.echo(json.dumps({
+                "index": r.index, "model": loaded.source, "prompt": prompts[r.index], "text": r.text,
+                "token_ids": r.token_ids, "prompt_tokens": len(r.prompt_ids), "finish_reason": r.finish_reason,
+                "prefill_ms": round(r.prefill_ms, 3), "ttft_ms": round(r.ttft_ms, 3),
+                "decode_tokens_per_s": None if r.decode_tokens_per_s is None else round(r.decode_tokens_per_s, 3),
+                "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
+                "compiled": engine.compile,
+            }, ensure_ascii=False))
+        elif stream:
+            click.echo()
+        else:
+            click.echo(f"=== [{r.index}] {r.finish_reason}, {len(r.token_ids)} tokens ===")
+            click.echo(r.text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The CLI: JSON output for scripts, one-line errors with a non-zero exit."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from oc_engine.cli import main
+
+
+@pytest.mark.slow
+def test_generate_json_with_the_embedded_model(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "What is 2+2?"}\n{"prompt": "Name a fruit."}\n')
+    result = CliRunner().invoke(main, ["generate", "--prompts-file", str(prompts), "--max-new-tokens", "8",
+                                       "--no-compile", "--dtype", "float32", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["finish_reason"] in ("eos", "length") and 1 <= len(row["token_ids"]) <= 8
+        assert row["model"].endswith("SmolLM2-135M-Instruct") and row["dtype"] == "float32"
+        assert {"text", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "prompt_tokens"} <= row.keys()
+
+
+@pytest.mark.slow
+def test_generate_streams_text(tmp_path):
+    result = CliRunner().invoke(main, ["generate", "--prompt", "Say hello", "--max-new-tokens", "6",
+                                       "--no-compile", "--dtype", "float32"])
+    assert result.exit_code == 0 and result.stdout.strip()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "a", "--prompts-file", "x"], "exactly one of --prompt or --prompts-file"),
+    ([], "exactly one of --prompt or --prompts-file"),
+    (["--prompt", "a", "--model", "/does/not/exist"], "model not found"),
+    (["--prompt", "a", "--top-p", "0"], "--top-p"),
+])
+def test_generate_errors_are_one_line(args, message):
+    result = CliRunner().invoke(main, ["generate", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_prompts_file_line_is_reported(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    result = CliRunner().invoke(main, ["generate", "--prompts-file", str(bad), "--no-compile"])
+    assert result.exit_code == 1
+    assert f"{bad}:2: not valid JSON" in result.output
