@@ -117,5 +117,41 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
             click.echo(r.text)
 
 
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="One dtype for every mode.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Median of this many runs.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["hf_generate", "no_kv_cache", "engine_eager",
+                                                                   "engine_compiled"]),
+              help="Modes to run (repeatable). Default: all four.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@_user_errors
+def bench(model, dtype, device, new_tokens, repeats, modes, out, as_json):
+    """Decode speed at batch 1: Hugging Face generate vs a no-KV-cache loop vs the engine.
+
+    \b
+    Each mode is warmed up (compilation is not timed), then timed from outside: time to
+    first token from a 1-token run, tokens/s from a fixed-length run (EOS ignored).
+    Example:
+      oc-engine bench --dtype bfloat16 --out bench/results/cpu-decode-bf16.json
+    """
+    from oc_engine.bench import MODES, markdown_table, run_decode_bench
+    from oc_engine.engine.loading import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    report = run_decode_bench(loaded, modes=modes or MODES, new_tokens=new_tokens, repeats=repeats,
+                              progress=lambda mode: click.echo(f"oc-engine bench: {mode} ...", err=True))
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(json.dumps(report, indent=2) if as_json else markdown_table(report))
+
+
 if __name__ == "__main__":
     main()

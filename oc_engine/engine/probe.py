@@ -1,0 +1,161 @@
+"""The probe directory: a linear probe on tapped hidden states, and the settings the guard uses.
+
+    probe.safetensors   weight [L, H] fp32 (one row per tapped layer), bias [1] fp32
+    probe_config.json   format, model fingerprint, layers, hidden_size, alpha, warn, pause,
+                        every, chat_template, metrics
+
+Loading checks everything and fails with one line: a missing or corrupt file, a probe made
+for another model (fingerprint), a wrong hidden size, thresholds out of range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from oc_engine.errors import OcEngineError
+
+PROBE_FORMAT = "oc-engine-probe/1"
+WEIGHTS_FILE, CONFIG_FILE = "probe.safetensors", "probe_config.json"
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    weights_hash: str  # sha256 of the sign bits of 4096 embedding values: the same in fp32, bf16, fp16
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelFingerprint":
+        config = model.config.get_text_config()
+        embed = model.get_input_embeddings().weight.detach()
+        flat = embed.reshape(-1)
+        sample = flat[torch.linspace(0, flat.numel() - 1, 4096).long().to(flat.device)]
+        signs = torch.signbit(sample).to(torch.uint8).cpu().numpy().tobytes()
+        return cls(architecture=type(model).__name__, hidden_size=int(config.hidden_size),
+                   num_layers=int(config.num_hidden_layers), weights_hash=hashlib.sha256(signs).hexdigest()[:32])
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Guard settings carried with a probe; validated on construction."""
+
+    model: ModelFingerprint
+    layers: tuple[int, ...]  # indices into output_hidden_states (negative from the end)
+    hidden_size: int
+    alpha: float = 0.3  # EMA weight of the newest score
+    warn: float = 0.5  # EMA at or above: logged, still streamed
+    pause: float = 0.8  # EMA at or above: tokens are held and the classifier is asked
+    every: int = 1  # check the flags every N tokens
+    chat_template: bool = True
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.layers:
+            raise OcEngineError("probe config: 'layers' is empty")
+        if not 0 < self.alpha <= 1:
+            raise OcEngineError(f"probe alpha must be in (0, 1], got {self.alpha}")
+        for name in ("warn", "pause"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise OcEngineError(f"probe {name} threshold must be in [0, 1], got {value}")
+        if self.warn > self.pause:
+            raise OcEngineError(f"probe warn threshold ({self.warn}) is above the pause threshold ({self.pause})")
+        if self.every < 1:
+            raise OcEngineError(f"probe cadence 'every' must be >= 1, got {self.every}")
+
+    def with_overrides(self, **overrides) -> "ProbeConfig":
+        """A copy with the given settings replaced (None leaves one as it is), re-validated."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self) -> dict:
+        return {"format": PROBE_FORMAT, **asdict(self), "layers": list(self.layers)}
+
+
+@dataclass(frozen=True)
+class Probe:
+    config: ProbeConfig
+    weight: torch.Tensor  # [L, H] fp32
+    bias: torch.Tensor  # [1] fp32
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise unless this probe was trained on `model`."""
+        actual = ModelFingerprint.of(model)
+        expected = self.config.model
+        if actual.hidden_size != self.config.hidden_size:
+            raise OcEngineError(f"probe expects hidden size {self.config.hidden_size}, "
+                                f"the model has {actual.hidden_size}")
+        if actual != expected:
+            raise OcEngineError(f"probe was trained for another model ({expected.architecture}, "
+                                f"{expected.num_layers} layers, weights {expected.weights_hash[:8]}); this model is "
+                                f"{actual.architecture}, {actual.num_layers} layers, weights {actual.weights_hash[:8]}")
+
+
+def save_probe(probe: Probe, out_dir: str | Path) -> Path:
+    """Write the probe directory atomically (a temporary directory renamed into place)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise OcEngineError(f"{out_dir} exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_file({"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)},
+                  str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(probe.config.to_json(), indent=2) + "\n")
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_probe(path: str | Path) -> Probe:
+    """Read and validate a probe directory (see the module docstring)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise OcEngineError(f"probe directory not found: {path}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise OcEngineError(f"probe directory {path} has no {name}")
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OcEngineError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != PROBE_FORMAT:
+        raise OcEngineError(f"{path / CONFIG_FILE}: not an oc-engine probe (format {PROBE_FORMAT!r} expected)")
+    try:
+        config = ProbeConfig(model=ModelFingerprint(**raw["model"]), layers=tuple(int(x) for x in raw["layers"]),
+                             hidden_size=int(raw["hidden_size"]), alpha=float(raw["alpha"]), warn=float(raw["warn"]),
+                             pause=float(raw["pause"]), every=int(raw["every"]),
+                             chat_template=bool(raw.get("chat_template", True)), metrics=raw.get("metrics", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OcEngineError(f"{path / CONFIG_FILE}: missing or malformed field ({exc})") from exc
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OcEngineError(f"{path / WEIGHTS_FILE} is corrupt: {exc}") from exc
+    weight, bias = tensors.get("weight"), tensors.get("bias")
+    if weight is None or bias is None:
+        raise OcEngineError(f"{path / WEIGHTS_FILE} must hold 'weight' and 'bias'")
+    expected = (len(config.layers), config.hidden_size)
+    if tuple(weight.shape) != expected or bias.numel() != 1:
+        raise OcEngineError(f"{path / WEIGHTS_FILE}: weight shape {tuple(weight.shape)} does not match the config "
+                            f"({expected[0]} layers x hidden size {expected[1]})")
+    if not torch.isfinite(weight).all() or not torch.isfinite(bias).all():
+        raise OcEngineError(f"{path / WEIGHTS_FILE} holds non-finite values")
+    return Probe(config=config, weight=weight.float(), bias=bias.float().reshape(1))

@@ -1,0 +1,100 @@
+"""Fused probe score + EMA update: one Triton kernel, its PyTorch reference, and the custom op.
+
+For each sequence b of the batch, with tapped hidden states from one or more layers:
+
+    logit[b] = sum_l <hidden[l, b, :], weight[l, :]> + bias        (accumulated in fp32)
+    score[b] = sigmoid(logit[b])
+    ema[b]   = score[b] if ema[b] < 0 else alpha * score[b] + (1 - alpha) * ema[b]   (in place)
+    flags[b] = 1 * (ema[b] >= warn) + 2 * (ema[b] >= pause)
+
+Shapes: hidden [L, B, H] (bf16, fp16 or fp32; H any size), weight [L, H] fp32, bias [1] fp32,
+ema [B] fp32 (a negative value means "no score yet"), thresholds [3] fp32 = (alpha, warn,
+pause); returns score [B] fp32 and flags [B] int32. Thresholds live in a tensor so that
+changing them never recompiles the step.
+
+`torch.ops.oc_engine.probe_ema` is a custom op: torch.compile keeps it as one node of the
+step's graph (no graph break), captured in the CUDA graph on CUDA, where the Triton kernel
+runs; on CPU the reference runs in its place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional off Linux; the reference serves CPU
+    triton = None
+
+
+def probe_ema_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ema: torch.Tensor,
+                        thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch, the same maths as the kernel; updates `ema` in place."""
+    logit = torch.einsum("lbh,lh->b", hidden.float(), weight.float()) + bias.float()
+    score = torch.sigmoid(logit)
+    alpha, warn, pause = thresholds[0], thresholds[1], thresholds[2]
+    new_ema = torch.where(ema < 0, score, alpha * score + (1 - alpha) * ema)
+    ema.copy_(new_ema)
+    flags = (new_ema >= warn).to(torch.int32) + 2 * (new_ema >= pause).to(torch.int32)
+    return score, flags
+
+
+if triton is not None:
+    @triton.jit
+    def _probe_ema_kernel(hidden_ptr, weight_ptr, bias_ptr, ema_ptr, thresholds_ptr, score_ptr, flags_ptr,
+                          num_layers, hidden_size, stride_hl, stride_hb, stride_wl,
+                          BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for layer in range(0, num_layers):
+            for start in range(0, hidden_size, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < hidden_size
+                h = tl.load(hidden_ptr + layer * stride_hl + b * stride_hb + offs, mask=mask, other=0.0)
+                w = tl.load(weight_ptr + layer * stride_wl + offs, mask=mask, other=0.0)
+                acc += h.to(tl.float32) * w.to(tl.float32)
+        logit = tl.sum(acc, axis=0) + tl.load(bias_ptr).to(tl.float32)
+        score = 1.0 / (1.0 + tl.exp(-logit))
+        alpha = tl.load(thresholds_ptr)
+        warn = tl.load(thresholds_ptr + 1)
+        pause = tl.load(thresholds_ptr + 2)
+        old = tl.load(ema_ptr + b)
+        new = tl.where(old < 0.0, score, alpha * score + (1.0 - alpha) * old)
+        tl.store(ema_ptr + b, new)
+        tl.store(score_ptr + b, score)
+        flags = (new >= warn).to(tl.int32) + 2 * (new >= pause).to(tl.int32)
+        tl.store(flags_ptr + b, flags)
+
+
+def probe_ema_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ema: torch.Tensor,
+                     thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    num_layers, batch, hidden_size = hidden.shape
+    if hidden.stride(2) != 1:
+        hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    score = torch.empty(batch, device=hidden.device, dtype=torch.float32)
+    flags = torch.empty(batch, device=hidden.device, dtype=torch.int32)
+    block = min(1024, triton.next_power_of_2(hidden_size))
+    _probe_ema_kernel[(batch,)](hidden, weight, bias, ema, thresholds, score, flags,
+                                num_layers, hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0),
+                                BLOCK=block)
+    return score, flags
+
+
+@torch.library.custom_op("oc_engine::probe_ema", mutates_args=("ema",))
+def probe_ema(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ema: torch.Tensor,
+              thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op the decode step calls: Triton on CUDA, the reference elsewhere."""
+    if hidden.is_cuda and triton is not None:
+        return probe_ema_triton(hidden, weight, bias, ema, thresholds)
+    return probe_ema_reference(hidden, weight, bias, ema, thresholds)
+
+
+@probe_ema.register_fake
+def _(hidden, weight, bias, ema, thresholds):
+    batch = hidden.shape[1]
+    return (hidden.new_empty(batch, dtype=torch.float32), hidden.new_empty(batch, dtype=torch.int32))
