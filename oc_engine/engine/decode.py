@@ -4,21 +4,25 @@ Read top-down: `GenerationConfig` (validated), `SequenceResult`, then `Engine.ge
 1. prefill every prompt on its own cache row (no padding; a prompt's result in a batch
    equals its result alone), sampling its first token;
 2. step all rows together with `decode_one_token` (compiled once per sampling config and
-   cache shape; positions are device tensors updated in place, so nothing recompiles);
-3. the Python loop reads the new tokens, streams text and retires finished sequences.
+   cache shape; positions are device tensors updated in place, so nothing recompiles). With
+   a probe, the step also scores the tapped states and updates the EMA on the device;
+3. the Python loop reads the new tokens (and the probe flags, at the same sync), streams
+   text, lets a monitor (the guard) react, and retires finished sequences.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from oc_engine.engine import accel
 from oc_engine.engine.kv_cache import StaticKVCache
 from oc_engine.engine.loading import LoadedModel
+from oc_engine.engine.probe import Probe
+from oc_engine.engine.probe_runtime import ProbeRuntime
 from oc_engine.engine.runners import build_runner
 from oc_engine.engine.sampling import SamplingConfig, sample
 from oc_engine.engine.text_stream import TextStream
@@ -45,16 +49,30 @@ class SequenceResult:
     index: int
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "eos", "stop" (a stop string) or "length"
+    text: str = ""  # the model's text (what a guard releases may be less)
+    finish_reason: str | None = None  # "eos", "stop" (a stop string), "length" or "guard"
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0  # from the start of generate() to this sequence's first token
     decode_tokens_per_s: float | None = None
-    taps: list[torch.Tensor] = field(default_factory=list)  # [H] per generated token, if collected
+    taps: list[torch.Tensor] = field(default_factory=list)  # per token: [H] (one tap) or [L, H], if collected
+    scores: list[float] = field(default_factory=list)  # per token probe score, with a probe
+    emas: list[float] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class Monitor(Protocol):
+    """What the loop asks of a guard (see `oc_engine.engine.guarded.GuardMonitor`)."""
+
+    def on_token(self, index: int, token: int, score: float | None, ema: float | None, flags: int) -> None: ...
+    def on_finish(self, index: int) -> None: ...
+    def wants_tokens(self, index: int) -> bool: ...
+    def waiting(self, index: int) -> bool: ...
+    def poll(self) -> None: ...
+    def wait(self) -> None: ...
+    def drain(self) -> None: ...
 
 
 # on_text(sequence index, newly released text)
@@ -62,20 +80,25 @@ TextCallback = Callable[[int, str], None]
 
 
 class Engine:
-    """Guard-ready generation over one loaded model.
+    """Generation over one loaded model, with an optional probe inside the step.
 
-    tap: which entry of Hugging Face's `output_hidden_states` the step returns for the
-    probe (0 = embeddings, -1 = after the final norm; default None = no tap, no cost).
+    tap: which entries of Hugging Face's `output_hidden_states` the step returns (an int or
+    several; 0 = embeddings, -1 = after the final norm). A probe sets them to its layers.
+    Without a tap or probe, the step returns nothing extra and costs nothing extra.
     """
 
-    def __init__(self, loaded: LoadedModel, *, compile: bool = True, tap: int | None = None,
-                 prefer_fused: bool = True):
+    def __init__(self, loaded: LoadedModel, *, compile: bool = True, tap: int | Sequence[int] | None = None,
+                 probe: Probe | None = None, prefer_fused: bool = True):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device, self.dtype = loaded.device, loaded.dtype
         self.runner = build_runner(self.model, prefer_fused=prefer_fused)
         self.compile = compile
         self.num_layers = self.runner.num_layers
-        self.tap = self._normalize_tap(tap)
+        self.probe = probe
+        if probe is not None:
+            probe.check_model(self.model)
+            tap = probe.config.layers
+        self.taps = self._normalize_taps(tap)
         config = self.model.config.get_text_config()
         self.context = int(getattr(config, "max_position_embeddings", 0) or 2 ** 31)
         self.eos_ids = self._eos_ids()
@@ -84,7 +107,8 @@ class Engine:
 
     # -- public -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], config: GenerationConfig = GenerationConfig(), *,
-                 on_text: TextCallback | None = None, collect_taps: bool = False) -> list[SequenceResult]:
+                 on_text: TextCallback | None = None, collect_taps: bool = False,
+                 monitor: Monitor | None = None) -> list[SequenceResult]:
         """Generate for each prompt (token ids); returns one result per prompt, in order."""
         if not prompts:
             return []
@@ -95,18 +119,31 @@ class Engine:
         batch = len(prompts)
         cache = self._cache_for(batch, max(len(p) + n for p, n in zip(prompts, limits)))
         step = self._step(config.sampling, cache.max_len, batch)
+        probe = ProbeRuntime(self.probe, batch, self.device) if self.probe is not None else None
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        advance = torch.ones(batch, 1, dtype=torch.long, device=self.device)  # 0 freezes a waiting row
+        waiting = [False] * batch
         results = [SequenceResult(i, list(p)) for i, p in enumerate(prompts)]
         streams = [TextStream(self.tokenizer, config.stop_strings) for _ in prompts]
         first_token_at = [0.0] * batch
+
+        def accept(r: SequenceResult, token: int, tapped, score, ema, flags: int) -> None:
+            self._accept(r, streams[r.index], token, limits[r.index], config, on_text, collect_taps,
+                         tapped, score, ema)
+            if monitor is not None:
+                monitor.on_token(r.index, token, score, ema, flags)
+                if r.finished:
+                    monitor.on_finish(r.index)
+                elif not monitor.wants_tokens(r.index):
+                    r.finish_reason = "guard"
 
         with torch.inference_mode():
             for b, prompt in enumerate(prompts):
                 t0 = time.perf_counter()
                 ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
                 prompt_pos = torch.arange(len(prompt), device=self.device)[None]
-                logits, tap = self.runner(ids, prompt_pos, cache.rows(b, b + 1), self.tap)
+                logits, tapped = self.runner(ids, prompt_pos, cache.rows(b, b + 1), self.taps)
                 first = sample(logits, config.sampling)
                 tokens[b, 0] = first[0]
                 pos[b, 0] = len(prompt)
@@ -114,38 +151,67 @@ class Engine:
                 first_token_at[b] = time.perf_counter()
                 results[b].prefill_ms = (first_token_at[b] - t0) * 1000
                 results[b].ttft_ms = (first_token_at[b] - start) * 1000
-                self._accept(results[b], streams[b], token, None if tap is None else tap[0], limits[b], config,
-                             on_text, collect_taps)
+                score = ema = None
+                flags = 0
+                if probe is not None:
+                    s, e, f = probe.score_row(tapped, b)
+                    score, ema, flags = float(s[0]), float(e[0]), int(f[0])
+                accept(results[b], token, None if tapped is None else tapped[:, 0], score, ema, flags)
 
             active = [r for r in results if not r.finished]
             while active:
-                next_tokens, taps = step(tokens, pos, cache.all_rows())
+                if monitor is not None:
+                    monitor.poll()
+                    active = [r for r in active if not self._stop_if_unwanted(r, monitor)]
+                    if self._update_waiting(active, monitor, waiting, advance, probe):
+                        monitor.wait()  # every live sequence waits for a verdict
+                        continue
+                    if not active:
+                        break
+                next_tokens, tapped, score, ema, flags = step(tokens, pos, cache.all_rows(), probe)
                 next_tokens = next_tokens.clone()  # CUDA graph outputs are overwritten by the next replay
-                pos += 1
-                tokens.copy_(next_tokens[:, None])
-                host = next_tokens.tolist()
+                pos += advance
+                tokens.copy_(torch.where(advance.bool(), next_tokens[:, None], tokens))
+                host = next_tokens.tolist()  # the loop's one sync per step; the probe outputs ride on it
+                host_probe = (score.tolist(), ema.tolist(), flags.tolist()) if probe is not None else None
                 for r in active:
-                    tap = taps[r.index] if taps is not None else None
-                    self._accept(r, streams[r.index], host[r.index], tap, limits[r.index], config, on_text,
-                                 collect_taps)
+                    b = r.index
+                    if waiting[b]:
+                        continue
+                    s, e, f = (host_probe[0][b], host_probe[1][b], host_probe[2][b]) if host_probe else (None, None, 0)
+                    accept(r, host[b], None if tapped is None else tapped[:, b], s, e, f)
                 active = [r for r in active if not r.finished]
+            if monitor is not None:
+                monitor.drain()
         end = time.perf_counter()
         for r in results:
             if len(r.token_ids) > 1:
                 r.decode_tokens_per_s = (len(r.token_ids) - 1) / max(end - first_token_at[r.index], 1e-9)
         return results
 
-    def decode_one_token(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows, sampling: SamplingConfig):
-        """tokens [B, 1], pos [B, 1] -> (next tokens [B], tap [B, H] | None). No host sync."""
-        logits, tap = self.runner(tokens, pos, cache_rows, self.tap)
-        return sample(logits, sampling), tap
+    def decode_one_token(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows, sampling: SamplingConfig,
+                         probe: ProbeRuntime | None):
+        """tokens [B, 1], pos [B, 1] -> (next [B], tapped [L, B, H] | None, score, ema, flags [B] | None).
+
+        No host sync: sampling, the probe score and the EMA update all stay on the device.
+        """
+        logits, tapped = self.runner(tokens, pos, cache_rows, self.taps)
+        next_tokens = sample(logits, sampling)
+        if probe is None:
+            return next_tokens, tapped, None, None, None
+        score, ema, flags = probe.score(tapped)
+        return next_tokens, tapped, score, ema, flags
 
     # -- internals ----------------------------------------------------------------------
-    def _accept(self, result: SequenceResult, stream: TextStream, token: int, tap, limit: int,
-                config: GenerationConfig, on_text: TextCallback | None, collect_taps: bool) -> None:
+    def _accept(self, result: SequenceResult, stream: TextStream, token: int, limit: int,
+                config: GenerationConfig, on_text: TextCallback | None, collect_taps: bool,
+                tapped, score, ema) -> None:
         result.token_ids.append(token)
-        if collect_taps and tap is not None:
-            result.taps.append(tap.float().cpu().clone())
+        if collect_taps and tapped is not None:
+            result.taps.append((tapped[0] if tapped.shape[0] == 1 else tapped).float().cpu().clone())
+        if score is not None:
+            result.scores.append(score)
+            result.emas.append(ema)
         piece = stream.push(token)
         if stream.stopped:
             result.finish_reason = "stop"
@@ -158,6 +224,25 @@ class Engine:
         result.text += piece
         if piece and on_text is not None:
             on_text(result.index, piece)
+
+    @staticmethod
+    def _stop_if_unwanted(result: SequenceResult, monitor: Monitor) -> bool:
+        if not result.finished and not monitor.wants_tokens(result.index):
+            result.finish_reason = "guard"
+        return result.finished
+
+    @staticmethod
+    def _update_waiting(active, monitor: Monitor, waiting: list[bool], advance: torch.Tensor,
+                        probe: ProbeRuntime | None) -> bool:
+        """Freeze the rows whose guard holds too many tokens; True if every live row waits."""
+        for r in active:
+            now = monitor.waiting(r.index)
+            if now != waiting[r.index]:
+                waiting[r.index] = now
+                advance[r.index, 0] = 0 if now else 1
+                if probe is not None:
+                    probe.active[r.index] = not now
+        return bool(active) and all(waiting[r.index] for r in active)
 
     def _limits(self, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
         limits = []
@@ -180,22 +265,24 @@ class Engine:
 
     def _step(self, sampling: SamplingConfig, max_len: int, batch: int) -> Callable:
         if not self.compile:
-            return lambda tokens, pos, rows: self.decode_one_token(tokens, pos, rows, sampling)
+            return lambda tokens, pos, rows, probe: self.decode_one_token(tokens, pos, rows, sampling, probe)
         key = (sampling, max_len, batch)
         if key not in self._steps:
-            def step(tokens, pos, rows, _sampling=sampling):
-                return self.decode_one_token(tokens, pos, rows, _sampling)
+            def step(tokens, pos, rows, probe, _sampling=sampling):
+                return self.decode_one_token(tokens, pos, rows, _sampling, probe)
             self._steps[key] = accel.compile_step(step, self.device)
         return self._steps[key]
 
-    def _normalize_tap(self, tap: int | None) -> int | None:
+    def _normalize_taps(self, tap: int | Sequence[int] | None) -> tuple[int, ...]:
         if tap is None:
-            return None
+            return ()
         points = self.num_layers + 1
-        if not -points <= tap < points:
-            raise OcEngineError(f"tap layer {tap} is out of range for a model with {self.num_layers} layers "
-                                f"(hidden states 0..{self.num_layers}, or negative from the end)")
-        return tap % points
+        taps = (tap,) if isinstance(tap, int) else tuple(tap)
+        for t in taps:
+            if not -points <= t < points:
+                raise OcEngineError(f"tap layer {t} is out of range for a model with {self.num_layers} layers "
+                                    f"(hidden states 0..{self.num_layers}, or negative from the end)")
+        return tuple(t % points for t in taps)
 
     def _eos_ids(self) -> set[int]:
         ids = set()

@@ -146,10 +146,10 @@ class FusedLayer(nn.Module):
 
 
 class FusedLlamaRunner(nn.Module):
-    """forward(input_ids [B, T], pos [B, T], cache, tap) -> (logits [B, V] fp32, tap [B, H] | None).
+    """forward(input_ids [B, T], pos [B, T], cache, taps) -> (logits [B, V] fp32, tapped [len(taps), B, H] | None).
 
-    Logits are for the last position only. `tap` indexes Hugging Face's
-    `output_hidden_states` (0 = embeddings, L = after the final norm, negatives from the end).
+    Logits and tapped states are for the last position only. `taps` index Hugging Face's
+    `output_hidden_states` (0 = embeddings, L = after the final norm), already normalised.
     """
 
     def __init__(self, model: nn.Module):
@@ -164,17 +164,17 @@ class FusedLlamaRunner(nn.Module):
         self.eps = config.rms_norm_eps
         self.lm_head = model.lm_head.weight
 
-    def forward(self, input_ids, pos, cache: CacheRows, tap: int | None = None):
+    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = ()):
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, pos)
         mask = attention_mask(pos, cache.max_len, x.dtype)
-        tapped = x if tap == 0 else None
+        tapped = {0: x[:, -1]} if 0 in taps else {}
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, pos, cache)
-            if tap == i + 1 and tap != self.num_layers:
-                tapped = x
+            if i + 1 in taps and i + 1 != self.num_layers:
+                tapped[i + 1] = x[:, -1]
         x = rms_norm(x[:, -1], self.norm, self.eps)
-        if tap == self.num_layers:
-            tapped = x[:, None]
+        if self.num_layers in taps:
+            tapped[self.num_layers] = x
         logits = linear(x, self.lm_head).float()
-        return logits, (tapped[:, -1] if tapped is not None else None)
+        return logits, (torch.stack([tapped[t] for t in taps]) if taps else None)

@@ -47,7 +47,7 @@ def text_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, object]:
 
 
 class HFModulesRunner(nn.Module):
-    """Same contract as FusedLlamaRunner: (logits [B, V] fp32 at the last position, tap [B, H] | None)."""
+    """Same contract as FusedLlamaRunner: (logits [B, V] fp32, tapped [len(taps), B, H] | None), last position."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -58,18 +58,18 @@ class HFModulesRunner(nn.Module):
         window = getattr(config, "sliding_window", None)
         self.windows = {t: (window if t == "sliding_attention" else None) for t in set(layer_types)}
 
-    def forward(self, input_ids, pos, cache: CacheRows, tap: int | None = None):
+    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = ()):
         dtype = self.lm_head.weight.dtype
         masks = {t: attention_mask(pos, cache.max_len, dtype, w) for t, w in self.windows.items()}
         if len(masks) == 1:  # models with one layer type take a prepared 4D mask, not a dict
             (masks,) = masks.values()
         out = self.text_model(input_ids=input_ids, position_ids=pos, attention_mask=masks,
                               cache=EngineCache(cache, pos), use_cache=True,
-                              output_hidden_states=tap is not None)
+                              output_hidden_states=bool(taps))
         hidden = out.last_hidden_state[:, -1]
         logits = self.lm_head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        tapped = out.hidden_states[tap][:, -1] if tap is not None else None
+        tapped = torch.stack([out.hidden_states[t][:, -1] for t in taps]) if taps else None
         return logits, tapped
 

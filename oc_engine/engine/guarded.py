@@ -1,0 +1,143 @@
+"""Guarded generation: the engine's loop, a `SequenceGuard` per sequence, and the classifier.
+
+`GuardMonitor` is what `Engine.generate(monitor=...)` calls after every token. It feeds the
+probe flags to each sequence's guard, carries out the guard's actions (release text, submit a
+check, refuse, stop), polls the classifier's futures without blocking decoding, applies the
+deadline (a late verdict counts as "timeout": fail closed), and records a per-token trace.
+Only released text reaches `on_text`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from oc_engine.engine.guard import Check, GuardConfig, Refuse, Release, SequenceGuard
+from oc_engine.engine.text_stream import TextStream
+
+
+class Classifier(Protocol):
+    def submit(self, prompt: str, response: str) -> cf.Future:
+        """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'."""
+
+
+@dataclass
+class GuardedSequence:
+    prompt: str
+    guard: SequenceGuard
+    stream: TextStream
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # released text (and the refusal, if blocked)
+    pending: tuple[Check, cf.Future, float] | None = None  # check, future, submitted at
+    verdicts: list[dict] = field(default_factory=list)
+    trace: list[dict] = field(default_factory=list)
+
+
+class GuardMonitor:
+    def __init__(self, tokenizer, prompts: list[str], config: GuardConfig, classifier: Classifier | None,
+                 *, stop_strings: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.tokenizer, self.config, self.classifier = tokenizer, config, classifier
+        self.on_text, self.clock = on_text, clock
+        self.sequences = [GuardedSequence(p, SequenceGuard(config), TextStream(tokenizer, stop_strings))
+                          for p in prompts]
+
+    # -- the engine's hooks -------------------------------------------------------------
+    def on_token(self, index: int, token: int, score: float | None, ema: float | None, flags: int) -> None:
+        seq = self.sequences[index]
+        seq.tokens.append(token)
+        events_before = len(seq.guard.events)
+        self._apply(index, seq.guard.on_token(flags))
+        seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": score, "ema": ema,
+                          "flags": flags, "state": seq.guard.state, "events": seq.guard.events[events_before:]})
+
+    def on_finish(self, index: int) -> None:
+        self._apply(index, self.sequences[index].guard.on_finish())
+
+    def wants_tokens(self, index: int) -> bool:
+        return self.sequences[index].guard.wants_tokens
+
+    def waiting(self, index: int) -> bool:
+        return self.sequences[index].guard.must_wait
+
+    def poll(self) -> None:
+        """Deliver finished verdicts and expired deadlines; never blocks."""
+        now = self.clock()
+        for index, seq in enumerate(self.sequences):
+            if seq.pending is None:
+                continue
+            check, future, submitted = seq.pending
+            if future.done():
+                seq.pending = None
+                self._deliver(index, check, future, now - submitted)
+            elif now - submitted > self.config.deadline_s:
+                seq.pending = None
+                future.cancel()
+                self._verdict(index, check, "timeout", {"latency_ms": round((now - submitted) * 1000, 3)})
+
+    def wait(self) -> None:
+        """Block until some pending verdict arrives or its deadline passes, then poll."""
+        pending = [s.pending for s in self.sequences if s.pending is not None]
+        if pending:
+            now = self.clock()
+            timeout = max(0.0, min(submitted + self.config.deadline_s - now for _, _, submitted in pending))
+            cf.wait([future for _, future, _ in pending], timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
+        self.poll()
+
+    def drain(self) -> None:
+        """After decoding: wait for the last verdicts (final checks), then flush completed text."""
+        while any(s.pending is not None for s in self.sequences):
+            self.wait()
+        for index, seq in enumerate(self.sequences):
+            if seq.guard.status == "completed":
+                self._emit(index, seq.stream.finish())
+
+    # -- results ------------------------------------------------------------------------
+    def summary(self, index: int) -> dict:
+        seq = self.sequences[index]
+        return {"status": seq.guard.status, "reason": seq.guard.reason, "released_text": seq.text,
+                "released_tokens": seq.guard.released, "pause_points": list(seq.guard.pause_points),
+                "verdicts": seq.verdicts}
+
+    # -- internals ----------------------------------------------------------------------
+    def _apply(self, index: int, actions: list) -> None:
+        seq = self.sequences[index]
+        for action in actions:
+            if isinstance(action, Release):
+                self._emit(index, "".join(seq.stream.push(t) for t in seq.tokens[action.start:action.stop]))
+            elif isinstance(action, Check):
+                if self.classifier is None:
+                    self._apply(index, seq.guard.on_no_classifier())
+                    continue
+                response = self.tokenizer.decode(seq.tokens[:action.covers], skip_special_tokens=True)
+                try:
+                    future = self.classifier.submit(seq.prompt, response)
+                except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
+                    future = cf.Future()
+                    future.set_exception(exc)
+                seq.pending = (action, future, self.clock())
+            elif isinstance(action, Refuse):
+                self._emit(index, action.text)
+
+    def _deliver(self, index: int, check: Check, future: cf.Future, latency: float) -> None:
+        detail = {"latency_ms": round(latency * 1000, 3)}
+        try:
+            result = future.result()
+            verdict = result["verdict"]
+            detail.update({k: v for k, v in result.items() if k != "verdict"})
+        except Exception as exc:  # noqa: BLE001 - a classifier failure is a verdict: error
+            verdict, detail["error"] = "error", f"{type(exc).__name__}: {exc}"
+        self._verdict(index, check, verdict, detail)
+
+    def _verdict(self, index: int, check: Check, verdict: str, detail: dict) -> None:
+        seq = self.sequences[index]
+        seq.verdicts.append({"verdict": verdict, "covers": check.covers, "final": check.final, **detail})
+        self._apply(index, seq.guard.on_verdict(check, verdict, detail))
+
+    def _emit(self, index: int, piece: str) -> None:
+        if piece:
+            self.sequences[index].text += piece
+            if self.on_text is not None:
+                self.on_text(index, piece)

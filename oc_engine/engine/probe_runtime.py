@@ -1,0 +1,36 @@
+"""Device-side probe state for one generate call, used inside the compiled step."""
+
+from __future__ import annotations
+
+import torch
+
+import oc_engine.kernels.probe_ema  # noqa: F401  (registers torch.ops.oc_engine.probe_ema)
+from oc_engine.engine.probe import Probe
+
+
+class ProbeRuntime:
+    """Weight, bias, per-row EMA and thresholds on the device; rows that wait keep their EMA.
+
+    Thresholds are a tensor (alpha, warn, pause), so new values never recompile the step.
+    """
+
+    def __init__(self, probe: Probe, batch: int, device: torch.device):
+        cfg = probe.config
+        self.weight = probe.weight.to(device)  # [L, H] fp32
+        self.bias = probe.bias.to(device)  # [1]
+        self.thresholds = torch.tensor([cfg.alpha, cfg.warn, cfg.pause], device=device)
+        self.ema = torch.full((batch,), -1.0, device=device)  # -1: no score yet
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # False: row is frozen this step
+
+    def score(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [L, B, H] -> (score [B], ema [B], flags [B] int32), updating the EMA of active rows."""
+        before = self.ema.clone()
+        score, flags = torch.ops.oc_engine.probe_ema(hidden, self.weight, self.bias, self.ema, self.thresholds)
+        self.ema.copy_(torch.where(self.active, self.ema, before))
+        return score, self.ema.clone(), flags
+
+    def score_row(self, hidden: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill: hidden [L, 1, H] for one row."""
+        ema = self.ema[row:row + 1]
+        score, flags = torch.ops.oc_engine.probe_ema(hidden, self.weight, self.bias, ema, self.thresholds)
+        return score, ema.clone(), flags

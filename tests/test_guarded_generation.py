@@ -1,0 +1,102 @@
+"""Guarded generation end to end on a tiny model: probe in the step, guard, classifier futures."""
+
+import pytest
+import torch
+
+from oc_engine.engine.decode import Engine, GenerationConfig
+from oc_engine.engine.guard import GuardConfig
+from oc_engine.engine.guarded import GuardMonitor
+from oc_engine.kernels.probe_ema import probe_ema_reference
+from probe_helpers import FakeClassifier, make_probe
+
+PROMPTS = [[2, 17, 99, 45, 300, 12, 7], [2, 5, 6, 7, 8, 9]]
+CONFIG = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+REFUSAL = "REFUSED"
+
+
+def _run(loaded, probe, classifier, compile=False, **guard):
+    engine = Engine(loaded, compile=compile, probe=probe)
+    prompts_text = [loaded.tokenizer.decode(p) for p in PROMPTS]
+    monitor = GuardMonitor(loaded.tokenizer, prompts_text, GuardConfig(refusal=REFUSAL, **guard), classifier)
+    results = engine.generate(PROMPTS, CONFIG, monitor=monitor, collect_taps=True)
+    return engine, results, monitor
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_scores_in_the_step_equal_the_reference_on_the_taps(tiny, compile):
+    loaded = tiny("llama")
+    probe = make_probe(loaded.model, bias=0.0, alpha=0.5)
+    _, results, _ = _run(loaded, probe, FakeClassifier(), compile=compile)
+    for r in results:
+        ema = torch.tensor([-1.0])
+        for tapped, score, got_ema in zip(r.taps, r.scores, r.emas):
+            s, _ = probe_ema_reference(tapped.reshape(1, 1, -1), probe.weight, probe.bias, ema,
+                                       torch.tensor([0.5, 0.5, 0.8]))
+            assert score == pytest.approx(float(s[0]), abs=1e-5)
+            assert got_ema == pytest.approx(float(ema[0]), abs=1e-5)
+
+
+def test_a_quiet_probe_changes_nothing(tiny):
+    loaded = tiny("gemma4")
+    plain = Engine(loaded, compile=False).generate(PROMPTS, CONFIG)
+    _, results, monitor = _run(loaded, make_probe(loaded.model, bias=-20.0), None)
+    for i, (p, r) in enumerate(zip(plain, results)):
+        assert r.token_ids == p.token_ids
+        assert monitor.summary(i)["status"] == "completed"
+        assert monitor.summary(i)["released_text"] == p.text
+
+
+def test_allowed_escalations_release_the_same_text(tiny):
+    loaded = tiny("llama")
+    plain = Engine(loaded, compile=False).generate(PROMPTS, CONFIG)
+    classifier = FakeClassifier("allow", delay=0.01)
+    _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, max_held=3)
+    for i, p in enumerate(plain):
+        summary = monitor.summary(i)
+        assert summary["status"] == "completed" and summary["pause_points"]
+        assert summary["released_text"] == p.text
+        assert results[i].token_ids == p.token_ids  # waiting rows resume exactly where they stopped
+    assert classifier.calls
+
+
+@pytest.mark.parametrize("classifier,reason", [
+    (FakeClassifier("block"), "classifier verdict: block"),
+    (None, "no classifier configured"),
+    (FakeClassifier(error=RuntimeError("boom")), "classifier error"),
+    (FakeClassifier(delay=5.0), "classifier timeout"),
+])
+def test_fail_closed_and_block_show_only_the_refusal(tiny, classifier, reason):
+    loaded = tiny("llama")
+    _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, deadline_s=0.2)
+    for i, r in enumerate(results):
+        summary = monitor.summary(i)
+        assert summary["status"] == "blocked" and summary["reason"] == reason
+        assert summary["released_text"] == REFUSAL  # paused at the first token: nothing else shown
+        if reason != "classifier timeout":  # the others stop decoding at once; a timeout may come after the end
+            assert r.finish_reason == "guard" and len(r.token_ids) < 12
+
+
+def test_fail_closed_stop_mode_shows_nothing(tiny):
+    loaded = tiny("llama")
+    _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), None, on_failure="stop")
+    assert [monitor.summary(i)["status"] for i in range(2)] == ["held", "held"]
+    assert [monitor.summary(i)["released_text"] for i in range(2)] == ["", ""]
+
+
+def test_probe_for_another_model_is_refused(tiny):
+    from oc_engine.errors import OcEngineError
+
+    probe = make_probe(tiny("qwen3").model, bias=0.0)
+    with pytest.raises(OcEngineError, match="trained for another model"):
+        Engine(tiny("llama"), compile=False, probe=probe)
+
+
+def test_compiled_guarded_step_does_not_recompile(tiny):
+    loaded = tiny("llama")
+    torch._dynamo.reset()
+    engine = Engine(loaded, compile=True, probe=make_probe(loaded.model, bias=0.0, layers=(-2, 1)))
+    engine.generate(PROMPTS, GenerationConfig(max_new_tokens=2))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        monitor = GuardMonitor(loaded.tokenizer, ["a", "b"], GuardConfig(), FakeClassifier("allow"))
+        results = engine.generate(PROMPTS, CONFIG, monitor=monitor)
+    assert all(len(r.scores) == 12 for r in results)
