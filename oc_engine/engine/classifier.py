@@ -1,0 +1,175 @@
+"""The exchange classifier at run time: judge (prompt, partial answer) while decoding goes on.
+
+Loads an export directory (model.onnx, tokenizer files, classifier_config.json). Backends:
+- CPU: ONNX Runtime's CPU provider, one intra-op thread, in a worker thread, so a check
+  shares the machine with decoding instead of taking all of it;
+- CUDA: ONNX Runtime's CUDA provider with `user_compute_stream` set to a dedicated torch
+  stream, so its kernels overlap the decode graph; when the CUDA provider is missing, the
+  Hugging Face model (`source_model`) on a side stream, chosen automatically with one log line.
+
+`submit(prompt, response)` returns a future of {"verdict", "p_unsafe", "latency_ms"}.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from oc_engine.errors import OcEngineError
+
+CLASSIFIER_FORMAT = "oc-engine-classifier/1"
+EXCHANGE_FORMAT = "User: {prompt}\nAssistant: {response}"
+log = logging.getLogger("oc_engine.classifier")
+
+
+def render_exchange(prompt: str, response: str, template: str = EXCHANGE_FORMAT) -> str:
+    """The one rendering of an exchange used in training, export and at run time."""
+    return template.format(prompt=prompt, response=response)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    labels: tuple[str, ...]
+    unsafe_label: int
+    allow_threshold: float
+    block_threshold: float
+    max_length: int
+    input_format: str = EXCHANGE_FORMAT
+    source_model: str | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.unsafe_label < len(self.labels):
+            raise OcEngineError(f"unsafe_label {self.unsafe_label} is not one of the {len(self.labels)} labels")
+        if not 0 <= self.allow_threshold <= self.block_threshold <= 1:
+            raise OcEngineError("classifier thresholds must satisfy 0 <= allow <= block <= 1, got "
+                                f"allow={self.allow_threshold}, block={self.block_threshold}")
+
+    def verdict(self, p_unsafe: float) -> str:
+        if p_unsafe >= self.block_threshold:
+            return "block"
+        return "allow" if p_unsafe < self.allow_threshold else "uncertain"
+
+
+def load_classifier_config(path: Path) -> ClassifierConfig:
+    file = path / "classifier_config.json"
+    if not file.is_file():
+        raise OcEngineError(f"{path} is not a classifier export (no classifier_config.json)")
+    try:
+        raw = json.loads(file.read_text())
+        if raw.get("format") != CLASSIFIER_FORMAT:
+            raise OcEngineError(f"{file}: not an oc-engine classifier (format {CLASSIFIER_FORMAT!r} expected)")
+        return ClassifierConfig(labels=tuple(raw["labels"]), unsafe_label=int(raw["unsafe_label"]),
+                                allow_threshold=float(raw["allow_threshold"]),
+                                block_threshold=float(raw["block_threshold"]), max_length=int(raw["max_length"]),
+                                input_format=raw.get("input_format", EXCHANGE_FORMAT),
+                                source_model=raw.get("source_model"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise OcEngineError(f"{file}: missing or malformed field ({exc})") from exc
+
+
+class ExchangeClassifier:
+    def __init__(self, path: str | Path, *, device: str = "cpu", backend: str = "auto"):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise OcEngineError(f"classifier directory not found: {self.path}")
+        self.config = load_classifier_config(self.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise OcEngineError(f"{self.path}: cannot load the classifier's tokenizer ({exc})") from exc
+        self.device = device
+        self.backend = self._choose_backend(backend)
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oc-classifier")
+
+    # -- public -------------------------------------------------------------------------
+    def probabilities(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """[N, num_labels] class probabilities for N exchanges."""
+        texts = [render_exchange(p, r, self.config.input_format) for p, r in zip(prompts, responses)]
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
+                                 return_tensors="np")
+        logits = self._logits(encoded)
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=-1, keepdims=True)
+
+    def judge(self, prompt: str, response: str) -> dict:
+        start = time.perf_counter()
+        p_unsafe = float(self.probabilities([prompt], [response])[0, self.config.unsafe_label])
+        return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
+                "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
+
+    def submit(self, prompt: str, response: str) -> cf.Future:
+        """Judge in the worker thread; decoding continues meanwhile."""
+        return self._pool.submit(self.judge, prompt, response)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- backends -----------------------------------------------------------------------
+    def _choose_backend(self, backend: str) -> str:
+        import onnxruntime as ort
+
+        cuda = self.device.startswith("cuda")
+        if backend == "auto":
+            backend = "onnx" if not cuda or "CUDAExecutionProvider" in ort.get_available_providers() else "torch"
+            if backend == "torch":
+                log.warning("oc-engine: ONNX Runtime has no CUDA provider here; the classifier runs in PyTorch "
+                            "on a side CUDA stream")
+        if backend == "onnx":
+            if not (self.path / "model.onnx").is_file():
+                raise OcEngineError(f"{self.path} has no model.onnx")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            if cuda:
+                import torch
+
+                self._stream = torch.cuda.Stream(device=self.device)
+                providers = [("CUDAExecutionProvider", {"device_id": torch.device(self.device).index or 0,
+                                                        "user_compute_stream": str(self._stream.cuda_stream)}),
+                             "CPUExecutionProvider"]
+            else:
+                providers = ["CPUExecutionProvider"]
+            try:
+                self._session = ort.InferenceSession(str(self.path / "model.onnx"), options, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                raise OcEngineError(f"{self.path / 'model.onnx'} cannot be loaded: {exc}") from exc
+            self._inputs = [i.name for i in self._session.get_inputs()]
+            return "onnx"
+        if backend == "torch":
+            return self._load_torch()
+        raise OcEngineError(f"unknown classifier backend {backend!r} (auto, onnx or torch)")
+
+    def _load_torch(self) -> str:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        source = self.config.source_model
+        if not source or not Path(source).is_dir():
+            raise OcEngineError(f"the PyTorch classifier backend needs source_model, which is missing: {source}")
+        self._model = AutoModelForSequenceClassification.from_pretrained(source).to(self.device).eval()
+        self._stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
+        return "torch"
+
+    def _logits(self, encoded) -> np.ndarray:
+        if self.backend == "onnx":
+            feeds = {name: encoded[name].astype(np.int64) for name in self._inputs}
+            return self._session.run(["logits"], feeds)[0]
+        import torch
+
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in encoded.items()}
+        with torch.inference_mode():
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    logits = self._model(**inputs).logits.float()
+                self._stream.synchronize()
+            else:
+                logits = self._model(**inputs).logits.float()
+        return logits.cpu().numpy()

@@ -1,0 +1,94 @@
+"""The exported ONNX classifier at run time, against PyTorch, and inside guarded generation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from oc_engine.engine.classifier import ExchangeClassifier
+from oc_engine.engine.decode import Engine, GenerationConfig
+from oc_engine.engine.embedded import embedded_classifier_backbone
+from oc_engine.engine.guard import GuardConfig
+from oc_engine.engine.guarded import GuardMonitor
+from oc_engine.errors import OcEngineError
+from oc_engine.export.onnx_export import export_classifier
+from probe_helpers import make_probe
+
+LABELS = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """(HF directory, ONNX export directory) of a tiny random BERT with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_classifier_backbone())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=3, id2label=LABELS,
+                        label2id={v: k for k, v in LABELS.items()})
+    BertForSequenceClassification(config).save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    report = export_classifier(root / "hf", root / "onnx")
+    assert report["parity"]["max_abs_prob_delta"] <= 1e-4 and report["unsafe_label"] == 2
+    return root / "hf", root / "onnx"
+
+
+def test_onnx_runtime_matches_pytorch(tiny_classifier):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf_dir, onnx_dir = tiny_classifier
+    prompts, responses = ["How do I bake bread?", "Hack wifi"], ["Mix flour and water. " * 30, "Sure, first"]
+    onnx = ExchangeClassifier(onnx_dir).probabilities(prompts, responses)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    texts = [f"User: {p}\nAssistant: {r}" for p, r in zip(prompts, responses)]
+    with torch.no_grad():
+        expected = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(onnx, expected, atol=1e-4)
+    torch_backend = ExchangeClassifier(onnx_dir, backend="torch").probabilities(prompts, responses)
+    np.testing.assert_allclose(torch_backend, expected, atol=1e-5)
+
+
+def test_submit_returns_a_future_with_a_verdict(tiny_classifier):
+    classifier = ExchangeClassifier(tiny_classifier[1])
+    result = classifier.submit("hi", "hello").result(timeout=30)
+    assert result["verdict"] in ("allow", "block", "uncertain") and 0 <= result["p_unsafe"] <= 1
+    assert result["backend"] == "onnx"
+
+
+def test_guarded_generation_blocks_with_the_real_runtime(tiny, tiny_classifier, tmp_path):
+    import shutil
+
+    blocking = tmp_path / "blocking"
+    shutil.copytree(tiny_classifier[1], blocking)
+    config = json.loads((blocking / "classifier_config.json").read_text())
+    config.update(allow_threshold=0.0, block_threshold=0.0)  # every answer blocks
+    (blocking / "classifier_config.json").write_text(json.dumps(config))
+    loaded = tiny("llama")
+    engine = Engine(loaded, compile=False, probe=make_probe(loaded.model, bias=20.0))
+    monitor = GuardMonitor(loaded.tokenizer, ["w5 w6"], GuardConfig(refusal="NO"), ExchangeClassifier(blocking))
+    engine.generate([[2, 5, 6]], GenerationConfig(max_new_tokens=10), monitor=monitor)
+    summary = monitor.summary(0)
+    assert summary["status"] == "blocked" and summary["released_text"] == "NO"
+    assert summary["verdicts"][0]["verdict"] == "block" and summary["verdicts"][0]["latency_ms"] > 0
+
+
+def test_export_errors_leave_nothing_behind(tiny_classifier, tmp_path):
+    with pytest.raises(OcEngineError, match="already exists"):
+        export_classifier(tiny_classifier[0], tiny_classifier[1])
+    with pytest.raises(OcEngineError, match="not a Hugging Face sequence classifier"):
+        export_classifier(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(OcEngineError, match="parity check failed"):
+        export_classifier(tiny_classifier[0], tmp_path / "strict", tolerance=-1.0)
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict-*"))
+
+
+def test_runtime_errors(tmp_path):
+    with pytest.raises(OcEngineError, match="not found"):
+        ExchangeClassifier(tmp_path / "absent")
+    with pytest.raises(OcEngineError, match="not a classifier export"):
+        ExchangeClassifier(tmp_path)
