@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -67,9 +68,31 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
               help="Return this hidden state per token (index of output_hidden_states; -4 is typical).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of text.")
+@click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
+              help="Guard with this probe directory (probe.safetensors + probe_config.json).")
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
+              help="Exchange classifier export asked when the probe pauses. Without one, a pause blocks.")
+@click.option("--final-check", is_flag=True, help="The classifier judges the whole answer before it ends.")
+@click.option("--warn", type=click.FloatRange(0, 1), default=None, help="Override the probe's warn threshold.")
+@click.option("--pause", type=click.FloatRange(0, 1), default=None, help="Override the probe's pause threshold.")
+@click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None, help="Override the EMA alpha.")
+@click.option("--refusal", default=None, help="Text shown in place of a blocked answer.")
+@click.option("--uncertain", type=click.Choice(["final", "block"]), default="final", show_default=True,
+              help="An uncertain verdict keeps holding until the final check, or blocks.")
+@click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
+              help="Classifier error or missed deadline: show the refusal, or just stop. Held text is never shown.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds a verdict may take before it counts as a failure.")
+@click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Held tokens past which that sequence's decoding waits for its verdict.")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
+              help="Write per-token JSONL: token, score, EMA, guard state, events.")
 @_user_errors
 def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strings, temperature, top_k, top_p,
-             seed, dtype, device, no_compile, no_chat_template, tap_layer, trust_remote_code, as_json):
+             seed, dtype, device, no_compile, no_chat_template, tap_layer, trust_remote_code, as_json,
+             probe_dir, classifier_dir, final_check, warn, pause, every, alpha, refusal, uncertain, on_failure,
+             deadline, max_held, trace_file):
     """Generate text for one prompt or a batch, streaming it as it is produced.
 
     \b
@@ -79,7 +102,9 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
       oc-engine generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
     """
     from oc_engine.engine.decode import Engine, GenerationConfig
+    from oc_engine.engine.guard import DEFAULT_REFUSAL, GuardConfig
     from oc_engine.engine.loading import load_model
+    from oc_engine.engine.probe import load_probe
     from oc_engine.engine.prompts import read_prompts_file, render_prompt
     from oc_engine.engine.sampling import SamplingConfig
 
@@ -89,8 +114,23 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
     config = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_strings=tuple(stop_strings),
                               ignore_eos=ignore_eos,
                               sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
+    if probe_dir is None and (classifier_dir or final_check or trace_file):
+        raise OcEngineError("--classifier, --final-check and --trace need --probe")
+    probe = None
+    if probe_dir is not None:
+        probe = load_probe(probe_dir)
+        probe = dataclasses.replace(probe, config=probe.config.with_overrides(warn=warn, pause=pause, every=every,
+                                                                             alpha=alpha))
+    guard_config = GuardConfig(every=probe.config.every if probe else 1, uncertain=uncertain, on_failure=on_failure,
+                               final_check=final_check, max_held=max_held, deadline_s=deadline,
+                               refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    engine = Engine(loaded, compile=not no_compile, tap=tap_layer)
+    engine = Engine(loaded, compile=not no_compile, tap=tap_layer, probe=probe)
+    classifier = None
+    if classifier_dir is not None:
+        from oc_engine.engine.classifier import ExchangeClassifier
+
+        classifier = ExchangeClassifier(classifier_dir, device=str(loaded.device))
     token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
     if engine.compile and not as_json:
         click.echo("oc-engine: compiling the decode step (about a minute on CPU the first time; "
@@ -98,23 +138,47 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
 
     stream = len(prompts) == 1 and not as_json
     on_text = (lambda _index, piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
-    results = engine.generate(token_ids, config, on_text=on_text)
+    monitor = None
+    if probe is not None:
+        from oc_engine.engine.guarded import GuardMonitor
+
+        monitor = GuardMonitor(loaded.tokenizer, prompts, guard_config, classifier, stop_strings=tuple(stop_strings),
+                               on_text=on_text)
+    results = engine.generate(token_ids, config, on_text=None if monitor else on_text, monitor=monitor)
+    if trace_file:
+        with open(trace_file, "w", encoding="utf-8") as handle:
+            for i, seq in enumerate(monitor.sequences):
+                for row in seq.trace:
+                    handle.write(json.dumps({"sequence": i, **row, "warn": probe.config.warn,
+                                             "pause": probe.config.pause}) + "\n")
 
     for r in results:
+        guard = monitor.summary(r.index) if monitor else None
+        text = guard["released_text"] if guard else r.text  # only released text is ever shown
         if as_json:
-            click.echo(json.dumps({
-                "index": r.index, "model": loaded.source, "prompt": prompts[r.index], "text": r.text,
-                "token_ids": r.token_ids, "prompt_tokens": len(r.prompt_ids), "finish_reason": r.finish_reason,
+            row = {
+                "index": r.index, "model": loaded.source, "prompt": prompts[r.index], "text": text,
+                "token_ids": r.token_ids if not guard else r.token_ids[:guard["released_tokens"]],
+                "prompt_tokens": len(r.prompt_ids), "finish_reason": r.finish_reason,
                 "prefill_ms": round(r.prefill_ms, 3), "ttft_ms": round(r.ttft_ms, 3),
                 "decode_tokens_per_s": None if r.decode_tokens_per_s is None else round(r.decode_tokens_per_s, 3),
                 "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
                 "compiled": engine.compile,
-            }, ensure_ascii=False))
+            }
+            if guard:
+                row.update(status=guard["status"], reason=guard["reason"], pause_points=guard["pause_points"],
+                           verdicts=guard["verdicts"])
+            click.echo(json.dumps(row, ensure_ascii=False))
         elif stream:
             click.echo()
+            if guard and guard["status"] != "completed":
+                click.echo(f"[{guard['status']}: {guard['reason']}]", err=True)
         else:
-            click.echo(f"=== [{r.index}] {r.finish_reason}, {len(r.token_ids)} tokens ===")
-            click.echo(r.text)
+            status = f", {guard['status']}" if guard else ""
+            click.echo(f"=== [{r.index}] {r.finish_reason}{status}, {len(r.token_ids)} tokens ===")
+            click.echo(text)
+    if classifier is not None:
+        classifier.close()
 
 
 @main.command()
@@ -151,6 +215,19 @@ def bench(model, dtype, device, new_tokens, repeats, modes, out, as_json):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     click.echo(json.dumps(report, indent=2) if as_json else markdown_table(report))
+
+
+@main.command("plot-trace")
+@click.argument("trace_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", default="risk.png", show_default=True, help="PNG to write.")
+@click.option("--sequence", type=int, default=0, show_default=True, help="Which sequence of the trace to draw.")
+@_user_errors
+def plot_trace(trace_file, output, sequence):
+    """Draw a --trace file: per-token score, EMA, thresholds, pause points and verdicts."""
+    from oc_engine.plots import plot_trace as draw
+
+    draw(trace_file, output, sequence=sequence)
+    click.echo(output)
 
 
 if __name__ == "__main__":

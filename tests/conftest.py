@@ -38,6 +38,28 @@ def embedded_fp32():
     return load_model(None, device="cpu", dtype="float32", progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """(HF directory, ONNX export directory) of a tiny random BERT with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.export.onnx_export import export_classifier
+
+    labels = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}
+    root = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_classifier_backbone())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=3, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})
+    BertForSequenceClassification(config).save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    report = export_classifier(root / "hf", root / "onnx")
+    assert report["parity"]["max_abs_prob_delta"] <= 1e-4 and report["unsafe_label"] == 2
+    return root / "hf", root / "onnx"
+
+
 def hf_greedy(loaded, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Hugging Face generate, greedy, fixed length: the reference for token equality."""
     with torch.inference_mode():

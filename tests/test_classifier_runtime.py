@@ -8,33 +8,11 @@ import torch
 
 from oc_engine.engine.classifier import ExchangeClassifier
 from oc_engine.engine.decode import Engine, GenerationConfig
-from oc_engine.engine.embedded import embedded_classifier_backbone
 from oc_engine.engine.guard import GuardConfig
 from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.errors import OcEngineError
 from oc_engine.export.onnx_export import export_classifier
 from probe_helpers import make_probe
-
-LABELS = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}
-
-
-@pytest.fixture(scope="session")
-def tiny_classifier(tmp_path_factory):
-    """(HF directory, ONNX export directory) of a tiny random BERT with the MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("classifier")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(embedded_classifier_backbone())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, num_labels=3, id2label=LABELS,
-                        label2id={v: k for k, v in LABELS.items()})
-    BertForSequenceClassification(config).save_pretrained(root / "hf")
-    tokenizer.save_pretrained(root / "hf")
-    report = export_classifier(root / "hf", root / "onnx")
-    assert report["parity"]["max_abs_prob_delta"] <= 1e-4 and report["unsafe_label"] == 2
-    return root / "hf", root / "onnx"
-
 
 def test_onnx_runtime_matches_pytorch(tiny_classifier):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -49,3 +49,43 @@ def test_bad_prompts_file_line_is_reported(tmp_path):
     result = CliRunner().invoke(main, ["generate", "--prompts-file", str(bad), "--no-compile"])
     assert result.exit_code == 1
     assert f"{bad}:2: not valid JSON" in result.output
+
+
+@pytest.fixture(scope="module")
+def guarded_setup(tiny, tiny_classifier, tmp_path_factory):
+    """A tiny model directory, a probe for it that always pauses, and a classifier export."""
+    from oc_engine.engine.probe import save_probe
+    from probe_helpers import make_probe
+
+    root = tmp_path_factory.mktemp("guarded")
+    loaded = tiny("llama")
+    loaded.model.save_pretrained(root / "model")
+    loaded.tokenizer.save_pretrained(root / "model")
+    save_probe(make_probe(loaded.model, bias=20.0), root / "probe")
+    return root, tiny_classifier[1]
+
+
+def test_guarded_generate_json_trace_and_plot(guarded_setup):
+    root, classifier = guarded_setup
+    base = ["generate", "--model", str(root / "model"), "--prompt", "w5 w6 w7", "--no-chat-template",
+            "--no-compile", "--dtype", "float32", "--max-new-tokens", "6", "--probe", str(root / "probe")]
+    result = CliRunner().invoke(main, [*base, "--classifier", str(classifier), "--json",
+                                       "--trace", str(root / "trace.jsonl")])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["status"] in ("completed", "blocked") and row["pause_points"] == [0]
+    assert row["verdicts"] and {"verdict", "p_unsafe", "latency_ms", "covers"} <= row["verdicts"][0].keys()
+    trace = [json.loads(line) for line in (root / "trace.jsonl").read_text().splitlines()]
+    assert trace[0]["events"][0]["event"] == "pause" and {"score", "ema", "state", "token"} <= trace[0].keys()
+    plotted = CliRunner().invoke(main, ["plot-trace", str(root / "trace.jsonl"), "-o", str(root / "risk.png")])
+    assert plotted.exit_code == 0 and (root / "risk.png").stat().st_size > 1000
+
+    refused = CliRunner().invoke(main, [*base, "--refusal", "NOPE"])  # no classifier: fail closed
+    assert refused.exit_code == 0 and refused.stdout.strip() == "NOPE"
+
+
+def test_probe_for_another_model_is_a_one_line_error(guarded_setup):
+    root, _ = guarded_setup
+    result = CliRunner().invoke(main, ["generate", "--prompt", "hi", "--no-compile", "--probe", str(root / "probe"),
+                                       "--dtype", "float32"])
+    assert result.exit_code == 1 and "trained for another model" in result.output

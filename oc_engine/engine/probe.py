@@ -38,7 +38,8 @@ class ModelFingerprint:
         config = model.config.get_text_config()
         embed = model.get_input_embeddings().weight.detach()
         flat = embed.reshape(-1)
-        sample = flat[torch.linspace(0, flat.numel() - 1, 4096).long().to(flat.device)]
+        # Integer spacing: float linspace rounds past the end on large embeddings.
+        sample = flat[(torch.arange(4096, dtype=torch.long) * (flat.numel() - 1) // 4095).to(flat.device)]
         signs = torch.signbit(sample).to(torch.uint8).cpu().numpy().tobytes()
         return cls(architecture=type(model).__name__, hidden_size=int(config.hidden_size),
                    num_layers=int(config.num_hidden_layers), weights_hash=hashlib.sha256(signs).hexdigest()[:32])
@@ -90,13 +91,15 @@ class Probe:
         """Raise unless this probe was trained on `model`."""
         actual = ModelFingerprint.of(model)
         expected = self.config.model
+        if actual != expected:
+            raise OcEngineError(
+                f"probe was trained for another model ({expected.architecture}, hidden {expected.hidden_size}, "
+                f"{expected.num_layers} layers, weights {expected.weights_hash[:8]}); this model is "
+                f"{actual.architecture}, hidden {actual.hidden_size}, {actual.num_layers} layers, "
+                f"weights {actual.weights_hash[:8]}")
         if actual.hidden_size != self.config.hidden_size:
             raise OcEngineError(f"probe expects hidden size {self.config.hidden_size}, "
                                 f"the model has {actual.hidden_size}")
-        if actual != expected:
-            raise OcEngineError(f"probe was trained for another model ({expected.architecture}, "
-                                f"{expected.num_layers} layers, weights {expected.weights_hash[:8]}); this model is "
-                                f"{actual.architecture}, {actual.num_layers} layers, weights {actual.weights_hash[:8]}")
 
 
 def save_probe(probe: Probe, out_dir: str | Path) -> Path:
