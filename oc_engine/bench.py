@@ -22,6 +22,7 @@ from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
 
 MODES = ("hf_generate", "no_kv_cache", "engine_eager", "engine_compiled")
+GUARD_MODES = ("engine_compiled", "engine_compiled_probe")
 BENCH_PROMPT = "Explain SQL injection at a high level"
 
 
@@ -55,12 +56,23 @@ def _no_kv_cache(loaded: LoadedModel, prompt: list[int]) -> Callable[[int], list
     return run
 
 
-def _engine(loaded: LoadedModel, prompt: list[int], compile: bool) -> Callable[[int], list[int]]:
-    engine = Engine(loaded, compile=compile)
+def _engine(loaded: LoadedModel, prompt: list[int], compile: bool, probe=None) -> Callable[[int], list[int]]:
+    engine = Engine(loaded, compile=compile, probe=probe)
 
     def run(n: int) -> list[int]:
         return engine.generate([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))[0].token_ids
     return run
+
+
+def quiet_probe(loaded: LoadedModel):
+    """A random probe on layer -4 that never pauses: the probe's cost without the guard's."""
+    from oc_engine.engine.probe import ModelFingerprint, Probe, ProbeConfig
+
+    fingerprint = ModelFingerprint.of(loaded.model)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1, fingerprint.hidden_size, generator=generator) * 0.01
+    config = ProbeConfig(model=fingerprint, layers=(-4,), hidden_size=fingerprint.hidden_size)
+    return Probe(config=config, weight=weight, bias=torch.tensor([-20.0]))
 
 
 def _timed(run: Callable[[int], list[int]], n: int, device: torch.device) -> tuple[float, list[int]]:
@@ -77,7 +89,8 @@ def bench_mode(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: in
     runs = {"hf_generate": lambda: _hf_generate(loaded, prompt),
             "no_kv_cache": lambda: _no_kv_cache(loaded, prompt),
             "engine_eager": lambda: _engine(loaded, prompt, compile=False),
-            "engine_compiled": lambda: _engine(loaded, prompt, compile=True)}
+            "engine_compiled": lambda: _engine(loaded, prompt, compile=True),
+            "engine_compiled_probe": lambda: _engine(loaded, prompt, compile=True, probe=quiet_probe(loaded))}
     run = runs[mode]()
     with torch.inference_mode():
         run(new_tokens)  # warm-up: compilation, allocator, caches

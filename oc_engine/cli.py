@@ -189,8 +189,9 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Median of this many runs.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["hf_generate", "no_kv_cache", "engine_eager",
-                                                                   "engine_compiled"]),
-              help="Modes to run (repeatable). Default: all four.")
+                                                                   "engine_compiled", "engine_compiled_probe"]),
+              help="Modes to run (repeatable). Default: the first four. engine_compiled_probe adds a "
+                   "probe (scored every token, never pausing) to the compiled step.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @_user_errors
