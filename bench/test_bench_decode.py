@@ -8,20 +8,15 @@
 import pytest
 import torch
 
-from oc_engine.bench import MODES
+from oc_engine.bench import MODES, mode_runner
 
 NEW_TOKENS = 128
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "engine_compiled_probe"])
 def test_decode_128_tokens(benchmark, embedded, mode):
     loaded, prompt = embedded
-    from oc_engine import bench as b
-
-    runs = {"hf_generate": b._hf_generate, "no_kv_cache": b._no_kv_cache,
-            "engine_eager": lambda lm, p: b._engine(lm, p, compile=False),
-            "engine_compiled": lambda lm, p: b._engine(lm, p, compile=True)}
-    run = runs[mode](loaded, prompt)
+    run = mode_runner(mode, loaded, prompt)
     with torch.inference_mode():
         run(NEW_TOKENS)  # warm-up, compilation included
         tokens = benchmark.pedantic(run, args=(NEW_TOKENS,), rounds=3, iterations=1)

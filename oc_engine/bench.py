@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from oc_engine.engine import accel
 from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
@@ -75,23 +76,26 @@ def quiet_probe(loaded: LoadedModel):
     return Probe(config=config, weight=weight, bias=torch.tensor([-20.0]))
 
 
-def _timed(run: Callable[[int], list[int]], n: int, device: torch.device) -> tuple[float, list[int]]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    tokens = run(n)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, tokens
-
-
-def bench_mode(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: int, repeats: int) -> ModeResult:
+def mode_runner(mode: str, loaded: LoadedModel, prompt: list[int]) -> Callable[[int], list[int]]:
+    """run(n) -> the n greedy tokens that `mode` produces for `prompt` (EOS ignored)."""
     runs = {"hf_generate": lambda: _hf_generate(loaded, prompt),
             "no_kv_cache": lambda: _no_kv_cache(loaded, prompt),
             "engine_eager": lambda: _engine(loaded, prompt, compile=False),
             "engine_compiled": lambda: _engine(loaded, prompt, compile=True),
             "engine_compiled_probe": lambda: _engine(loaded, prompt, compile=True, probe=quiet_probe(loaded))}
-    run = runs[mode]()
+    return runs[mode]()
+
+
+def _timed(run: Callable[[int], list[int]], n: int, device: torch.device) -> tuple[float, list[int]]:
+    accel.synchronize(device)
+    start = time.perf_counter()
+    tokens = run(n)
+    accel.synchronize(device)
+    return time.perf_counter() - start, tokens
+
+
+def bench_mode(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: int, repeats: int) -> ModeResult:
+    run = mode_runner(mode, loaded, prompt)
     with torch.inference_mode():
         run(new_tokens)  # warm-up: compilation, allocator, caches
         firsts, fulls, tokens = [], [], None

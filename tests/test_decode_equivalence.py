@@ -47,3 +47,13 @@ def test_embedded_model_matches_hf_generate(embedded_fp32, compile):
     result = engine.generate([prompt], GenerationConfig(max_new_tokens=48, ignore_eos=True))[0]
     assert result.token_ids == hf_greedy(embedded_fp32, prompt, 48)
     assert "SQL" in result.text
+
+
+def test_gemma4_conditional_generation_is_served_through_its_text_model():
+    from tiny_models import tiny_gemma4_multimodal
+
+    loaded = tiny_gemma4_multimodal()
+    engine = Engine(loaded, compile=False, tap=-2)
+    assert isinstance(engine.runner, HFModulesRunner)
+    assert engine.runner.text_model is loaded.model.model.language_model
+    assert engine.generate([PROMPT], FIXED)[0].token_ids == hf_greedy(loaded, PROMPT, 24)

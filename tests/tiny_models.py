@@ -60,3 +60,18 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source=f"tiny-{family}",
                        device=torch.device("cpu"), dtype=dtype)
+
+
+def tiny_gemma4_multimodal(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A Gemma4ForConditionalGeneration (how Gemma 4 checkpoints ship) with the tiny text config."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Gemma4Config(text_config=_config("gemma4").to_dict(), vision_config=None, audio_config=None)
+    model = Gemma4ForConditionalGeneration(config).to(dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source="tiny-gemma4-multimodal",
+                       device=torch.device("cpu"), dtype=dtype)
