@@ -143,7 +143,7 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
         from oc_engine.engine.guarded import GuardMonitor
 
         monitor = GuardMonitor(loaded.tokenizer, prompts, guard_config, classifier, stop_strings=tuple(stop_strings),
-                               on_text=on_text)
+                               on_text=on_text, record_trace=trace_file is not None)
     results = engine.generate(token_ids, config, on_text=None if monitor else on_text, monitor=monitor)
     if trace_file:
         with open(trace_file, "w", encoding="utf-8") as handle:

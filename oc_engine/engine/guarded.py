@@ -3,7 +3,8 @@
 `GuardMonitor` is what `Engine.generate(monitor=...)` calls after every token. It feeds the
 probe flags to each sequence's guard, carries out the guard's actions (release text, submit a
 check, refuse, stop), polls the classifier's futures without blocking decoding, applies the
-deadline (a late verdict counts as "timeout": fail closed), and records a per-token trace.
+deadline (a late verdict counts as "timeout": fail closed), and with `record_trace` keeps a
+per-token trace.
 Only released text reaches `on_text`.
 """
 
@@ -38,8 +39,9 @@ class GuardedSequence:
 class GuardMonitor:
     def __init__(self, tokenizer, prompts: list[str], config: GuardConfig, classifier: Classifier | None,
                  *, stop_strings: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 record_trace: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.tokenizer, self.config, self.classifier = tokenizer, config, classifier
+        self.record_trace = record_trace
         self.on_text, self.clock = on_text, clock
         self.sequences = [GuardedSequence(p, SequenceGuard(config), TextStream(tokenizer, stop_strings))
                           for p in prompts]
@@ -50,8 +52,9 @@ class GuardMonitor:
         seq.tokens.append(token)
         events_before = len(seq.guard.events)
         self._apply(index, seq.guard.on_token(flags))
-        seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": score, "ema": ema,
-                          "flags": flags, "state": seq.guard.state, "events": seq.guard.events[events_before:]})
+        if self.record_trace:
+            seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": score, "ema": ema,
+                              "flags": flags, "state": seq.guard.state, "events": seq.guard.events[events_before:]})
 
     def on_finish(self, index: int) -> None:
         self._apply(index, self.sequences[index].guard.on_finish())
