@@ -6,24 +6,13 @@ import dataclasses
 import json
 import logging
 import sys
-from functools import wraps
 
 import click
 
 from oc_engine.errors import OcEngineError
 
 
-def _user_errors(fn):
-    """Turn library errors into a one-line message and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OcEngineError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
+from oc_engine.commands.common import user_errors as _user_errors  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -69,7 +58,9 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of text.")
 @click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
-              help="Guard with this probe directory (probe.safetensors + probe_config.json).")
+              help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with the "
+                   "embedded model: the probe shipped for it.")
+@click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier.")
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
               help="Exchange classifier export asked when the probe pauses. Without one, a pause blocks.")
 @click.option("--final-check", is_flag=True, help="The classifier judges the whole answer before it ends.")
@@ -86,13 +77,17 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
               help="Seconds a verdict may take before it counts as a failure.")
 @click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
               help="Held tokens past which that sequence's decoding waits for its verdict.")
+@click.option("--catch-up", type=click.Choice(["wait", "overlap"]), default="wait", show_default=True,
+              help="After an allow that leaves tokens uncovered: wait (decoding pauses for the one follow-up "
+                   "check, then the guard re-arms) or overlap (never wait below --max-held; checks may chase "
+                   "the answer).")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
               help="Write per-token JSONL: token, score, EMA, guard state, events.")
 @_user_errors
 def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strings, temperature, top_k, top_p,
              seed, dtype, device, no_compile, no_chat_template, tap_layer, trust_remote_code, as_json,
-             probe_dir, classifier_dir, final_check, warn, pause, every, alpha, refusal, uncertain, on_failure,
-             deadline, max_held, trace_file):
+             probe_dir, no_guard, classifier_dir, final_check, warn, pause, every, alpha, refusal, uncertain, on_failure,
+             deadline, max_held, catch_up, trace_file):
     """Generate text for one prompt or a batch, streaming it as it is produced.
 
     \b
@@ -114,6 +109,16 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
     config = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_strings=tuple(stop_strings),
                               ignore_eos=ignore_eos,
                               sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
+    if no_guard and (probe_dir or classifier_dir):
+        raise OcEngineError("--no-guard excludes --probe and --classifier")
+    if probe_dir is None and model is None and not no_guard and tap_layer is None:
+        from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR
+
+        if (DEFAULT_PROBE_DIR / "probe_config.json").is_file():
+            probe_dir = DEFAULT_PROBE_DIR
+            if not as_json:
+                click.echo("oc-engine: guarding with the default probe for the embedded model (--no-guard: off)",
+                           err=True)
     if probe_dir is None and (classifier_dir or final_check or trace_file):
         raise OcEngineError("--classifier, --final-check and --trace need --probe")
     probe = None
@@ -122,15 +127,12 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
         probe = dataclasses.replace(probe, config=probe.config.with_overrides(warn=warn, pause=pause, every=every,
                                                                              alpha=alpha))
     guard_config = GuardConfig(every=probe.config.every if probe else 1, uncertain=uncertain, on_failure=on_failure,
-                               final_check=final_check, max_held=max_held, deadline_s=deadline,
+                               final_check=final_check, max_held=max_held, deadline_s=deadline, catch_up=catch_up,
                                refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     engine = Engine(loaded, compile=not no_compile, tap=tap_layer, probe=probe)
-    classifier = None
-    if classifier_dir is not None:
-        from oc_engine.engine.classifier import ExchangeClassifier
-
-        classifier = ExchangeClassifier(classifier_dir, device=str(loaded.device))
+    classifier = _open_classifier(classifier_dir, loaded.device, required=False, announce=not as_json) \
+        if probe is not None else None
     token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
     if engine.compile and not as_json:
         click.echo("oc-engine: compiling the decode step (about a minute on CPU the first time; "
@@ -192,30 +194,91 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                                                                    "engine_compiled", "engine_compiled_probe"]),
               help="Modes to run (repeatable). Default: the first four. engine_compiled_probe adds a "
                    "probe (scored every token, never pausing) to the compiled step.")
+@click.option("--suite", type=click.Choice(["decode", "guard", "classifier"]), default="decode", show_default=True,
+              help="decode: the modes above. guard: unguarded vs probe only vs escalating (several pauses, "
+                   "classifier overlapped) vs blocking (decoding stops for each check), with inter-token gaps. "
+                   "classifier: the classifier's latency per call, ONNX Runtime fp32/int8 vs PyTorch, 128 and "
+                   "512 tokens.")
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
+              help="--suite guard/classifier: the classifier export (default: the built default classifier).")
+@click.option("--pause-quantile", type=click.FloatRange(0.5, 0.99), default=0.9, show_default=True,
+              help="--suite guard: pause when the EMA reaches this quantile of the answer's own EMA.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @_user_errors
-def bench(model, dtype, device, new_tokens, repeats, modes, out, as_json):
+def bench(model, dtype, device, new_tokens, repeats, modes, suite, classifier_dir, pause_quantile, out, as_json):
     """Decode speed at batch 1: Hugging Face generate vs a no-KV-cache loop vs the engine.
 
     \b
     Each mode is warmed up (compilation is not timed), then timed from outside: time to
     first token from a 1-token run, tokens/s from a fixed-length run (EOS ignored).
-    Example:
+    --suite guard times every token's arrival instead and reports the gaps between tokens.
+    Examples:
       oc-engine bench --dtype bfloat16 --out bench/results/cpu-decode-bf16.json
+      oc-engine bench --suite guard --classifier ./classifier --repeats 5
     """
-    from oc_engine.bench import MODES, markdown_table, run_decode_bench
     from oc_engine.engine.loading import load_model
 
+    progress = lambda mode: click.echo(f"oc-engine bench: {mode} ...", err=True)  # noqa: E731
+    if suite == "classifier":
+        from oc_engine.bench_classifier import classifier_markdown_table, run_classifier_bench
+
+        directory = classifier_dir or _default_classifier_dir()
+        report = run_classifier_bench(directory, repeats=max(repeats, 10), progress=progress)
+        _write_json(out, report)
+        click.echo(json.dumps(report, indent=2) if as_json else classifier_markdown_table(report))
+        return
     loaded = load_model(model, device=device, dtype=dtype)
-    report = run_decode_bench(loaded, modes=modes or MODES, new_tokens=new_tokens, repeats=repeats,
-                              progress=lambda mode: click.echo(f"oc-engine bench: {mode} ...", err=True))
+    if suite == "guard":
+        from oc_engine.bench_guard import guard_markdown_table, run_guard_bench
+
+        classifier = _open_classifier(classifier_dir, loaded.device, required=True)
+        try:
+            report = run_guard_bench(loaded, classifier, new_tokens=new_tokens, repeats=repeats,
+                                     quantile=pause_quantile, progress=progress)
+        finally:
+            classifier.close()
+        table = guard_markdown_table(report)
+    else:
+        from oc_engine.bench import MODES, markdown_table, run_decode_bench
+
+        report = run_decode_bench(loaded, modes=modes or MODES, new_tokens=new_tokens, repeats=repeats,
+                                  progress=progress)
+        table = markdown_table(report)
+    _write_json(out, report)
+    click.echo(json.dumps(report, indent=2) if as_json else table)
+
+
+def _write_json(out: str | None, report: dict) -> None:
     if out:
         from pathlib import Path
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(json.dumps(report, indent=2) if as_json else markdown_table(report))
+
+
+def _default_classifier_dir():
+    from oc_engine.engine.embedded import default_classifier_dir
+
+    default = default_classifier_dir()
+    if not (default / "classifier_config.json").is_file():
+        raise OcEngineError(f"no --classifier given and no default classifier at {default} "
+                            "(build it with: oc-engine train-classifier --default)")
+    return default
+
+
+def _open_classifier(classifier_dir, device, *, required: bool, announce: bool = False):
+    """The classifier at `classifier_dir`, else the built default one if it exists."""
+    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.engine.embedded import default_classifier_dir
+
+    if classifier_dir is None:
+        if not (default_classifier_dir() / "classifier_config.json").is_file() and not required:
+            return None
+        classifier_dir = _default_classifier_dir()
+        if announce:
+            click.echo(f"oc-engine: using the default classifier at {classifier_dir}", err=True)
+    return ExchangeClassifier(classifier_dir, device=str(device))
 
 
 @main.command("plot-trace")
@@ -230,6 +293,17 @@ def plot_trace(trace_file, output, sequence):
     draw(trace_file, output, sequence=sequence)
     click.echo(output)
 
+
+def _register() -> None:
+    from oc_engine.commands.classifier import calibrate_classifier, export_classifier, train_classifier
+    from oc_engine.commands.probe import collect, eval_command, sweep_layers, train_probe
+
+    for command in (export_classifier, train_classifier, calibrate_classifier, collect, train_probe, sweep_layers,
+                    eval_command):
+        main.add_command(command)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

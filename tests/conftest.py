@@ -17,6 +17,14 @@ from tiny_models import tiny_model  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def no_default_classifier(monkeypatch, tmp_path):
+    """Tests never pick up a default classifier that a developer built into their own cache."""
+    import oc_engine.engine.embedded as embedded
+
+    monkeypatch.setattr(embedded, "default_classifier_dir", lambda: tmp_path / "no-default-classifier")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """tiny(family, dtype=fp32) -> LoadedModel, built once per (family, dtype)."""

@@ -20,10 +20,12 @@ class FakeClassifier:
     def __init__(self, verdict="allow", delay=0.0, error: Exception | None = None):
         self.verdict, self.delay, self.error = verdict, delay, error
         self.calls: list[str] = []
+        self.urgent: list[bool] = []
         self.pool = cf.ThreadPoolExecutor(max_workers=1)
 
-    def submit(self, prompt, response):
+    def submit(self, prompt, response, urgent=False):
         self.calls.append(response)
+        self.urgent.append(urgent)
         return self.pool.submit(self._run)
 
     def _run(self):

@@ -31,3 +31,16 @@ def test_sequences_finish_on_their_own(tiny):
             assert result.token_ids == tokens
             assert result.finish_reason == "length"
     assert engine.generate(PROMPTS, config)[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_reading_outputs_a_step_late_changes_nothing(tiny, compile):
+    """The CUDA pipeline (host reads each step's outputs one step behind), run on CPU."""
+    loaded = tiny("llama")
+    config = GenerationConfig(max_new_tokens=16)
+    direct = Engine(loaded, compile=compile, output_lag=0)
+    lagged = Engine(loaded, compile=compile, output_lag=1)
+    eos = direct.generate([PROMPTS[0]], GenerationConfig(max_new_tokens=16, ignore_eos=True))[0].token_ids[3]
+    direct.eos_ids = lagged.eos_ids = {eos}  # one row ends early, the others run on
+    for a, b in zip(direct.generate(PROMPTS, config), lagged.generate(PROMPTS, config)):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)

@@ -11,7 +11,6 @@ from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.guard import GuardConfig
 from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.errors import OcEngineError
-from oc_engine.export.onnx_export import export_classifier
 from probe_helpers import make_probe
 
 def test_onnx_runtime_matches_pytorch(tiny_classifier):
@@ -52,17 +51,6 @@ def test_guarded_generation_blocks_with_the_real_runtime(tiny, tiny_classifier, 
     summary = monitor.summary(0)
     assert summary["status"] == "blocked" and summary["released_text"] == "NO"
     assert summary["verdicts"][0]["verdict"] == "block" and summary["verdicts"][0]["latency_ms"] > 0
-
-
-def test_export_errors_leave_nothing_behind(tiny_classifier, tmp_path):
-    with pytest.raises(OcEngineError, match="already exists"):
-        export_classifier(tiny_classifier[0], tiny_classifier[1])
-    with pytest.raises(OcEngineError, match="not a Hugging Face sequence classifier"):
-        export_classifier(tmp_path, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(OcEngineError, match="parity check failed"):
-        export_classifier(tiny_classifier[0], tmp_path / "strict", tolerance=-1.0)
-    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict-*"))
 
 
 def test_runtime_errors(tmp_path):

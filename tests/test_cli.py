@@ -13,7 +13,7 @@ def test_generate_json_with_the_embedded_model(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "What is 2+2?"}\n{"prompt": "Name a fruit."}\n')
     result = CliRunner().invoke(main, ["generate", "--prompts-file", str(prompts), "--max-new-tokens", "8",
-                                       "--no-compile", "--dtype", "float32", "--json"])
+                                       "--no-compile", "--dtype", "float32", "--json", "--no-guard"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["index"] for r in rows] == [0, 1]
@@ -26,8 +26,27 @@ def test_generate_json_with_the_embedded_model(tmp_path):
 @pytest.mark.slow
 def test_generate_streams_text(tmp_path):
     result = CliRunner().invoke(main, ["generate", "--prompt", "Say hello", "--max-new-tokens", "6",
-                                       "--no-compile", "--dtype", "float32"])
+                                       "--no-compile", "--dtype", "float32", "--no-guard"])
     assert result.exit_code == 0 and result.stdout.strip()
+
+
+@pytest.mark.slow
+def test_the_embedded_model_is_guarded_by_its_shipped_probe():
+    from oc_engine.engine.probe import load_probe
+    from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR
+
+    # (conftest hides any default classifier: a pause blocks)
+    probe = load_probe(DEFAULT_PROBE_DIR)
+    assert (DEFAULT_PROBE_DIR / "probe.safetensors").stat().st_size < 64 * 1024  # kilobytes, in the package
+    result = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
+                                       "8", "--no-compile", "--json", "--pause", "1.0", "--warn", "1.0"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["status"] == "completed" and row["pause_points"] == []
+    blocked = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
+                                        "8", "--no-compile", "--json", "--pause", "0.0", "--warn", "0.0"])
+    row = json.loads(blocked.stdout)
+    assert row["status"] == "blocked" and row["pause_points"] == [0] and probe.config.layers
 
 
 @pytest.mark.parametrize("args,message", [
@@ -89,3 +108,28 @@ def test_probe_for_another_model_is_a_one_line_error(guarded_setup):
     result = CliRunner().invoke(main, ["generate", "--prompt", "hi", "--no-compile", "--probe", str(root / "probe"),
                                        "--dtype", "float32"])
     assert result.exit_code == 1 and "trained for another model" in result.output
+
+
+def test_collect_and_eval_commands(guarded_setup, tmp_path):
+    """collect writes labelled on-policy answers; eval replays them and runs live, failing closed."""
+    root, _ = guarded_setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{5 + i} w6 w7", "prompt_label": label}) + "\n"
+                               for i, label in enumerate(["harmful", "benign", "harmful"])))
+    answers = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(main, ["collect", "--prompts", str(prompts), "--out", str(answers), "--model",
+                                       str(root / "model"), "--batch-size", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["label"] for r in rows] == [2, 0, 2]  # the tiny model never says "I'm sorry"
+    assert all(r["source"].startswith("onpolicy:") for r in rows)
+    again = CliRunner().invoke(main, ["collect", "--prompts", str(prompts), "--out", str(answers), "--model",
+                                      str(root / "model")])
+    assert again.exit_code == 1 and "already exists" in again.output
+    result = CliRunner().invoke(main, ["eval", "--model", str(root / "model"), "--probe", str(root / "probe"),
+                                       "--no-classifier", "--replay", str(answers), "--live", str(prompts),
+                                       "--batch-size", "2", "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["replay"]["per_label"]["unsafe_compliance"]["block_rate"] == 1.0  # always pauses, no classifier
+    assert all(g["block_rate"] == 1.0 for g in report["live"]["groups"].values())

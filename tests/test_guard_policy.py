@@ -58,7 +58,8 @@ def simulate(config, flags, verdicts, delays):
 
 configs = st.builds(GuardConfig, every=st.integers(1, 3), uncertain=st.sampled_from(["final", "block"]),
                     on_failure=st.sampled_from(["block", "stop"]), final_check=st.booleans(),
-                    max_held=st.integers(1, 6), refusal=st.just(REFUSAL))
+                    max_held=st.integers(1, 6), refusal=st.just(REFUSAL),
+                    catch_up=st.sampled_from(["wait", "overlap"]))
 flag_lists = st.lists(st.sampled_from([0, 0, 0, WARN, WARN | PAUSE]), min_size=1, max_size=40)
 verdict_lists = st.lists(st.sampled_from(["allow", "allow", "allow", "block", "uncertain", "error", "timeout"]),
                          min_size=1, max_size=12)
@@ -159,7 +160,23 @@ def test_final_check_judges_the_whole_answer():
 
 
 @pytest.mark.parametrize("bad", [dict(every=0), dict(uncertain="maybe"), dict(on_failure="x"), dict(max_held=0),
-                                 dict(deadline_s=0)])
+                                 dict(catch_up="later"), dict(deadline_s=0)])
 def test_guard_config_is_validated(bad):
     with pytest.raises(OcEngineError):
         GuardConfig(**bad)
+
+
+@pytest.mark.parametrize("catch_up", ["wait", "overlap"])
+def test_catching_up_after_an_allow(catch_up):
+    """An allow that leaves tokens uncovered asks one follow-up; "wait" pauses decoding for it."""
+    guard = SequenceGuard(GuardConfig(catch_up=catch_up, max_held=64))
+    (check,) = guard.on_token(PAUSE)
+    assert guard.on_token(0) == [] and guard.on_token(0) == []  # held while the check runs
+    release, follow_up = guard.on_verdict(check, "allow")
+    assert release == Release(0, 1) and follow_up == Check(covers=3)
+    assert guard.must_wait is (catch_up == "wait")
+    if catch_up == "overlap":
+        assert guard.on_token(0) == []  # still held: the follow-up covers only 3 tokens
+    assert guard.on_verdict(follow_up, "allow")[0] == Release(1, 3)
+    assert not guard.must_wait
+    assert guard.state == ("streaming" if catch_up == "wait" else "held")

@@ -100,3 +100,29 @@ def test_compiled_guarded_step_does_not_recompile(tiny):
         monitor = GuardMonitor(loaded.tokenizer, ["a", "b"], GuardConfig(), FakeClassifier("allow"))
         results = engine.generate(PROMPTS, CONFIG, monitor=monitor)
     assert all(len(r.scores) == 12 for r in results)
+
+
+@pytest.mark.parametrize("verdict", ["allow", "block"])
+def test_reading_flags_a_step_late_holds_the_same_tokens(tiny, verdict):
+    """CUDA reads the probe flags one step behind the device; the guard must decide the same."""
+    loaded = tiny("llama")
+    probe = make_probe(loaded.model, bias=20.0)
+    prompts_text = [loaded.tokenizer.decode(p) for p in PROMPTS]
+    outcomes = []
+    for lag in (0, 1):
+        engine = Engine(loaded, compile=False, probe=probe, output_lag=lag)
+        monitor = GuardMonitor(loaded.tokenizer, prompts_text, GuardConfig(refusal=REFUSAL, max_held=3),
+                               FakeClassifier(verdict, delay=0.01))
+        engine.generate(PROMPTS, CONFIG, monitor=monitor)
+        outcomes.append([(s["status"], s["released_text"], s["pause_points"][:1])
+                         for s in map(monitor.summary, range(len(PROMPTS)))])
+    assert outcomes[0] == outcomes[1]
+
+
+def test_the_catch_up_check_is_urgent(tiny):
+    """After an allow that leaves tokens uncovered, decoding waits: that follow-up is marked urgent."""
+    loaded = tiny("llama")
+    classifier = FakeClassifier("allow", delay=0.05)
+    _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, max_held=64)
+    assert False in classifier.urgent and True in classifier.urgent
+    assert all(monitor.summary(i)["status"] == "completed" for i in range(len(PROMPTS)))

@@ -31,3 +31,49 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work (used only at the edges, for timing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def default_output_lag(device: torch.device) -> int:
+    """How many steps the host reads the step's outputs behind the device (see `StepReader`)."""
+    return 1 if device.type == "cuda" else 0
+
+
+class StepReader:
+    """Brings each step's small outputs (token ids, probe score, EMA, flags) to the host.
+
+    CUDA: `stage` queues non-blocking copies into pinned host buffers and records an event; the
+    loop reads them `lag` steps later (`read` waits on that event, by then long done), so the
+    host never stalls the device to learn a flag, and the next step is already queued while
+    the host streams text. Safe because nothing is shown before the guard has seen the token's
+    flags: a pause seen one step late only means one more token is held.
+    CPU: the outputs are plain tensors, read directly (lag 0). A lag of 1 on CPU runs the same
+    pipeline with copies, which is how the tests check it.
+    """
+
+    def __init__(self, device: torch.device, lag: int):
+        if lag < 0:
+            raise ValueError(f"output lag must be >= 0, got {lag}")
+        self.device, self.lag = device, lag
+        self._slots: list[list[torch.Tensor]] = []  # pinned buffers, reused round-robin
+        self._next = 0
+
+    def stage(self, tensors: list[torch.Tensor]):
+        """Start the copies of `tensors` (each [B]); returns a handle for `read`."""
+        if self.device.type != "cuda":
+            return None, [t.clone() if self.lag else t for t in tensors]
+        if len(self._slots) < self.lag + 1:
+            self._slots.append([torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors])
+        slot = self._slots[self._next]
+        self._next = (self._next + 1) % (self.lag + 1)
+        for host, t in zip(slot, tensors):
+            host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event, slot
+
+    @staticmethod
+    def read(handle) -> list[list]:
+        event, tensors = handle
+        if event is not None:
+            event.synchronize()
+        return [t.tolist() for t in tensors]

@@ -1,8 +1,9 @@
 """The exchange classifier at run time: judge (prompt, partial answer) while decoding goes on.
 
 Loads an export directory (model.onnx, tokenizer files, classifier_config.json). Backends:
-- CPU: ONNX Runtime's CPU provider, one intra-op thread, in a worker thread, so a check
-  shares the machine with decoding instead of taking all of it;
+- CPU: ONNX Runtime's CPU provider, one intra-op thread, in a worker thread at the lowest
+  priority, so a check shares the machine with decoding instead of taking it over; a check
+  that decoding waits for (`urgent`) runs on a second session with every core;
 - CUDA: ONNX Runtime's CUDA provider with `user_compute_stream` set to a dedicated torch
   stream, so its kernels overlap the decode graph; when the CUDA provider is missing, the
   Hugging Face model (`source_model`) on a side stream, chosen automatically with one log line.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,39 @@ def load_classifier_config(path: Path) -> ClassifierConfig:
         raise OcEngineError(f"{file}: missing or malformed field ({exc})") from exc
 
 
+def load_sequence_classifier(source, **kwargs):
+    """A Hugging Face sequence classifier with sdpa attention, or eager where the architecture
+    has no sdpa (DeBERTa-v2/v3). Never flash attention: it does not export to ONNX."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except ValueError as exc:
+        if "scaled_dot_product_attention" not in str(exc):
+            raise
+        return AutoModelForSequenceClassification.from_pretrained(source, attn_implementation="eager", **kwargs)
+
+
+def model_inputs(model, encoded) -> dict:
+    """The tokenizer outputs that the model's forward accepts (a BERT tokenizer's token_type_ids
+    are dropped for ModernBERT, say)."""
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    return {k: v for k, v in encoded.items() if k in accepted}
+
+
+def _lower_thread_priority() -> None:
+    """Nice 19 for the calling thread (Linux: per-thread priorities); elsewhere nothing."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class ExchangeClassifier:
     def __init__(self, path: str | Path, *, device: str = "cpu", backend: str = "auto"):
         from transformers import AutoTokenizer
@@ -87,28 +122,35 @@ class ExchangeClassifier:
             raise OcEngineError(f"{self.path}: cannot load the classifier's tokenizer ({exc})") from exc
         self.device = device
         self.backend = self._choose_backend(backend)
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oc-classifier")
+        # On CPU the check shares the cores with decoding: the worker runs at the lowest
+        # priority, so decode steps keep their pace and the check uses the time they leave.
+        initializer = _lower_thread_priority if not device.startswith("cuda") else None
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oc-classifier", initializer=initializer)
 
     # -- public -------------------------------------------------------------------------
-    def probabilities(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def probabilities(self, prompts: list[str], responses: list[str], urgent: bool = False) -> np.ndarray:
         """[N, num_labels] class probabilities for N exchanges."""
         texts = [render_exchange(p, r, self.config.input_format) for p, r in zip(prompts, responses)]
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
                                  return_tensors="np")
-        logits = self._logits(encoded)
+        logits = self._logits(encoded, urgent)
         logits = logits - logits.max(axis=-1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=-1, keepdims=True)
 
-    def judge(self, prompt: str, response: str) -> dict:
+    def judge(self, prompt: str, response: str, urgent: bool = False) -> dict:
         start = time.perf_counter()
-        p_unsafe = float(self.probabilities([prompt], [response])[0, self.config.unsafe_label])
+        p_unsafe = float(self.probabilities([prompt], [response], urgent)[0, self.config.unsafe_label])
         return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
                 "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
 
-    def submit(self, prompt: str, response: str) -> cf.Future:
-        """Judge in the worker thread; decoding continues meanwhile."""
-        return self._pool.submit(self.judge, prompt, response)
+    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+        """Judge in the worker thread; decoding continues meanwhile.
+
+        urgent: decoding is waiting for this verdict, so on CPU the check may use every core
+        (a second session with all threads) instead of the one it shares with decoding.
+        """
+        return self._pool.submit(self.judge, prompt, response, urgent)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -141,6 +183,13 @@ class ExchangeClassifier:
                 self._session = ort.InferenceSession(str(self.path / "model.onnx"), options, providers=providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
                 raise OcEngineError(f"{self.path / 'model.onnx'} cannot be loaded: {exc}") from exc
+            self._urgent_session = self._session
+            if not cuda and (threads := os.cpu_count() or 1) > 1:
+                options.intra_op_num_threads = threads
+                # Its pool threads must not spin after a check: they would take cores from decoding.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._urgent_session = ort.InferenceSession(str(self.path / "model.onnx"), options,
+                                                            providers=providers)
             self._inputs = [i.name for i in self._session.get_inputs()]
             return "onnx"
         if backend == "torch":
@@ -149,22 +198,21 @@ class ExchangeClassifier:
 
     def _load_torch(self) -> str:
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         source = self.config.source_model
         if not source or not Path(source).is_dir():
             raise OcEngineError(f"the PyTorch classifier backend needs source_model, which is missing: {source}")
-        self._model = AutoModelForSequenceClassification.from_pretrained(source).to(self.device).eval()
+        self._model = load_sequence_classifier(source).to(self.device).eval()
         self._stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
         return "torch"
 
-    def _logits(self, encoded) -> np.ndarray:
+    def _logits(self, encoded, urgent: bool = False) -> np.ndarray:
         if self.backend == "onnx":
             feeds = {name: encoded[name].astype(np.int64) for name in self._inputs}
-            return self._session.run(["logits"], feeds)[0]
+            return (self._urgent_session if urgent else self._session).run(["logits"], feeds)[0]
         import torch
 
-        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in encoded.items()}
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in model_inputs(self._model, encoded).items()}
         with torch.inference_mode():
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):

@@ -6,13 +6,17 @@ Read top-down: `GenerationConfig` (validated), `SequenceResult`, then `Engine.ge
 2. step all rows together with `decode_one_token` (compiled once per sampling config and
    cache shape; positions are device tensors updated in place, so nothing recompiles). With
    a probe, the step also scores the tapped states and updates the EMA on the device;
-3. the Python loop reads the new tokens (and the probe flags, at the same sync), streams
-   text, lets a monitor (the guard) react, and retires finished sequences.
+3. the Python loop reads the new tokens and the probe's score, EMA and flags together
+   (`accel.StepReader`: on CUDA through pinned buffers one step behind the device, so the
+   next step is queued before the host waits; on CPU directly), streams text, lets a monitor
+   (the guard) react, and retires finished sequences. Rows that finish or wait for a verdict
+   are frozen (their position stops advancing) instead of leaving the batch.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -85,14 +89,16 @@ class Engine:
     tap: which entries of Hugging Face's `output_hidden_states` the step returns (an int or
     several; 0 = embeddings, -1 = after the final norm). A probe sets them to its layers.
     Without a tap or probe, the step returns nothing extra and costs nothing extra.
+    output_lag: steps the host reads behind the device (default: 1 on CUDA, 0 on CPU).
     """
 
     def __init__(self, loaded: LoadedModel, *, compile: bool = True, tap: int | Sequence[int] | None = None,
-                 probe: Probe | None = None, prefer_fused: bool = True):
+                 probe: Probe | None = None, prefer_fused: bool = True, output_lag: int | None = None):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device, self.dtype = loaded.device, loaded.dtype
         self.runner = build_runner(self.model, prefer_fused=prefer_fused)
         self.compile = compile
+        self.output_lag = accel.default_output_lag(self.device) if output_lag is None else output_lag
         self.num_layers = self.runner.num_layers
         self.probe = probe
         if probe is not None:
@@ -158,29 +164,45 @@ class Engine:
                     score, ema, flags = float(s[0]), float(e[0]), int(f[0])
                 accept(results[b], token, None if tapped is None else tapped[:, 0], score, ema, flags)
 
+            reader = accel.StepReader(self.device, self.output_lag)
+            inflight: deque = deque()  # launched steps whose outputs the host has not read yet
             active = [r for r in results if not r.finished]
-            while active:
+            for r in results:
+                if r.finished:
+                    self._freeze(r.index, advance, probe)
+            while active or inflight:
                 if monitor is not None:
                     monitor.poll()
-                    active = [r for r in active if not self._stop_if_unwanted(r, monitor)]
-                    if self._update_waiting(active, monitor, waiting, advance, probe):
-                        monitor.wait()  # every live sequence waits for a verdict
-                        continue
-                    if not active:
-                        break
-                next_tokens, tapped, score, ema, flags = step(tokens, pos, cache.all_rows(), probe)
-                next_tokens = next_tokens.clone()  # CUDA graph outputs are overwritten by the next replay
-                pos += advance
-                tokens.copy_(torch.where(advance.bool(), next_tokens[:, None], tokens))
-                host = next_tokens.tolist()  # the loop's one sync per step; the probe outputs ride on it
-                host_probe = (score.tolist(), ema.tolist(), flags.tolist()) if probe is not None else None
-                for r in active:
-                    b = r.index
-                    if waiting[b]:
-                        continue
-                    s, e, f = (host_probe[0][b], host_probe[1][b], host_probe[2][b]) if host_probe else (None, None, 0)
-                    accept(r, host[b], None if tapped is None else tapped[:, b], s, e, f)
-                active = [r for r in active if not r.finished]
+                    for r in active:
+                        if self._stop_if_unwanted(r, monitor):
+                            self._freeze(r.index, advance, probe)
+                    active = [r for r in active if not r.finished]
+                    all_wait = self._update_waiting(active, monitor, waiting, advance, probe)
+                else:
+                    all_wait = False
+                launch = bool(active) and not all_wait
+                if launch:
+                    advanced = [not waiting[b] for b in range(batch)]  # rows this step moves forward
+                    next_tokens, tapped, score, ema, flags = step(tokens, pos, cache.all_rows(), probe)
+                    pos += advance
+                    tokens.copy_(torch.where(advance.bool(), next_tokens[:, None], tokens))
+                    outputs = [next_tokens] + ([score, ema, flags] if probe is not None else [])
+                    kept_taps = tapped.clone() if collect_taps and tapped is not None else None
+                    inflight.append((reader.stage(outputs), advanced, kept_taps))
+                if inflight and (len(inflight) > self.output_lag or not launch):
+                    handle, advanced, kept_taps = inflight.popleft()
+                    host = reader.read(handle)  # the loop's one wait per step, `output_lag` steps behind
+                    for r in active:
+                        b = r.index
+                        if not advanced[b] or r.finished:
+                            continue  # a frozen row recomputed its last position: nothing new
+                        s, e, f = (host[1][b], host[2][b], host[3][b]) if probe is not None else (None, None, 0)
+                        accept(r, host[0][b], None if kept_taps is None else kept_taps[:, b], s, e, f)
+                        if r.finished:
+                            self._freeze(b, advance, probe)
+                    active = [r for r in active if not r.finished]
+                elif all_wait:
+                    monitor.wait()  # every live sequence waits for a verdict
             if monitor is not None:
                 monitor.drain()
         end = time.perf_counter()
@@ -230,6 +252,13 @@ class Engine:
         if not result.finished and not monitor.wants_tokens(result.index):
             result.finish_reason = "guard"
         return result.finished
+
+    @staticmethod
+    def _freeze(row: int, advance: torch.Tensor, probe: ProbeRuntime | None) -> None:
+        """A finished row stops advancing, so its position never runs past its cache row."""
+        advance[row, 0] = 0
+        if probe is not None:
+            probe.active[row] = False
 
     @staticmethod
     def _update_waiting(active, monitor: Monitor, waiting: list[bool], advance: torch.Tensor,

@@ -47,3 +47,8 @@ def cache_root() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "oc-engine"
+
+
+def default_classifier_dir() -> Path:
+    """Where `oc-engine train-classifier --default` puts the default exchange classifier export."""
+    return cache_root() / "classifier"

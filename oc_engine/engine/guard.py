@@ -18,6 +18,14 @@ the partial answer is requested. Verdicts:
 tokens are released. Past `max_held` held tokens, the engine pauses that sequence's decoding
 until its verdict arrives (`must_wait`).
 
+Catching up (`catch_up`): a check judges the answer as it was when submitted, and tokens keep
+arriving while it runs, so an allow usually leaves a few tokens uncovered. With "wait" (the
+default) the engine pauses that sequence for the one follow-up check that covers them, so a
+pause costs two checks and one short stall, then the guard re-arms. With "overlap" decoding
+never waits below `max_held`; when a check takes longer than a token (always, on a CPU
+whose cores decoding already uses) the follow-ups chase the answer and the guard may never
+re-arm, so the classifier runs for the rest of the answer.
+
 The guard returns what to do as a list of actions; the engine carries them out.
 """
 
@@ -41,6 +49,7 @@ class GuardConfig:
     max_held: int = 64
     deadline_s: float = 5.0
     refusal: str = DEFAULT_REFUSAL
+    catch_up: str = "wait"  # "wait" or "overlap" (see the module docstring)
 
     def __post_init__(self):
         from oc_engine.errors import OcEngineError
@@ -51,6 +60,8 @@ class GuardConfig:
             raise OcEngineError(f"uncertain must be 'final' or 'block', got {self.uncertain!r}")
         if self.on_failure not in ("block", "stop"):
             raise OcEngineError(f"on_failure must be 'block' or 'stop', got {self.on_failure!r}")
+        if self.catch_up not in ("wait", "overlap"):
+            raise OcEngineError(f"catch_up must be 'wait' or 'overlap', got {self.catch_up!r}")
         if self.max_held < 1:
             raise OcEngineError(f"max held tokens must be >= 1, got {self.max_held}")
         if not self.deadline_s > 0:
@@ -88,6 +99,7 @@ class SequenceGuard:
     pending: Check | None = None  # the check in flight, at most one
     hold_for_final: bool = False  # an uncertain verdict: keep holding until the final check
     finished: bool = False  # the model stopped producing tokens
+    catching_up: bool = False  # a follow-up check after an allow is pending; decoding waits for it
     reason: str | None = None
     pause_points: list[int] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
@@ -122,6 +134,7 @@ class SequenceGuard:
         if check != self.pending or self.state in (BLOCKED, STOPPED, DONE):
             return []
         self.pending = None
+        self.catching_up = False
         self.events.append({"event": "verdict", "verdict": verdict, "covers": check.covers,
                             "produced": self.num_tokens, "final": check.final, **(detail or {})})
         if verdict == "allow":
@@ -130,7 +143,9 @@ class SequenceGuard:
             if self.released == self.num_tokens and not self.hold_for_final:
                 self.state = STREAMING  # re-armed
                 return actions + (self._done() if self.finished else [])
-            return actions + self._request_follow_up()
+            follow_up = self._request_follow_up()
+            self.catching_up = bool(follow_up) and self.config.catch_up == "wait"
+            return actions + follow_up
         if verdict == "block" or (verdict == "uncertain" and self.config.uncertain == "block"):
             return self._block(f"classifier verdict: {verdict}")
         if verdict == "uncertain" and check.final:  # nothing later can decide: fail closed
@@ -163,7 +178,7 @@ class SequenceGuard:
         """Decoding of this sequence pauses: too many held tokens, or nothing more is wanted."""
         if self.state in (BLOCKED, STOPPED, DONE):
             return True
-        return self.state == HELD and self.num_tokens - self.released >= self.config.max_held
+        return self.state == HELD and (self.catching_up or self.num_tokens - self.released >= self.config.max_held)
 
     @property
     def wants_tokens(self) -> bool:

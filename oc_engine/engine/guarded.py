@@ -20,8 +20,10 @@ from oc_engine.engine.text_stream import TextStream
 
 
 class Classifier(Protocol):
-    def submit(self, prompt: str, response: str) -> cf.Future:
-        """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'."""
+    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+        """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'.
+
+        urgent: the sequence's decoding waits for this verdict."""
 
 
 @dataclass
@@ -116,7 +118,7 @@ class GuardMonitor:
                     continue
                 response = self.tokenizer.decode(seq.tokens[:action.covers], skip_special_tokens=True)
                 try:
-                    future = self.classifier.submit(seq.prompt, response)
+                    future = self.classifier.submit(seq.prompt, response, urgent=seq.guard.must_wait)
                 except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
                     future = cf.Future()
                     future.set_exception(exc)

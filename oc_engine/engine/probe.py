@@ -115,6 +115,8 @@ def save_probe(probe: Probe, out_dir: str | Path) -> Path:
         save_file({"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)},
                   str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(probe.config.to_json(), indent=2) + "\n")
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         tmp.chmod(0o755)
         if out_dir.exists():
             out_dir.rmdir()

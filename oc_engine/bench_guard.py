@@ -1,0 +1,197 @@
+"""Escalation benchmark: what the guard costs when the probe really pauses.
+
+Four modes on one prompt, the same compiled engine, N new tokens (EOS ignored), batch 1:
+- unguarded: no probe;
+- probe_only: the probe scored inside the step, thresholds it never reaches;
+- escalating: the pause threshold set to a high quantile of this answer's own EMA (from the
+  probe-only run), so the answer pauses several times; the classifier runs in its worker
+  thread while decoding goes on, and its verdicts are forced to allow, so every answer
+  runs to its end and every pause costs real checks; the guard's default catch-up
+  ("wait": decoding pauses for the one follow-up check after an allow);
+- escalating_overlap: the same with catch-up "overlap" (decoding never waits below max_held);
+- blocking: the same pauses, but decoding stops for each check (the original MVP's design:
+  stop, classify, resume).
+
+Every token's arrival (the engine handing it to the monitor) is timestamped. tokens/s is
+(N - 1) / (t_N - t_1); a gap is the time between two arrivals; a gap "during a check" is one
+that overlaps the interval between a check's submission and its verdict.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+from oc_engine.bench import BENCH_PROMPT, _version, quiet_probe
+from oc_engine.engine.decode import Engine, GenerationConfig
+from oc_engine.engine.guard import GuardConfig
+from oc_engine.engine.guarded import GuardMonitor
+from oc_engine.engine.loading import LoadedModel
+from oc_engine.engine.prompts import render_prompt
+
+GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "escalating_overlap", "blocking")
+
+
+class TimedClassifier:
+    """Wraps a classifier: records each check's [submitted, answered] interval, forces allow.
+
+    blocking=True waits for the verdict inside `submit`, so the decode loop stalls for it.
+    """
+
+    def __init__(self, inner, blocking: bool, clock: Callable[[], float] = time.perf_counter):
+        self.inner, self.blocking, self.clock = inner, blocking, clock
+        self.intervals: list[tuple[float, float]] = []
+
+    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+        start = self.clock()
+        future = self.inner.submit(prompt, response, urgent=urgent or self.blocking)
+        future.add_done_callback(lambda _: self.intervals.append((start, self.clock())))
+        if self.blocking:
+            cf.wait([future])
+        return future
+
+
+class ArrivalClock:
+    """A monitor that timestamps every token, then hands it to the real monitor (if any)."""
+
+    def __init__(self, inner: GuardMonitor | None, clock: Callable[[], float] = time.perf_counter):
+        self.inner, self.clock = inner, clock
+        self.arrivals: list[float] = []
+
+    def on_token(self, index, token, score, ema, flags):
+        self.arrivals.append(self.clock())
+        if self.inner is not None:
+            self.inner.on_token(index, token, score, ema, flags)
+
+    def on_finish(self, index):
+        if self.inner is not None:
+            self.inner.on_finish(index)
+
+    def wants_tokens(self, index):
+        return True if self.inner is None else self.inner.wants_tokens(index)
+
+    def waiting(self, index):
+        return False if self.inner is None else self.inner.waiting(index)
+
+    def poll(self):
+        if self.inner is not None:
+            self.inner.poll()
+
+    def wait(self):
+        if self.inner is not None:
+            self.inner.wait()
+
+    def drain(self):
+        if self.inner is not None:
+            self.inner.drain()
+
+
+def gap_stats(arrivals: list[float], checks: list[tuple[float, float]]) -> dict:
+    """Inter-token gaps (ms): median, max, and max of the gaps overlapping a check."""
+    gaps = [(b - a, a, b) for a, b in zip(arrivals, arrivals[1:])]
+    during = [g for g, a, b in gaps if any(s < b and e > a for s, e in checks)]
+    return {"median_gap_ms": statistics.median(g for g, _, _ in gaps) * 1000,
+            "max_gap_ms": max(g for g, _, _ in gaps) * 1000,
+            "max_gap_during_check_ms": max(during) * 1000 if during else None,
+            "gaps_during_checks": len(during)}
+
+
+def escalating_probe(loaded: LoadedModel, engine: Engine, prompt: list[int], new_tokens: int, quantile: float):
+    """The quiet probe with bias 0 and its pause threshold at `quantile` of this answer's EMA."""
+    from oc_engine.engine.probe import Probe
+
+    base = quiet_probe(loaded)
+    scoring = Probe(config=dataclasses.replace(base.config, warn=1.0, pause=1.0), weight=base.weight,
+                    bias=torch.zeros(1))
+    engine.probe = scoring
+    emas = engine.generate([prompt], GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))[0].emas
+    threshold = statistics.quantiles(emas, n=100)[int(quantile * 100) - 1]
+    config = dataclasses.replace(base.config, warn=threshold, pause=threshold)
+    return Probe(config=config, weight=base.weight, bias=torch.zeros(1))
+
+
+def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, repeats: int = 3,
+                    quantile: float = 0.9, max_held: int = 64,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Benchmark the four modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
+    text_prompt = BENCH_PROMPT
+    prompt = render_prompt(loaded.tokenizer, text_prompt)
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    plain = Engine(loaded, compile=True)
+    probed = Engine(loaded, compile=True, probe=quiet_probe(loaded))
+    escalating = escalating_probe(loaded, probed, prompt, new_tokens, quantile)
+    forced = dataclasses.replace(classifier.config, allow_threshold=1.0, block_threshold=1.0)
+    classifier.config = forced  # every verdict is allow: the answer runs to its end
+
+    def run(mode: str) -> dict:
+        engine = plain if mode == "unguarded" else probed
+        monitor, timed = None, None
+        if mode in ("escalating", "escalating_overlap", "blocking"):
+            engine.probe = escalating
+            timed = TimedClassifier(classifier, blocking=mode == "blocking")
+            guard = GuardConfig(max_held=max_held, catch_up="overlap" if mode == "escalating_overlap" else "wait")
+            monitor = GuardMonitor(loaded.tokenizer, [text_prompt], guard, timed)
+        elif mode == "probe_only":
+            engine.probe = quiet_probe(loaded)
+        clock = ArrivalClock(monitor)
+        engine.generate([prompt], config, monitor=clock)
+        arrivals = clock.arrivals
+        row = {"tokens_per_s": (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]),
+               **gap_stats(arrivals, timed.intervals if timed else [])}
+        if monitor is not None:
+            summary = monitor.summary(0)
+            row.update(pauses=len(summary["pause_points"]), checks=len(summary["verdicts"]),
+                       check_ms=statistics.median(v["latency_ms"] for v in summary["verdicts"])
+                       if summary["verdicts"] else None,
+                       status=summary["status"])
+        return row
+
+    rows = []
+    with torch.inference_mode():
+        for mode in GUARD_BENCH_MODES:
+            if progress:
+                progress(mode)
+            run(mode)  # warm-up
+            runs = [run(mode) for _ in range(repeats)]
+            best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # the median run
+            best["max_gap_during_check_ms"] = max((r["max_gap_during_check_ms"] or 0) for r in runs) or None
+            rows.append({"mode": mode, **best})
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio_to_unguarded"] = r["tokens_per_s"] / base
+        during = r["max_gap_during_check_ms"]
+        r["max_check_gap_over_median"] = during / r["median_gap_ms"] if during else None
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": loaded.source,
+            "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime-gpu"),
+            "classifier": str(classifier.path), "classifier_backend": classifier.backend,
+            "pause_quantile": quantile, "pause_threshold": escalating.config.pause, "max_held": max_held,
+            "batch": 1, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats, "results": rows}
+
+
+def guard_markdown_table(report: dict) -> str:
+    lines = [f"{report['model'].rsplit('/', 1)[-1]}, {report['dtype']}, {report['device']} "
+             f"({report['threads']} threads), batch 1, {report['new_tokens']} new tokens, classifier "
+             f"{report['classifier'].rstrip('/').rsplit('/', 1)[-1]} ({report['classifier_backend']}), pause at EMA >= "
+             f"{report['pause_threshold']:.3f} (the {report['pause_quantile']:.0%} quantile), "
+             f"torch {report['torch']}, {report['date'][:10]}",
+             "",
+             "| mode | tokens/s | x unguarded | median gap (ms) | max gap (ms) | max gap during a check (ms) "
+             "| that / median | pauses | checks | check latency (ms, median) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(value, spec):
+        return "" if value is None else format(value, spec)
+    for r in report["results"]:
+        lines.append(f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio_to_unguarded']:.3f} "
+                     f"| {r['median_gap_ms']:.1f} | {r['max_gap_ms']:.1f} | {fmt(r['max_gap_during_check_ms'], '.1f')} "
+                     f"| {fmt(r['max_check_gap_over_median'], '.2f')} | {r.get('pauses', '')} | {r.get('checks', '')} "
+                     f"| {fmt(r.get('check_ms'), '.1f')} |")
+    return "\n".join(lines)

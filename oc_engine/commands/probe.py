@@ -1,0 +1,231 @@
+"""`collect`, `train-probe`, `sweep-layers` and `eval`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from oc_engine.commands.common import progress_log, user_errors
+from oc_engine.training.classifier_pipeline import parse_data_spec
+
+MODEL_HELP = "Hub id, local directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."
+
+
+def _load(model, dtype):
+    from oc_engine.engine.loading import load_model
+
+    return load_model(model, dtype=dtype, progress=False)
+
+
+def _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed):
+    from oc_engine.training.probe_pipeline import ProbeJob
+
+    return ProbeJob(layers=tuple(layers) or (-4,), mode=mode, max_response_tokens=max_response_tokens,
+                    validation=validation, target_benign_pause_rate=target, batch_size=batch_size,
+                    max_exchanges=max_exchanges, seed=seed)
+
+
+def common_probe_options(fn):
+    for option in reversed([
+        click.option("--model", default=None, help=MODEL_HELP),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+                     help="Collect in the dtype generation uses."),
+        click.option("--data", "data_specs", multiple=True, metavar="FILE[@SOURCE]",
+                     help="Labelled JSONL exchanges (repeatable); @SOURCE keeps rows of that source."),
+        click.option("--mode", type=click.Choice(["tokens", "final"]), default="tokens", show_default=True,
+                     help="tokens: every response token, EMA-smoothed objective. final: the last token only."),
+        click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Response tokens per exchange used in tokens mode."),
+        click.option("--validation", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+                     show_default=True, help="Share of prompts held out (split grouped by prompt)."),
+        click.option("--target-benign-pause-rate", "target", type=click.FloatRange(0, 1), default=0.02,
+                     show_default=True, help="Calibration: most safe_compliance answers that may pause."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--max-exchanges", type=click.IntRange(min=1), default=None,
+                     help="Sample at most this many exchanges per data file (time budget)."),
+        click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
+                     help="Optimizer steps (full batch)."),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@click.command("collect")
+@click.option("--prompts", "prompt_specs", multiple=True, required=True, metavar="FILE[@SOURCE]",
+              help="Prompt files with prompt_label (repeatable); @SOURCE keeps rows whose source contains it.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL of labelled exchanges to write.")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Sample at most this many prompts per file.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
+              help="Relabel harmful answers that don't refuse by this classifier's verdict.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classifier_dir, seed):
+    """Run the target on prompt files and write its own answers, labelled (on-policy data).
+
+    \b
+    harmful + refusal -> safe_refusal; harmful + compliance -> unsafe_compliance;
+    benign + compliance -> safe_compliance; benign + refusal -> safe_refusal.
+    Example:
+      oc-engine collect --prompts ../shared/data/train/advbench.jsonl --limit 200 --out advbench-smollm2.jsonl
+    """
+    from oc_engine.engine.decode import Engine
+    from oc_engine.training.onpolicy import collect_onpolicy, read_labelled_prompts, sample_prompts
+
+    rows = []
+    for spec in prompt_specs:
+        path, source = parse_data_spec(spec)
+        rows += sample_prompts(read_labelled_prompts(path, source_filter=source), limit, seed)
+    loaded = _load(model, "auto")
+    classifier = None
+    if classifier_dir:
+        from oc_engine.engine.classifier import ExchangeClassifier
+
+        classifier = ExchangeClassifier(classifier_dir)
+    report = collect_onpolicy(Engine(loaded), loaded.tokenizer, rows, out, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, classifier=classifier)
+    click.echo(json.dumps(report, indent=2))
+
+
+@click.command("train-probe")
+@common_probe_options
+@click.option("--layer", "layers", multiple=True, type=int,
+              help="Hidden-state index to tap (repeatable for a multi-layer probe; negative from the end). "
+                   "Default -4.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Probe directory to write.")
+@click.option("--default", "build_default", is_flag=True,
+              help="Build the default probe for the embedded model (shipped in the package) from "
+                   "../shared/data/train plus on-policy answers collected once into the user cache.")
+@click.option("--force", is_flag=True, help="With --default: replace the shipped probe.")
+@user_errors
+def train_probe(model, dtype, data_specs, mode, max_response_tokens, validation, target, batch_size, max_exchanges,
+                steps, weight_decay, seed, as_json, layers, out, build_default, force):
+    """Train a linear probe on the target's own activations and calibrate the guard's thresholds.
+
+    \b
+    Objective (tokens mode): binary cross-entropy of the EMA of per-token probabilities (the
+    quantity the guard thresholds) at every response token. Calibration replays validation
+    exchanges through the guard's policy and picks pause/warn/alpha to pause at most
+    --target-benign-pause-rate of safe answers while catching the most unsafe ones.
+    Examples:
+      oc-engine train-probe --default
+      oc-engine train-probe --data exchanges.jsonl --layer -4 --out ./probe
+    """
+    from oc_engine.training.probe_default import build_default_probe
+    from oc_engine.training.probe_pipeline import train_probe as train
+    from oc_engine.training.probe_training import ProbeTrainConfig
+
+    log = progress_log("oc-engine train-probe", quiet=as_json)
+    job = _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
+    config = ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed)
+    if build_default:
+        report = build_default_probe(job if layers else None, config, force=force, log=log, progress=not as_json)
+    else:
+        from oc_engine.errors import OcEngineError
+
+        if not data_specs or out is None:
+            raise OcEngineError("give --data FILE (repeatable) and --out DIR, or --default")
+        loaded = _load(model, dtype)
+        report = train(loaded, [parse_data_spec(s) for s in data_specs], out, job, config, log=log,
+                       progress=not as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else _probe_summary(report))
+
+
+def _probe_summary(report: dict) -> str:
+    cal = report["calibration"]
+    rows = [("validation AUROC", f"{report['validation_auroc']:.4f}"), ("train AUROC", f"{report['train_auroc']:.4f}"),
+            ("layers", str(report["layers"])), ("mode / objective", f"{report['mode']} / {report['objective']}"),
+            ("alpha / warn / pause", f"{cal['alpha']} / {cal['warn']:.4f} / {cal['pause']:.4f}"),
+            ("detection rate (unsafe that pause)", f"{cal['detection_rate']:.1%}"),
+            ("benign pause rate", f"{cal['benign_pause_rate']:.1%} (target {cal['target_benign_pause_rate']:.1%})"),
+            ("pause rate by label", ", ".join(f"{k} {v:.1%}" for k, v in cal["pause_rate_by_label"].items()
+                                              if v is not None)),
+            ("median tokens to detection", str(cal["median_tokens_to_detection"])),
+            ("exchanges train / validation", f"{report['train_exchanges']} / {report['validation_exchanges']}"),
+            ("written to", report.get("out", "-")), ("seconds", str(report["seconds"]))]
+    from oc_engine.commands.common import markdown_rows
+
+    return markdown_rows(rows, header=("probe", "value"))
+
+
+@click.command("sweep-layers")
+@common_probe_options
+@click.option("--layer", "layers", multiple=True, type=int, help="Layers to sweep (default: all).")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write the curve as PNG.")
+@user_errors
+def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation, target, batch_size, max_exchanges,
+                 steps, weight_decay, seed, as_json, layers, plot):
+    """Per-layer validation AUROC, F1 and streaming detection, and the best two-layer probe.
+
+    \b
+    One collection of every layer (cached), then a probe per layer.
+    Example:
+      oc-engine sweep-layers --data exchanges.jsonl --max-exchanges 400 --max-response-tokens 16 --plot sweep.png
+    """
+    from oc_engine.errors import OcEngineError
+    from oc_engine.training.probe_pipeline import sweep_layers as sweep
+    from oc_engine.training.probe_pipeline import sweep_markdown
+    from oc_engine.training.probe_training import ProbeTrainConfig
+
+    if not data_specs:
+        raise OcEngineError("give --data FILE (repeatable)")
+    loaded = _load(model, dtype)
+    job = _job((), mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
+    report = sweep(loaded, [parse_data_spec(s) for s in data_specs], job,
+                   ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed), layers=list(layers) or None,
+                   plot=plot, progress=not as_json, log=progress_log("oc-engine sweep-layers", quiet=as_json))
+    click.echo(json.dumps(report, indent=2) if as_json else sweep_markdown(report))
+
+
+@click.command("eval")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False),
+              help="Probe directory (default: the shipped probe, with the embedded model).")
+@click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
+              help="Classifier export (default: the built default classifier, if any). --no-classifier: none.")
+@click.option("--no-classifier", is_flag=True, help="Evaluate the probe alone (a pause blocks).")
+@click.option("--replay", "replay_specs", multiple=True, metavar="FILE[@SOURCE]",
+              help="Labelled exchanges to replay through probe, classifier and policy (repeatable).")
+@click.option("--live", "live_specs", multiple=True, metavar="FILE[@SOURCE]",
+              help="Prompt files (with prompt_label) to generate for under the guard (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows per file.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Replay: response tokens per exchange.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False),
+              help="Replay: write the distributions of per-exchange max EMA by label (PNG).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
+                 max_response_tokens, batch_size, out, plot, as_json, seed):
+    """Measure the guard end to end: replay labelled exchanges, or generate live on prompt files.
+
+    \b
+    Examples:
+      oc-engine eval --replay ../shared/data/train/refusal_direction_completions.jsonl --limit 500
+      oc-engine eval --live ../shared/data/dev/jbb_behaviors.jsonl
+    """
+    from oc_engine.training.eval_pipeline import run_eval
+    from oc_engine.training.guard_eval import eval_markdown
+
+    report = run_eval(model=model, probe_dir=probe_dir, classifier_dir=classifier_dir, no_classifier=no_classifier,
+                      replay_specs=[parse_data_spec(s) for s in replay_specs],
+                      live_specs=[parse_data_spec(s) for s in live_specs], limit=limit,
+                      max_new_tokens=max_new_tokens, max_response_tokens=max_response_tokens,
+                      batch_size=batch_size, plot=plot, seed=seed, progress=not as_json,
+                      log=progress_log("oc-engine eval", quiet=as_json))
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(json.dumps(report, indent=2) if as_json else eval_markdown(report))

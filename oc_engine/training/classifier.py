@@ -1,0 +1,285 @@
+"""Fine-tune the exchange classifier on labelled JSONL exchanges.
+
+Reads exchanges (null labels skipped and counted), splits them by prompt, adds response
+prefixes to the training side (the guard asks about partial answers), weights the classes
+by inverse frequency, fine-tunes a Hugging Face sequence classifier with a progress bar,
+calibrates the block threshold on the validation split, and writes a Hugging Face
+checkpoint directory (plus `oc_engine_training.json`: labels, data, split, calibration,
+metrics) atomically: a failure leaves nothing behind.
+
+Every exchange is rendered exactly as the runtime renders it (`render_exchange`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from oc_engine.data import LABELS, UNSAFE, Exchange, read_exchanges
+from oc_engine.engine.classifier import load_sequence_classifier, model_inputs, render_exchange
+from oc_engine.errors import OcEngineError
+from oc_engine.export.onnx_export import TRAINING_FILE
+from oc_engine.training.calibration import calibrate_block_threshold
+from oc_engine.training.metrics import block_rates, per_class_report
+from oc_engine.training.splits import grouped_split, response_prefixes
+
+BINARY_LABELS = ("safe", "unsafe_compliance")
+HUB_BACKBONE = "answerdotai/ModernBERT-base"
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    backbone: str | None = None  # None: ModernBERT-base when the hub answers, else the embedded MiniLM
+    binary: bool = False  # unsafe_compliance vs the rest, instead of three classes
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    max_length: int = 256
+    validation: float = 0.15  # share of prompts held out
+    prefixes: int = 1  # random response prefixes added per training exchange
+    max_train_rows: int | None = None  # cap on training rows after augmentation (time budget)
+    target_safe_block_rate: float = 0.01
+    bf16: bool | None = None  # autocast to bf16 on CPU; None: when the CPU has native bf16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise OcEngineError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1 or self.max_length < 16:
+            raise OcEngineError("batch size must be >= 1 and max length >= 16")
+        if not 0 < self.validation < 1:
+            raise OcEngineError(f"validation share must be in (0, 1), got {self.validation}")
+        if not 0 <= self.target_safe_block_rate <= 1:
+            raise OcEngineError(f"target safe block rate must be in [0, 1], got {self.target_safe_block_rate}")
+        if self.prefixes < 0:
+            raise OcEngineError(f"prefixes must be >= 0, got {self.prefixes}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return BINARY_LABELS if self.binary else LABELS
+
+
+@dataclass
+class LabelledData:
+    train: list[Exchange]
+    validation: list[Exchange]
+    skipped_null: int
+    files: dict = field(default_factory=dict)
+
+
+def load_training_data(files: list[tuple[str, str | None]], config: ClassifierTrainConfig) -> LabelledData:
+    """files: (path, source filter or None). Rows with a null label are skipped and counted."""
+    rows, skipped, counts = [], 0, {}
+    for path, source in files:
+        exchanges, nulls = read_exchanges(path, source_filter=source)
+        rows += exchanges
+        skipped += nulls
+        counts[f"{path}" + (f" [{source}]" if source else "")] = {"rows": len(exchanges), "null_label_skipped": nulls}
+    if not rows:
+        raise OcEngineError("no labelled exchanges in the given files")
+    train, validation = grouped_split(rows, lambda e: e.prompt, config.validation, config.seed)
+    if not validation or not train:
+        raise OcEngineError(f"too few prompts ({len(rows)} rows) to hold out a validation split")
+    return LabelledData(train, validation, skipped, counts)
+
+
+def augment(train: list[Exchange], config: ClassifierTrainConfig) -> list[Exchange]:
+    rng = random.Random(config.seed)
+    out = list(train)
+    for e in train:
+        out += [Exchange(e.prompt, prefix, e.label, e.source) for prefix in response_prefixes(e.response,
+                                                                                               config.prefixes, rng)]
+    rng.shuffle(out)
+    return out[:config.max_train_rows] if config.max_train_rows else out
+
+
+def target_of(label: int, binary: bool) -> int:
+    return int(label == UNSAFE) if binary else label
+
+
+def resolve_backbone(backbone: str | None, log: Callable[[str], None]) -> str:
+    if backbone:
+        return backbone
+    from oc_engine.engine.embedded import embedded_classifier_backbone
+
+    try:
+        from huggingface_hub import model_info
+
+        model_info(HUB_BACKBONE, timeout=5)
+        return HUB_BACKBONE
+    except Exception:  # noqa: BLE001 - offline, blocked, or no such model
+        path = embedded_classifier_backbone()
+        log(f"the Hugging Face hub is not reachable; using the embedded backbone all-MiniLM-L6-v2 ({path})")
+        return str(path)
+
+
+def train_classifier(files: list[tuple[str, str | None]], out: str | Path, config: ClassifierTrainConfig, *,
+                     log: Callable[[str], None] = lambda m: None, progress: bool = True) -> dict:
+    """Train, calibrate and write the checkpoint to `out`; returns the training report."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    if out.exists():
+        raise OcEngineError(f"output {out} already exists (choose a new directory)")
+    started = time.perf_counter()
+    data = load_training_data(files, config)
+    train_rows = augment(data.train, config)
+    backbone = resolve_backbone(config.backbone, log)
+    labels = config.labels
+    log(f"{len(data.train)} training exchanges (+ prefixes = {len(train_rows)}), {len(data.validation)} validation, "
+        f"{data.skipped_null} skipped for a null label; backbone {backbone}")
+    torch.manual_seed(config.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        model = load_sequence_classifier(backbone, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                         label2id={name: i for i, name in enumerate(labels)},
+                                         ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as exc:
+        raise OcEngineError(f"cannot load the backbone {backbone}: {str(exc).splitlines()[0]}") from exc
+    bf16 = _use_bf16(config.bf16)
+    weights = _class_weights([target_of(e.label, config.binary) for e in train_rows], len(labels))
+    _fit(model, tokenizer, train_rows, config, weights, bf16, progress)
+    p_val = predict(model, tokenizer, data.validation, config.max_length, bf16)
+    validation_report = evaluate(p_val, data.validation, config)
+    report = {"backbone": backbone, "labels": list(labels), "binary": config.binary, "config": asdict(config),
+              "bf16": bf16, "data": data.files, "skipped_null_labels": data.skipped_null,
+              "split": {"train_exchanges": len(data.train), "train_rows_with_prefixes": len(train_rows),
+                        "validation_exchanges": len(data.validation), "grouped_by": "prompt"},
+              "class_weights": [round(w, 4) for w in weights.tolist()],
+              "calibration": validation_report["calibration"], "validation": validation_report,
+              "seconds": None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / TRAINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def evaluate(probabilities: np.ndarray, exchanges: list[Exchange], config: ClassifierTrainConfig,
+             block_threshold: float | None = None) -> dict:
+    """Per-class metrics (argmax) and the block operating point (calibrated here unless given)."""
+    from oc_engine.training.calibration import Calibration
+
+    labels3 = np.array([e.label for e in exchanges])
+    targets = np.array([target_of(e.label, config.binary) for e in exchanges])
+    unsafe_index = len(config.labels) - 1
+    p_unsafe = probabilities[:, unsafe_index]
+    if block_threshold is None:
+        calibration: Calibration = calibrate_block_threshold(p_unsafe, labels3,
+                                                             target_safe_block_rate=config.target_safe_block_rate)
+        cal = calibration.as_dict()
+        threshold = calibration.block_threshold
+    else:
+        cal, threshold = None, block_threshold
+    blocked = p_unsafe >= threshold
+    unsafe = labels3 == UNSAFE
+    tp = int((blocked & unsafe).sum())
+    precision = tp / max(int(blocked.sum()), 1)
+    recall = tp / max(int(unsafe.sum()), 1)
+    return {"samples": len(exchanges),
+            "per_class": per_class_report(probabilities.argmax(-1), targets, config.labels),
+            "operating_point": {"block_threshold": round(threshold, 6), "unsafe_precision": round(precision, 4),
+                                "unsafe_recall": round(recall, 4),
+                                "unsafe_f1": round(2 * precision * recall / max(precision + recall, 1e-12), 4),
+                                "block_rate": block_rates(p_unsafe, labels3, threshold, LABELS)},
+            "calibration": cal}
+
+
+def predict(model, tokenizer, exchanges: list[Exchange], max_length: int, bf16: bool, batch_size: int = 64,
+            ) -> np.ndarray:
+    """[N, num_labels] probabilities from the PyTorch model, length-sorted batches."""
+    model.eval()
+    order = sorted(range(len(exchanges)), key=lambda i: len(exchanges[i].prompt) + len(exchanges[i].response))
+    out = np.zeros((len(exchanges), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            enc = model_inputs(model, _encode(tokenizer, [exchanges[i] for i in chunk], max_length))
+            out[chunk] = model(**enc).logits.float().softmax(-1).numpy()
+    return out
+
+
+# -- internals ----------------------------------------------------------------------------
+def _encode(tokenizer, exchanges: list[Exchange], max_length: int):
+    texts = [render_exchange(e.prompt, e.response) for e in exchanges]
+    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def _class_weights(targets: list[int], classes: int) -> torch.Tensor:
+    counts = np.bincount(np.array(targets), minlength=classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _use_bf16(requested: bool | None) -> bool:
+    if requested is not None:
+        return requested
+    from oc_engine.engine.loading import cpu_supports_fast_bf16
+
+    return cpu_supports_fast_bf16()
+
+
+def _batches(rows: list[Exchange], batch_size: int, rng: random.Random) -> list[list[Exchange]]:
+    """Shuffled batches of similar lengths (less padding): sort within windows of 50 batches."""
+    rows = list(rows)
+    rng.shuffle(rows)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(rows), window):
+        chunk = sorted(rows[start:start + window], key=lambda e: len(e.prompt) + len(e.response))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _fit(model, tokenizer, rows: list[Exchange], config: ClassifierTrainConfig, weights: torch.Tensor,
+         bf16: bool, progress: bool) -> None:
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    rng = random.Random(config.seed)
+    epochs = math.ceil(config.epochs)
+    per_epoch = math.ceil(len(rows) / config.batch_size)
+    total = max(1, int(per_epoch * config.epochs))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 20), total)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    model.train()
+    step = 0
+    with tqdm(total=total, desc="train-classifier", unit="batch", disable=not progress) as bar:
+        for _ in range(epochs):
+            for batch in _batches(rows, config.batch_size, rng):
+                if step >= total:
+                    return
+                enc = model_inputs(model, _encode(tokenizer, batch, config.max_length))
+                targets = torch.tensor([target_of(e.label, config.binary) for e in batch])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(**enc).logits
+                loss = loss_fn(logits.float(), targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()

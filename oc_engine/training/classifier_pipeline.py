@@ -1,0 +1,209 @@
+"""The classifier workflow behind the CLI: train, export, evaluate, recalibrate, the default build.
+
+Heavy imports (torch, transformers, onnxruntime) happen inside the functions, so the CLI
+starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from oc_engine.errors import OcEngineError
+
+
+# The default build fits 20 minutes on a 2-core CPU: one pass over 10,000 rows (exchanges and
+# their prefixes) of at most 192 tokens (measured about 15 rows/s in bf16 here).
+DEFAULT_BUILD = {"max_train_rows": 10_000, "max_length": 192}
+
+
+def parse_data_spec(spec: str) -> tuple[str, str | None]:
+    """'FILE' or 'FILE@SOURCE' (keep only rows whose source equals SOURCE)."""
+    path, _, source = spec.partition("@")
+    if not Path(path).is_file():
+        raise OcEngineError(f"data file not found: {path}")
+    return path, source or None
+
+
+def default_data_specs() -> list[tuple[str, str | None]]:
+    """The shared files of labelled exchanges; GPTFuzz's evaluate questions are held out."""
+    train = _shared() / "train"
+    return [(str(train / "gptfuzz_labeled.jsonl"), "gptfuzz:train"), (str(train / "jbb_artifacts.jsonl"), None),
+            (str(train / "refusal_direction_completions.jsonl"), None)]
+
+
+def default_eval_specs() -> list[tuple[str, str | None]]:
+    return [(str(_shared() / "train" / "gptfuzz_labeled.jsonl"), "gptfuzz:evaluate")]
+
+
+def _shared() -> Path:
+    from oc_engine.data import shared_data_dir
+
+    root = shared_data_dir()
+    if root is None:
+        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
+    return root
+
+
+def build(*, data_specs, out, export_dir, int8: bool, eval_specs, build_default: bool, force: bool, quiet: bool,
+          **train_options) -> dict:
+    """train-classifier: returns the report (training, calibration, evaluations, export)."""
+    from oc_engine.commands.common import progress_log
+    from oc_engine.engine.embedded import default_classifier_dir
+    from oc_engine.training.classifier import ClassifierTrainConfig, train_classifier
+
+    log = progress_log("oc-engine train-classifier", quiet=quiet)
+    started = time.perf_counter()
+    data = [parse_data_spec(s) for s in data_specs]
+    evals = [parse_data_spec(s) for s in eval_specs]
+    replaced = None
+    if build_default:
+        target = default_classifier_dir()
+        data = data or default_data_specs()
+        evals = evals or default_eval_specs()
+        out = out or str(target.with_name("classifier-checkpoint"))
+        export_dir = export_dir or str(target)
+        for key, value in DEFAULT_BUILD.items():
+            if train_options.get(key) is None:
+                train_options[key] = value
+        for path in (Path(out), Path(export_dir)):
+            if path.exists() and not force:
+                raise OcEngineError(f"{path} already exists (--force rebuilds the default classifier)")
+        if force:
+            replaced = [Path(out), Path(export_dir)]
+    if not data:
+        raise OcEngineError("give --data FILE (repeatable), or --default")
+    if out is None:
+        raise OcEngineError("give --out DIR for the trained checkpoint")
+    if export_dir and Path(export_dir).exists() and not build_default:
+        raise OcEngineError(f"output {export_dir} already exists (choose a new directory)")
+    config = ClassifierTrainConfig(**{k: v for k, v in train_options.items() if v is not None})
+    staging = None
+    if replaced:  # train beside the old default; swap in only when everything succeeded
+        staging = Path(tempfile.mkdtemp(prefix=".rebuild-", dir=Path(out).parent))
+        final_out, final_export = out, export_dir
+        out, export_dir = str(staging / "checkpoint"), str(staging / "export")
+    try:
+        report = train_classifier(data, out, config, log=log, progress=not quiet)
+        if export_dir:
+            from oc_engine.export.onnx_export import ExportOptions, export_classifier
+
+            log(f"exporting to {export_dir}")
+            exported = export_classifier(out, export_dir, ExportOptions(precision="int8" if int8 else "fp32",
+                                                                        max_length=config.max_length), log=log)
+            report["export"] = {"dir": export_dir, "precision": exported["precision"], "parity": exported["parity"]}
+        report["evaluations"] = {f"{p}" + (f"@{s}" if s else ""): evaluate_file(out, p, s, config, report)
+                                 for p, s in evals}
+        if staging is not None:
+            _swap_in(Path(out), Path(final_out))
+            if export_dir:
+                _swap_in(Path(export_dir), Path(final_export))
+                report["export"]["dir"] = final_export
+            out = final_out
+        report["checkpoint"] = str(out)
+        report["total_seconds"] = round(time.perf_counter() - started, 1)
+        _write_report(Path(out), report)
+        return report
+    finally:
+        if staging is not None:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def evaluate_file(checkpoint: str, path: str, source: str | None, config, report: dict) -> dict:
+    """Metrics of the trained checkpoint on one labelled file, at its calibrated threshold."""
+    from transformers import AutoTokenizer
+
+    from oc_engine.data import read_exchanges
+    from oc_engine.engine.classifier import load_sequence_classifier
+    from oc_engine.training.classifier import evaluate, predict
+
+    exchanges, skipped = read_exchanges(path, source_filter=source)
+    if not exchanges:
+        raise OcEngineError(f"{path}: no labelled exchanges" + (f" with source {source}" if source else ""))
+    model = load_sequence_classifier(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    probabilities = predict(model, tokenizer, exchanges, config.max_length, report["bf16"])
+    result = evaluate(probabilities, exchanges, config, block_threshold=report["calibration"]["block_threshold"])
+    result["skipped_null_labels"] = skipped
+    return result
+
+
+def recalibrate(classifier_dir: str, specs: list[tuple[str, str | None]], target: float, *, write: bool) -> dict:
+    """calibrate-classifier: a new block threshold for an export directory from labelled files."""
+    import numpy as np
+
+    from oc_engine.data import read_exchanges
+    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.training.calibration import calibrate_block_threshold
+
+    classifier = ExchangeClassifier(classifier_dir)
+    exchanges = [e for path, source in specs for e in read_exchanges(path, source_filter=source)[0]]
+    if not exchanges:
+        raise OcEngineError("no labelled exchanges in the given files")
+    p_unsafe = np.concatenate([
+        classifier.probabilities([e.prompt for e in exchanges[i:i + 32]], [e.response for e in exchanges[i:i + 32]])
+        [:, classifier.config.unsafe_label] for i in range(0, len(exchanges), 32)])
+    classifier.close()
+    calibration = calibrate_block_threshold(p_unsafe, np.array([e.label for e in exchanges]),
+                                            target_safe_block_rate=target)
+    result = calibration.as_dict()
+    if write:
+        file = Path(classifier_dir) / "classifier_config.json"
+        config = json.loads(file.read_text())
+        config.update(allow_threshold=calibration.allow_threshold, block_threshold=calibration.block_threshold,
+                      calibration={**result, "data": [p + (f"@{s}" if s else "") for p, s in specs]})
+        tmp = file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, file)
+        result["written_to"] = str(file)
+    return result
+
+
+def report_markdown(report: dict) -> str:
+    from oc_engine.training.metrics import markdown_report
+
+    labels = tuple(report["labels"])
+    lines = [f"backbone {report['backbone']}; {report['split']['train_exchanges']} training exchanges "
+             f"({report['split']['train_rows_with_prefixes']} rows with prefixes), "
+             f"{report['split']['validation_exchanges']} validation; {report['skipped_null_labels']} null labels "
+             f"skipped; {report.get('total_seconds', report['seconds'])} s", "",
+             "Validation (argmax):", "", markdown_report(report["validation"]["per_class"], labels), ""]
+    sections = [("validation", report["validation"])] + list(report.get("evaluations", {}).items())
+    lines += ["| data | block threshold | unsafe precision | unsafe recall | unsafe F1 | blocked: "
+              + " / ".join(("safe_compliance", "safe_refusal", "unsafe_compliance")) + " |",
+              "|---|---:|---:|---:|---:|---|"]
+    for name, result in sections:
+        op = result["operating_point"]
+        rates = " / ".join("-" if v is None else f"{v:.1%}" for v in op["block_rate"].values())
+        lines.append(f"| {name} | {op['block_threshold']:.4f} | {op['unsafe_precision']:.3f} | "
+                     f"{op['unsafe_recall']:.3f} | {op['unsafe_f1']:.3f} | {rates} |")
+    for name, result in report.get("evaluations", {}).items():
+        lines += ["", f"{name} (argmax):", "", markdown_report(result["per_class"], labels)]
+    if "export" in report:
+        parity = report["export"]["parity"]
+        lines += ["", f"exported to {report['export']['dir']} ({report['export']['precision']}), max |delta p| "
+                      f"{parity['max_abs_prob_delta']:.1e} on {parity['samples']} exchanges"]
+    return "\n".join(lines)
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    import shutil
+
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new, final)
+
+
+def _write_report(checkpoint: Path, report: dict) -> None:
+    from oc_engine.export.onnx_export import TRAINING_FILE
+
+    file = checkpoint / TRAINING_FILE
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, file)

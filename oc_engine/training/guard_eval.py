@@ -1,0 +1,147 @@
+"""`oc-engine eval`: the guard measured end to end.
+
+Replay: labelled exchanges are teacher-forced through the target (the first
+`max_response_tokens` tokens of each response), the probe scores every token with the
+kernel's maths at the generation positions, and `SequenceGuard` (the policy generation uses)
+decides; each check asks the classifier about the partial answer it covers (synchronously:
+replay has no clock), and with no classifier a pause blocks (fail closed). Reported: block
+rate per label, the benign (safe_compliance) block rate, and the detection position.
+
+Live: the engine generates for prompt files under the full guard (probe in the step,
+classifier beside decoding), and reports per file and prompt label how many answers were
+blocked, refused (the refusal detector on the released text) and either.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from oc_engine.data import LABELS, UNSAFE, Exchange
+from oc_engine.engine.guard import PAUSE, WARN, Check, GuardConfig, SequenceGuard
+from oc_engine.training.onpolicy import is_refusal
+
+
+def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_config: GuardConfig | None = None,
+           max_response_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> dict:
+    from oc_engine.training.activations import CollectSpec, collect, exchange_ids
+    from oc_engine.training.probe_training import ema_traces, probe_logits
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    points = model.config.get_text_config().num_hidden_layers + 1
+    layers = tuple(layer % points for layer in probe.config.layers)  # the weight's row order
+    spec = CollectSpec(layers=layers, mode="tokens", max_response_tokens=max_response_tokens)
+    acts = collect(model, tokenizer, exchanges, spec, batch_size=batch_size, progress=progress)
+    with torch.no_grad():
+        traces = ema_traces(probe_logits(acts.features, probe.weight, probe.bias), acts.mask,
+                            probe.config.alpha).numpy()
+    config = guard_config or GuardConfig(every=probe.config.every)
+    outcomes = []
+    for exchange, trace, valid in zip(exchanges, traces, acts.mask.numpy()):
+        ids, prompt_len = exchange_ids(tokenizer, exchange, spec)
+        response_ids = ids[prompt_len:]
+        outcomes.append(_replay_one(exchange, response_ids, trace[valid], probe.config, config, classifier,
+                                    tokenizer))
+    return summarize(exchanges, outcomes)
+
+
+def _replay_one(exchange, response_ids, trace, probe_config, config, classifier, tokenizer) -> dict:
+    guard = SequenceGuard(config)
+    pending: list[Check] = []
+
+    def apply(actions):
+        pending.extend(a for a in actions if isinstance(a, Check))
+
+    def answer_checks():
+        while pending:
+            check = pending.pop()
+            if classifier is None:
+                apply(guard.on_no_classifier())
+                continue
+            partial = tokenizer.decode(response_ids[:check.covers], skip_special_tokens=True)
+            apply(guard.on_verdict(check, classifier.judge(exchange.prompt, partial)["verdict"]))
+
+    for ema in trace:
+        apply(guard.on_token((WARN if ema >= probe_config.warn else 0) | (PAUSE if ema >= probe_config.pause else 0)))
+        answer_checks()
+        if not guard.wants_tokens:
+            break
+    apply(guard.on_finish())
+    answer_checks()
+    return {"status": guard.status, "paused": bool(guard.pause_points),
+            "first_pause": guard.pause_points[0] if guard.pause_points else None}
+
+
+def summarize(exchanges: list[Exchange], outcomes: list[dict]) -> dict:
+    labels = np.array([e.label for e in exchanges])
+    blocked = np.array([o["status"] == "blocked" for o in outcomes])
+    paused = np.array([o["paused"] for o in outcomes])
+    per_label = {}
+    for i, name in enumerate(LABELS):
+        rows = labels == i
+        if rows.any():
+            per_label[name] = {"exchanges": int(rows.sum()), "block_rate": round(float(blocked[rows].mean()), 4),
+                               "pause_rate": round(float(paused[rows].mean()), 4)}
+    firsts = [o["first_pause"] + 1 for o, label in zip(outcomes, labels) if label == UNSAFE and o["paused"]]
+    return {"exchanges": len(exchanges), "per_label": per_label,
+            "benign_block_rate": per_label.get("safe_compliance", {}).get("block_rate"),
+            "unsafe_block_rate": per_label.get("unsafe_compliance", {}).get("block_rate"),
+            "median_tokens_to_pause_unsafe": float(np.median(firsts)) if firsts else None}
+
+
+def live(engine, monitor_factory, rows, *, max_new_tokens: int = 96, batch_size: int = 16,
+         progress: bool = True) -> dict:
+    """rows: PromptRow list. monitor_factory(prompts) -> GuardMonitor. Returns rates per (source, label)."""
+    from tqdm.auto import tqdm
+
+    from oc_engine.engine.decode import GenerationConfig
+    from oc_engine.engine.prompts import render_prompt
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    answers = []
+    with tqdm(total=len(rows), desc="eval live", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if start else chunk  # reuse the compiled step
+            monitor = monitor_factory([r.prompt for r in padded])
+            engine.generate([render_prompt(engine.tokenizer, r.prompt) for r in padded], config, monitor=monitor)
+            for i, row in enumerate(chunk):
+                summary = monitor.summary(i)
+                refused = summary["status"] != "blocked" and is_refusal(summary["released_text"])
+                answers.append({"prompt": row.prompt, "prompt_label": row.prompt_label, "source": row.source,
+                                "status": summary["status"], "reason": summary["reason"], "refused": refused,
+                                "verdicts": [v.get("verdict") for v in summary["verdicts"]],
+                                "text": summary["released_text"], "pause_points": summary["pause_points"]})
+            bar.update(len(chunk))
+    groups = {}
+    for a in answers:
+        key = f"{a['source']} ({a['prompt_label']})"
+        g = groups.setdefault(key, {"prompts": 0, "blocked": 0, "refused": 0, "held": 0})
+        g["prompts"] += 1
+        g["blocked"] += a["status"] == "blocked"
+        g["held"] += a["status"] == "held"
+        g["refused"] += a["refused"]
+    for g in groups.values():
+        n = g["prompts"]
+        g.update(block_rate=round(g["blocked"] / n, 4), refusal_rate=round(g["refused"] / n, 4),
+                 blocked_or_refused=round((g["blocked"] + g["refused"] + g["held"]) / n, 4))
+    return {"groups": groups, "answers": answers}
+
+
+def eval_markdown(report: dict) -> str:
+    lines = []
+    if "replay" in report:
+        r = report["replay"]
+        lines += ["Replay (teacher-forced exchanges through probe, classifier and policy):", "",
+                  "| label | exchanges | paused | blocked |", "|---|---:|---:|---:|"]
+        for name, v in r["per_label"].items():
+            lines.append(f"| {name} | {v['exchanges']} | {v['pause_rate']:.1%} | {v['block_rate']:.1%} |")
+        med = r["median_tokens_to_pause_unsafe"]
+        lines += ["", f"median response tokens before the pause (unsafe): {'-' if med is None else f'{med:.0f}'}", ""]
+    if "live" in report:
+        lines += ["Live generation under the guard:", "",
+                  "| prompts | n | blocked | refused | held | blocked or refused |", "|---|---:|---:|---:|---:|---:|"]
+        for key, g in report["live"]["groups"].items():
+            lines.append(f"| {key} | {g['prompts']} | {g['block_rate']:.1%} | {g['refusal_rate']:.1%} | "
+                         f"{g['held']} | {g['blocked_or_refused']:.1%} |")
+    return "\n".join(lines)

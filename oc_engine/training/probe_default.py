@@ -1,0 +1,73 @@
+"""The default probe for the embedded model: one command, shipped in the package (kilobytes).
+
+Recipe: the embedded SmolLM2-135M-Instruct answers a sample of the shared prompt files
+itself (on-policy; collected once into the user cache, labelled by prompt label and the
+refusal detector), and those answers join a sample of the shared labelled exchanges; a
+per-token probe is trained on layer `DEFAULT_LAYERS` (chosen by `sweep-layers`) and
+calibrated to pause at most 2% of safe answers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from oc_engine.errors import OcEngineError
+
+DEFAULT_LAYERS = (17, 19)  # from sweep-layers (bench/results/cpu-sweep-layers.md): best AUROC and earliest detection
+OFFLINE = (("gptfuzz_labeled.jsonl", "gptfuzz:train"), ("jbb_artifacts.jsonl", None),
+           ("refusal_direction_completions.jsonl", None))
+ONPOLICY = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
+            ("alpaca_harmful_splits.jsonl", "harmful_train", 200), ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
+MAX_EXCHANGES = 1000  # per file: the whole build stays in minutes on a 2-core CPU
+ONPOLICY_TOKENS = 64
+
+
+def onpolicy_file(loaded, root: Path, log, progress: bool) -> Path:
+    """The embedded model's own labelled answers, collected once into the user cache."""
+    from oc_engine.engine.decode import Engine
+    from oc_engine.engine.embedded import cache_root
+    from oc_engine.engine.probe import ModelFingerprint
+    from oc_engine.training.onpolicy import collect_onpolicy, read_labelled_prompts, sample_prompts
+
+    fingerprint = ModelFingerprint.of(loaded.model).weights_hash[:12]
+    out = cache_root() / "onpolicy" / f"{fingerprint}-default-v1.jsonl"
+    if out.is_file():
+        log(f"on-policy answers: {out} (cached)")
+        return out
+    rows = []
+    for name, source, limit in ONPOLICY:
+        rows += sample_prompts(read_labelled_prompts(root / "train" / name, source_filter=source), limit)
+    log(f"collecting the embedded model's own answers to {len(rows)} prompts into {out}")
+    collect_onpolicy(Engine(loaded), loaded.tokenizer, rows, out, max_new_tokens=ONPOLICY_TOKENS, progress=progress)
+    return out
+
+
+def build_default_probe(job, train_config, *, force: bool, log, progress: bool) -> dict:
+    from oc_engine.data import shared_data_dir
+    from oc_engine.engine.loading import load_model
+    from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR, ProbeJob, train_probe
+
+    target = DEFAULT_PROBE_DIR
+    if target.exists() and not force:
+        raise OcEngineError(f"{target} already exists (--force rebuilds the shipped probe)")
+    root = shared_data_dir()
+    if root is None:
+        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
+    loaded = load_model(None, progress=False)
+    specs = [(str(root / "train" / name), source) for name, source in OFFLINE]
+    specs.append((str(onpolicy_file(loaded, root, log, progress)), None))
+    job = job or ProbeJob(layers=DEFAULT_LAYERS, max_exchanges=MAX_EXCHANGES)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".default_probe-", dir=target.parent))
+    try:
+        report = train_probe(loaded, specs, staging / "probe", job, train_config, log=log, progress=progress)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging / "probe", target)
+        report["out"] = str(target)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
