@@ -98,7 +98,10 @@ def model_inputs(model, encoded) -> dict:
 
 
 def _lower_thread_priority() -> None:
-    """Nice 19 for the calling thread (Linux: per-thread priorities); elsewhere nothing."""
+    """Nice 19 for the calling thread (Linux: per-thread priorities); elsewhere nothing.
+
+    (SCHED_IDLE was tried as well: no smaller gaps between decode steps, lower throughput.)
+    """
     import os
     import threading
 
@@ -130,27 +133,38 @@ class ExchangeClassifier:
     # -- public -------------------------------------------------------------------------
     def probabilities(self, prompts: list[str], responses: list[str], urgent: bool = False) -> np.ndarray:
         """[N, num_labels] class probabilities for N exchanges."""
+        return self._probabilities(self._encode(prompts, responses), urgent)
+
+    def judge(self, prompt: str, response: str, urgent: bool = False) -> dict:
+        return self._judge_encoded(self._encode([prompt], [response]), urgent, time.perf_counter())
+
+    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+        """Judge in the worker thread; decoding continues meanwhile.
+
+        The text is tokenized here, on the caller's thread (a fraction of a millisecond), so
+        the low-priority worker only runs the model, which releases the GIL: a worker preempted
+        while holding the GIL would stall the decode loop (priority inversion).
+        urgent: decoding is waiting for this verdict, so on CPU the check may use every core
+        (a second session with all threads) instead of the one it shares with decoding.
+        """
+        start = time.perf_counter()
+        return self._pool.submit(self._judge_encoded, self._encode([prompt], [response]), urgent, start)
+
+    def _encode(self, prompts: list[str], responses: list[str]):
         texts = [render_exchange(p, r, self.config.input_format) for p, r in zip(prompts, responses)]
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
-                                 return_tensors="np")
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
+                              return_tensors="np")
+
+    def _probabilities(self, encoded, urgent: bool) -> np.ndarray:
         logits = self._logits(encoded, urgent)
         logits = logits - logits.max(axis=-1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=-1, keepdims=True)
 
-    def judge(self, prompt: str, response: str, urgent: bool = False) -> dict:
-        start = time.perf_counter()
-        p_unsafe = float(self.probabilities([prompt], [response], urgent)[0, self.config.unsafe_label])
+    def _judge_encoded(self, encoded, urgent: bool, start: float) -> dict:
+        p_unsafe = float(self._probabilities(encoded, urgent)[0, self.config.unsafe_label])
         return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
                 "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
-
-    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
-        """Judge in the worker thread; decoding continues meanwhile.
-
-        urgent: decoding is waiting for this verdict, so on CPU the check may use every core
-        (a second session with all threads) instead of the one it shares with decoding.
-        """
-        return self._pool.submit(self.judge, prompt, response, urgent)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
