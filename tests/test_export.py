@@ -79,8 +79,8 @@ def test_reduced_precision_exports_are_within_their_tolerance(tiny_classifier, t
 
 def test_a_failed_parity_check_writes_nothing(tiny_classifier, tmp_path):
     with pytest.raises(OcEngineError, match=r"parity check failed .* max \|delta probability\|"):
-        export_classifier(tiny_classifier[0], tmp_path / "strict", ExportOptions(tolerance=-1.0))
-    assert list(tmp_path.iterdir()) == []
+        export_classifier(tiny_classifier[0], tmp_path / "new" / "deeper" / "strict", ExportOptions(tolerance=-1.0))
+    assert list(tmp_path.iterdir()) == []  # not even the parents made for OUT
 
 
 def test_input_errors_are_one_line_and_write_nothing(tiny, tiny_classifier, tmp_path):

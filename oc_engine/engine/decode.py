@@ -123,7 +123,9 @@ class Engine:
             torch.manual_seed(config.seed)
         start = time.perf_counter()
         batch = len(prompts)
-        cache = self._cache_for(batch, max(len(p) + n for p, n in zip(prompts, limits)))
+        # + output_lag: with a lagged read, a row may run that many steps past its last token
+        # before the host sees it finish; those writes must stay inside the cache.
+        cache = self._cache_for(batch, max(len(p) + n for p, n in zip(prompts, limits)) + self.output_lag)
         step = self._step(config.sampling, cache.max_len, batch)
         probe = ProbeRuntime(self.probe, batch, self.device) if self.probe is not None else None
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)

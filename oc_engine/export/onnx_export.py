@@ -78,7 +78,17 @@ def export_classifier(src: str | Path, out: str | Path, options: ExportOptions =
                       samples: list[tuple[str, str]] | None = None, log=lambda message: None) -> dict:
     """Export `src` to `out`; returns the written classifier config (with its parity report)."""
     out = Path(out)
-    _check_output(out)
+    created = _check_output(out)
+    try:
+        return _export_into(src, out, options, samples, log)
+    except BaseException:
+        for directory in created:  # parents made for OUT go too: a failure leaves the disk as it was
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
+
+
+def _export_into(src, out: Path, options: ExportOptions, samples, log) -> dict:
     model, tokenizer = _load(src)
     labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
     unsafe = _unsafe_index(labels, options.unsafe_label)
@@ -119,16 +129,19 @@ def export_classifier(src: str | Path, out: str | Path, options: ExportOptions =
 
 
 # -- steps --------------------------------------------------------------------------------
-def _check_output(out: Path) -> None:
+def _check_output(out: Path) -> list[Path]:
+    """Refuse an existing OUT; make its parent; return the directories made (innermost first)."""
     if out.exists():
         raise OcEngineError(f"output {out} already exists (choose a new directory)")
     parent = out.parent
+    missing = [d for d in (parent, *parent.parents) if not d.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OcEngineError(f"cannot create {parent}: {exc.strerror or exc}") from exc
     if not os.access(parent, os.W_OK):
         raise OcEngineError(f"cannot write into {parent}")
+    return missing
 
 
 def _load(src):
