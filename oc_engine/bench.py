@@ -127,7 +127,7 @@ def run_decode_bench(loaded: LoadedModel, *, modes=MODES, new_tokens: int = 128,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": _version("transformers"),
+        "torch": torch.__version__, "transformers": package_version("transformers"),
         "batch": 1, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
         "greedy_tokens_equal_hf": same_tokens,
         "results": [{k: v for k, v in asdict(r).items() if k != "tokens"} for r in rows],
@@ -149,7 +149,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)

@@ -26,9 +26,10 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
+import onnxruntime
 import torch
 
-from oc_engine.bench import BENCH_PROMPT, _version, quiet_probe
+from oc_engine.bench import BENCH_PROMPT, package_version, quiet_probe
 from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.guard import GuardConfig
 from oc_engine.engine.guarded import GuardMonitor
@@ -170,7 +171,7 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": loaded.source,
             "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime-gpu"),
+            "transformers": package_version("transformers"), "onnxruntime": onnxruntime.__version__,
             "classifier": str(classifier.path), "classifier_backend": classifier.backend,
             "pause_quantile": quantile, "pause_threshold": escalating.config.pause, "max_held": max_held,
             "batch": 1, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats, "results": rows}

@@ -13,6 +13,8 @@ from oc_engine.errors import OcEngineError
 
 
 from oc_engine.commands.common import user_errors as _user_errors  # noqa: E402
+from oc_engine.commands.common import write_json  # noqa: E402
+from oc_engine.engine.defaults import resolve_classifier, resolve_classifier_dir, resolve_probe_dir  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -111,14 +113,9 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                               sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
     if no_guard and (probe_dir or classifier_dir):
         raise OcEngineError("--no-guard excludes --probe and --classifier")
-    if probe_dir is None and model is None and not no_guard and tap_layer is None:
-        from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR
-
-        if (DEFAULT_PROBE_DIR / "probe_config.json").is_file():
-            probe_dir = DEFAULT_PROBE_DIR
-            if not as_json:
-                click.echo("oc-engine: guarding with the default probe for the embedded model (--no-guard: off)",
-                           err=True)
+    announce = (lambda message: None) if as_json else (lambda message: click.echo(f"oc-engine: {message}", err=True))
+    if not no_guard and tap_layer is None:
+        probe_dir = resolve_probe_dir(probe_dir, model is None, announce)
     if probe_dir is None and (classifier_dir or final_check or trace_file):
         raise OcEngineError("--classifier, --final-check and --trace need --probe")
     probe = None
@@ -131,8 +128,7 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                                refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     engine = Engine(loaded, compile=not no_compile, tap=tap_layer, probe=probe)
-    classifier = _open_classifier(classifier_dir, loaded.device, required=False, announce=not as_json) \
-        if probe is not None else None
+    classifier = resolve_classifier(classifier_dir, str(loaded.device), log=announce) if probe is not None else None
     token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
     if engine.compile and not as_json:
         click.echo("oc-engine: compiling the decode step (about a minute on CPU the first time; "
@@ -223,16 +219,16 @@ def bench(model, dtype, device, new_tokens, repeats, modes, suite, classifier_di
     if suite == "classifier":
         from oc_engine.bench_classifier import classifier_markdown_table, run_classifier_bench
 
-        directory = classifier_dir or _default_classifier_dir()
+        directory = resolve_classifier_dir(classifier_dir, required=True)
         report = run_classifier_bench(directory, repeats=max(repeats, 10), progress=progress)
-        _write_json(out, report)
+        write_json(out, report)
         click.echo(json.dumps(report, indent=2) if as_json else classifier_markdown_table(report))
         return
     loaded = load_model(model, device=device, dtype=dtype)
     if suite == "guard":
         from oc_engine.bench_guard import guard_markdown_table, run_guard_bench
 
-        classifier = _open_classifier(classifier_dir, loaded.device, required=True)
+        classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True)
         try:
             report = run_guard_bench(loaded, classifier, new_tokens=new_tokens, repeats=repeats,
                                      quantile=pause_quantile, progress=progress)
@@ -245,40 +241,8 @@ def bench(model, dtype, device, new_tokens, repeats, modes, suite, classifier_di
         report = run_decode_bench(loaded, modes=modes or MODES, new_tokens=new_tokens, repeats=repeats,
                                   progress=progress)
         table = markdown_table(report)
-    _write_json(out, report)
+    write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else table)
-
-
-def _write_json(out: str | None, report: dict) -> None:
-    if out:
-        from pathlib import Path
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _default_classifier_dir():
-    from oc_engine.engine.embedded import default_classifier_dir
-
-    default = default_classifier_dir()
-    if not (default / "classifier_config.json").is_file():
-        raise OcEngineError(f"no --classifier given and no default classifier at {default} "
-                            "(build it with: oc-engine train-classifier --default)")
-    return default
-
-
-def _open_classifier(classifier_dir, device, *, required: bool, announce: bool = False):
-    """The classifier at `classifier_dir`, else the built default one if it exists."""
-    from oc_engine.engine.classifier import ExchangeClassifier
-    from oc_engine.engine.embedded import default_classifier_dir
-
-    if classifier_dir is None:
-        if not (default_classifier_dir() / "classifier_config.json").is_file() and not required:
-            return None
-        classifier_dir = _default_classifier_dir()
-        if announce:
-            click.echo(f"oc-engine: using the default classifier at {classifier_dir}", err=True)
-    return ExchangeClassifier(classifier_dir, device=str(device))
 
 
 @main.command("plot-trace")

@@ -32,12 +32,12 @@ def test_generate_streams_text(tmp_path):
 
 @pytest.mark.slow
 def test_the_embedded_model_is_guarded_by_its_shipped_probe():
+    from oc_engine.engine.embedded import default_probe_dir
     from oc_engine.engine.probe import load_probe
-    from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR
 
     # (conftest hides any default classifier: a pause blocks)
-    probe = load_probe(DEFAULT_PROBE_DIR)
-    assert (DEFAULT_PROBE_DIR / "probe.safetensors").stat().st_size < 64 * 1024  # kilobytes, in the package
+    probe = load_probe(default_probe_dir())
+    assert (default_probe_dir() / "probe.safetensors").stat().st_size < 64 * 1024  # kilobytes, in the package
     result = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
                                        "8", "--no-compile", "--json", "--pause", "1.0", "--warn", "1.0"])
     assert result.exit_code == 0, result.output

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from functools import wraps
+from pathlib import Path
 
 import click
 
@@ -32,3 +34,10 @@ def markdown_rows(rows: list[tuple[str, str]], header: tuple[str, str] = ("", ""
 def progress_log(prefix: str, quiet: bool = False):
     """A logger for long steps: 'prefix: message' on stderr."""
     return (lambda message: None) if quiet else (lambda message: click.echo(f"{prefix}: {message}", err=True))
+
+
+def write_json(out: str | None, report: dict) -> None:
+    """Also write the report to `out` (when given), making its directory."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
 
-from oc_engine.commands.common import progress_log, user_errors
+from oc_engine.commands.common import progress_log, user_errors, write_json
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 MODEL_HELP = "Hub id, local directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."
@@ -21,7 +22,7 @@ def _load(model, dtype):
 def _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed):
     from oc_engine.training.probe_pipeline import ProbeJob
 
-    return ProbeJob(layers=tuple(layers) or (-4,), mode=mode, max_response_tokens=max_response_tokens,
+    return ProbeJob(layers=tuple(layers), mode=mode, max_response_tokens=max_response_tokens,
                     validation=validation, target_benign_pause_rate=target, batch_size=batch_size,
                     max_exchanges=max_exchanges, seed=seed)
 
@@ -97,7 +98,7 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
 @common_probe_options
 @click.option("--layer", "layers", multiple=True, type=int,
               help="Hidden-state index to tap (repeatable for a multi-layer probe; negative from the end). "
-                   "Default -4.")
+                   "Default -4 (with --default: the shipped probe's layers, 17 and 19).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Probe directory to write.")
 @click.option("--default", "build_default", is_flag=True,
               help="Build the default probe for the embedded model (shipped in the package) from "
@@ -125,13 +126,14 @@ def train_probe(model, dtype, data_specs, mode, max_response_tokens, validation,
     job = _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
     config = ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed)
     if build_default:
-        report = build_default_probe(job if layers else None, config, force=force, log=log, progress=not as_json)
+        report = build_default_probe(job, config, force=force, log=log, progress=not as_json)
     else:
         from oc_engine.errors import OcEngineError
 
         if not data_specs or out is None:
             raise OcEngineError("give --data FILE (repeatable) and --out DIR, or --default")
         loaded = _load(model, dtype)
+        job = dataclasses.replace(job, layers=job.layers or (-4,))
         report = train(loaded, [parse_data_spec(s) for s in data_specs], out, job, config, log=log,
                        progress=not as_json)
     click.echo(json.dumps(report, indent=2) if as_json else _probe_summary(report))
@@ -223,9 +225,5 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
                       max_new_tokens=max_new_tokens, max_response_tokens=max_response_tokens,
                       batch_size=batch_size, plot=plot, seed=seed, progress=not as_json,
                       log=progress_log("oc-engine eval", quiet=as_json))
-    if out:
-        from pathlib import Path
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else eval_markdown(report))

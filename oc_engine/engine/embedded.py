@@ -52,3 +52,8 @@ def cache_root() -> Path:
 def default_classifier_dir() -> Path:
     """Where `oc-engine train-classifier --default` puts the default exchange classifier export."""
     return cache_root() / "classifier"
+
+
+def default_probe_dir() -> Path:
+    """The probe shipped in the package for the embedded model (`oc-engine train-probe --default`)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "default_probe"

@@ -177,15 +177,12 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
 def evaluate(probabilities: np.ndarray, exchanges: list[Exchange], config: ClassifierTrainConfig,
              block_threshold: float | None = None) -> dict:
     """Per-class metrics (argmax) and the block operating point (calibrated here unless given)."""
-    from oc_engine.training.calibration import Calibration
-
     labels3 = np.array([e.label for e in exchanges])
     targets = np.array([target_of(e.label, config.binary) for e in exchanges])
     unsafe_index = len(config.labels) - 1
     p_unsafe = probabilities[:, unsafe_index]
     if block_threshold is None:
-        calibration: Calibration = calibrate_block_threshold(p_unsafe, labels3,
-                                                             target_safe_block_rate=config.target_safe_block_rate)
+        calibration = calibrate_block_threshold(p_unsafe, labels3, target_safe_block_rate=config.target_safe_block_rate)
         cal = calibration.as_dict()
         threshold = calibration.block_threshold
     else:

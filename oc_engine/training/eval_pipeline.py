@@ -7,46 +7,21 @@ import random
 from oc_engine.errors import OcEngineError
 
 
-def resolve_probe(probe_dir, model_is_embedded: bool, log=lambda m: None):
-    """The probe at `probe_dir`, else the shipped default probe with the embedded model, else None."""
-    from oc_engine.engine.probe import load_probe
-    from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR
-
-    if probe_dir is not None:
-        return load_probe(probe_dir)
-    if model_is_embedded and (DEFAULT_PROBE_DIR / "probe_config.json").is_file():
-        log(f"using the default probe shipped for the embedded model ({DEFAULT_PROBE_DIR})")
-        return load_probe(DEFAULT_PROBE_DIR)
-    return None
-
-
-def resolve_classifier(classifier_dir, no_classifier: bool, device: str, log=lambda m: None):
-    from oc_engine.engine.classifier import ExchangeClassifier
-    from oc_engine.engine.embedded import default_classifier_dir
-
-    if no_classifier:
-        return None
-    if classifier_dir is None:
-        default = default_classifier_dir()
-        if not (default / "classifier_config.json").is_file():
-            return None
-        log(f"using the default classifier at {default}")
-        classifier_dir = default
-    return ExchangeClassifier(classifier_dir, device=device)
-
-
 def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
              max_response_tokens, batch_size, plot, seed, progress, log) -> dict:
+    from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
     from oc_engine.engine.loading import load_model
+    from oc_engine.engine.probe import load_probe
 
     if not replay_specs and not live_specs:
         raise OcEngineError("give --replay FILE and/or --live FILE")
     loaded = load_model(model, progress=False)
-    probe = resolve_probe(probe_dir, model is None, log)
-    if probe is None:
+    directory = resolve_probe_dir(probe_dir, model is None, log)
+    if directory is None:
         raise OcEngineError("no probe: give --probe DIR (a default probe ships only for the embedded model)")
+    probe = load_probe(directory)
     probe.check_model(loaded.model)
-    classifier = resolve_classifier(classifier_dir, no_classifier, str(loaded.device), log)
+    classifier = None if no_classifier else resolve_classifier(classifier_dir, str(loaded.device), log=log)
     report = {"model": loaded.source, "probe": probe_dir or "default",
               "classifier": str(classifier.path) if classifier else None,
               "probe_settings": {"layers": list(probe.config.layers), "alpha": probe.config.alpha,
@@ -57,10 +32,11 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
             from oc_engine.training.probe_pipeline import read_specs
 
             exchanges = read_specs(replay_specs, limit, seed)
-            report["replay"] = replay(loaded, probe, exchanges, classifier, max_response_tokens=max_response_tokens,
-                                      batch_size=max(1, batch_size // 2), progress=progress)
+            report["replay"], outcomes = replay(loaded, probe, exchanges, classifier,
+                                                max_response_tokens=max_response_tokens,
+                                                batch_size=max(1, batch_size // 2), progress=progress)
             if plot:
-                _plot(loaded, probe, exchanges, max_response_tokens, plot)
+                _plot(probe, [e.label for e in exchanges], [o["peak_ema"] for o in outcomes], plot)
                 report["plot"] = plot
         if live_specs:
             report["live"] = _live(loaded, probe, classifier, live_specs, limit, max_new_tokens, batch_size, seed,
@@ -88,25 +64,19 @@ def _live(loaded, probe, classifier, specs, limit, max_new_tokens, batch_size, s
                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
 
-def _plot(loaded, probe, exchanges, max_response_tokens, path) -> None:
+def _plot(probe, labels: list[int], peaks: list[float], path) -> None:
+    """Histograms of each replayed answer's highest EMA, by label, with the thresholds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from oc_engine.data import LABELS
-    from oc_engine.training.activations import CollectSpec, collect
-    from oc_engine.training.probe_training import exchange_scores
 
-    points = loaded.model.config.get_text_config().num_hidden_layers + 1
-    spec = CollectSpec(layers=tuple(layer % points for layer in probe.config.layers), mode="tokens",
-                       max_response_tokens=max_response_tokens)
-    acts = collect(loaded.model, loaded.tokenizer, exchanges, spec, progress=False)
-    scores = exchange_scores(acts, probe.weight, probe.bias, probe.config.alpha)
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, name in enumerate(LABELS):
-        chosen = scores[(acts.labels == i).numpy()]
-        if len(chosen):
+        chosen = [peak for peak, label in zip(peaks, labels) if label == i]
+        if chosen:
             ax.hist(chosen, bins=40, range=(0, 1), alpha=0.5, label=f"{name} ({len(chosen)})")
     ax.axvline(probe.config.pause, color="red", linestyle="--", label="pause")
     ax.axvline(probe.config.warn, color="orange", linestyle=":", label="warn")

@@ -23,7 +23,8 @@ from oc_engine.training.onpolicy import is_refusal
 
 
 def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_config: GuardConfig | None = None,
-           max_response_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> dict:
+           max_response_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
+    """(summary, one outcome per exchange: status, paused, first_pause, peak_ema)."""
     from oc_engine.training.activations import CollectSpec, collect, exchange_ids
     from oc_engine.training.probe_training import ema_traces, probe_logits
 
@@ -40,9 +41,9 @@ def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_c
     for exchange, trace, valid in zip(exchanges, traces, acts.mask.numpy()):
         ids, prompt_len = exchange_ids(tokenizer, exchange, spec)
         response_ids = ids[prompt_len:]
-        outcomes.append(_replay_one(exchange, response_ids, trace[valid], probe.config, config, classifier,
-                                    tokenizer))
-    return summarize(exchanges, outcomes)
+        outcome = _replay_one(exchange, response_ids, trace[valid], probe.config, config, classifier, tokenizer)
+        outcomes.append({**outcome, "peak_ema": float(trace[valid].max()) if valid.any() else 0.0})
+    return summarize(exchanges, outcomes), outcomes
 
 
 def _replay_one(exchange, response_ids, trace, probe_config, config, classifier, tokenizer) -> dict:

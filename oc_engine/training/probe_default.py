@@ -17,8 +17,6 @@ from pathlib import Path
 from oc_engine.errors import OcEngineError
 
 DEFAULT_LAYERS = (17, 19)  # from sweep-layers (bench/results/cpu-sweep-layers.md): best AUROC and earliest detection
-OFFLINE = (("gptfuzz_labeled.jsonl", "gptfuzz:train"), ("jbb_artifacts.jsonl", None),
-           ("refusal_direction_completions.jsonl", None))
 ONPOLICY = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
             ("alpaca_harmful_splits.jsonl", "harmful_train", 200), ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
 MAX_EXCHANGES = 1000  # per file: the whole build stays in minutes on a 2-core CPU
@@ -46,20 +44,25 @@ def onpolicy_file(loaded, root: Path, log, progress: bool) -> Path:
 
 
 def build_default_probe(job, train_config, *, force: bool, log, progress: bool) -> dict:
-    from oc_engine.data import shared_data_dir
-    from oc_engine.engine.loading import load_model
-    from oc_engine.training.probe_pipeline import DEFAULT_PROBE_DIR, ProbeJob, train_probe
+    """job's layers and max_exchanges, when unset, become DEFAULT_LAYERS and MAX_EXCHANGES."""
+    import dataclasses
 
-    target = DEFAULT_PROBE_DIR
+    from oc_engine.data import shared_data_dir
+    from oc_engine.engine.embedded import default_probe_dir
+    from oc_engine.engine.loading import load_model
+    from oc_engine.training.classifier_pipeline import default_data_specs
+    from oc_engine.training.probe_pipeline import train_probe
+
+    target = default_probe_dir()
     if target.exists() and not force:
         raise OcEngineError(f"{target} already exists (--force rebuilds the shipped probe)")
     root = shared_data_dir()
     if root is None:
         raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
     loaded = load_model(None, progress=False)
-    specs = [(str(root / "train" / name), source) for name, source in OFFLINE]
-    specs.append((str(onpolicy_file(loaded, root, log, progress)), None))
-    job = job or ProbeJob(layers=DEFAULT_LAYERS, max_exchanges=MAX_EXCHANGES)
+    specs = default_data_specs() + [(str(onpolicy_file(loaded, root, log, progress)), None)]
+    job = dataclasses.replace(job, layers=job.layers or DEFAULT_LAYERS,
+                              max_exchanges=job.max_exchanges or MAX_EXCHANGES)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".default_probe-", dir=target.parent))
     try:

@@ -13,8 +13,6 @@ from oc_engine.data import UNSAFE, Exchange, read_exchanges
 from oc_engine.errors import OcEngineError
 from oc_engine.training.splits import grouped_split
 
-DEFAULT_PROBE_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_probe"
-
 
 @dataclass(frozen=True)
 class ProbeJob:
@@ -50,27 +48,30 @@ def split_exchanges(rows: list[Exchange], validation: float, seed: int) -> tuple
     return train, held
 
 
+def collect_split(loaded, specs, job: ProbeJob, layers, *, progress: bool, log):
+    """(layers normalised, train activations, validation activations) for the data in `specs`."""
+    from oc_engine.training.activations import CollectSpec, collect, normalize_layers
+
+    layers = normalize_layers(layers, loaded.model.config.get_text_config().num_hidden_layers)
+    spec = CollectSpec(layers=layers, mode=job.mode, max_response_tokens=job.max_response_tokens)
+    train, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed)
+    log(f"{len(train)} training and {len(held)} validation exchanges (split by prompt); layers {list(layers)}, "
+        f"mode {job.mode}")
+    return (layers, collect(loaded.model, loaded.tokenizer, train, spec, batch_size=job.batch_size, progress=progress),
+            collect(loaded.model, loaded.tokenizer, held, spec, batch_size=job.batch_size, progress=progress))
+
+
 def train_probe(loaded, specs: list[tuple[str, str | None]], out: str | Path | None, job: ProbeJob, train_config,
                 *, log: Callable[[str], None] = lambda m: None, progress: bool = True) -> dict:
     """Collect, fit, evaluate and calibrate; writes the probe directory to `out` (if given)."""
     from oc_engine.engine.probe import ModelFingerprint, Probe, ProbeConfig, save_probe
-    from oc_engine.training.activations import CollectSpec, collect, normalize_layers
     from oc_engine.training.probe_calibration import calibrate_probe
     from oc_engine.training.probe_training import auroc, exchange_scores, fit_probe
 
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise OcEngineError(f"{out} exists and is not empty")
     started = time.perf_counter()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    num_layers = model.config.get_text_config().num_hidden_layers
-    layers = normalize_layers(job.layers, num_layers)
-    spec = CollectSpec(layers=layers, mode=job.mode, max_response_tokens=job.max_response_tokens)
-    rows = read_specs(specs, job.max_exchanges, job.seed)
-    train, held = split_exchanges(rows, job.validation, job.seed)
-    log(f"{len(train)} training and {len(held)} validation exchanges (split by prompt); layers {list(layers)}, "
-        f"mode {job.mode}")
-    acts_train = collect(model, tokenizer, train, spec, batch_size=job.batch_size, progress=progress)
-    acts_val = collect(model, tokenizer, held, spec, batch_size=job.batch_size, progress=progress)
+    layers, acts_train, acts_val = collect_split(loaded, specs, job, job.layers, progress=progress, log=log)
     weight, bias = fit_probe(acts_train, train_config, progress=progress)
     calibration = calibrate_probe(acts_val, weight, bias, target=job.target_benign_pause_rate)
     scores = exchange_scores(acts_val, weight, bias, calibration.alpha)
@@ -80,11 +81,11 @@ def train_probe(loaded, specs: list[tuple[str, str | None]], out: str | Path | N
                "train_auroc": round(auroc(exchange_scores(acts_train, weight, bias, calibration.alpha),
                                           acts_train.labels.numpy() == UNSAFE), 4),
                "calibration": calibration.as_dict(), "mode": job.mode, "layers": list(layers),
-               "train_exchanges": len(train), "validation_exchanges": len(held),
+               "train_exchanges": len(acts_train.labels), "validation_exchanges": len(acts_val.labels),
                "data": [p + (f"@{s}" if s else "") for p, s in specs], "objective": "ema" if job.mode == "tokens"
                else "logistic", "dtype": str(loaded.dtype).removeprefix("torch."),
                "seconds": round(time.perf_counter() - started, 1)}
-    fingerprint = ModelFingerprint.of(model)
+    fingerprint = ModelFingerprint.of(loaded.model)
     config = ProbeConfig(model=fingerprint, layers=layers, hidden_size=fingerprint.hidden_size,
                          alpha=calibration.alpha, warn=calibration.warn, pause=calibration.pause, every=1,
                          chat_template=True, metrics=metrics)
@@ -102,19 +103,12 @@ def _f1(predicted: np.ndarray, positives: np.ndarray) -> float:
 def sweep_layers(loaded, specs, job: ProbeJob, train_config, *, layers: list[int] | None = None,
                  plot: str | None = None, progress: bool = True, log=lambda m: None) -> dict:
     """Per-layer validation AUROC, F1 and streaming detection from one collection, plus the best pair."""
-    from oc_engine.training.activations import CollectSpec, collect, normalize_layers
     from oc_engine.training.probe_calibration import calibrate_probe
     from oc_engine.training.probe_training import auroc, exchange_scores, fit_probe
 
-    model, tokenizer = loaded.model, loaded.tokenizer
-    num_layers = model.config.get_text_config().num_hidden_layers
-    candidates = normalize_layers(layers if layers else range(1, num_layers + 1), num_layers)
-    spec = CollectSpec(layers=candidates, mode=job.mode, max_response_tokens=job.max_response_tokens)
-    rows = read_specs(specs, job.max_exchanges, job.seed)
-    train, held = split_exchanges(rows, job.validation, job.seed)
-    log(f"{len(train)} training and {len(held)} validation exchanges; {len(candidates)} layers")
-    acts_train = collect(model, tokenizer, train, spec, batch_size=job.batch_size, progress=progress)
-    acts_val = collect(model, tokenizer, held, spec, batch_size=job.batch_size, progress=progress)
+    num_layers = loaded.model.config.get_text_config().num_hidden_layers
+    candidates, acts_train, acts_val = collect_split(loaded, specs, job, layers or range(1, num_layers + 1),
+                                                     progress=progress, log=log)
     unsafe = acts_val.labels.numpy() == UNSAFE
 
     def score(layer_set: tuple[int, ...]) -> dict:
@@ -137,7 +131,8 @@ def sweep_layers(loaded, specs, job: ProbeJob, train_config, *, layers: list[int
     best_pair = tuple(sorted(r["layers"][0] for r in ranked[:2]))
     multi = score(best_pair) if len(candidates) > 1 else None
     report = {"per_layer": rows_out, "best_layer": ranked[0], "best_multi_layer": multi,
-              "train_exchanges": len(train), "validation_exchanges": len(held), "mode": job.mode}
+              "train_exchanges": len(acts_train.labels), "validation_exchanges": len(acts_val.labels),
+              "mode": job.mode}
     if plot:
         _plot_sweep(rows_out, multi, plot)
         report["plot"] = plot

@@ -1,0 +1,51 @@
+"""The defaults that make guarded generation work out of the box, in one place for every command.
+
+- the probe shipped in the package, used with the embedded model when no --probe is given;
+- the default classifier built into the user cache by `oc-engine train-classifier --default`,
+  used when no --classifier is given and it exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from oc_engine.engine import embedded
+from oc_engine.errors import OcEngineError
+
+Log = Callable[[str], None]
+
+
+def resolve_probe_dir(probe_dir: str | Path | None, model_is_embedded: bool, log: Log = lambda m: None):
+    """`probe_dir`, else the shipped probe when the model is the embedded one, else None."""
+    if probe_dir is not None:
+        return Path(probe_dir)
+    default = embedded.default_probe_dir()
+    if model_is_embedded and (default / "probe_config.json").is_file():
+        log(f"guarding with the default probe for the embedded model ({default})")
+        return default
+    return None
+
+
+def resolve_classifier_dir(classifier_dir: str | Path | None, *, required: bool = False,
+                           log: Log = lambda m: None) -> Path | None:
+    """`classifier_dir`, else the built default classifier; None when neither (an error when `required`)."""
+    if classifier_dir is not None:
+        return Path(classifier_dir)
+    default = embedded.default_classifier_dir()
+    if not (default / "classifier_config.json").is_file():
+        if required:
+            raise OcEngineError(f"no --classifier given and no default classifier at {default} "
+                                "(build it with: oc-engine train-classifier --default)")
+        return None
+    log(f"using the default classifier at {default}")
+    return default
+
+
+def resolve_classifier(classifier_dir: str | Path | None, device: str, *, required: bool = False,
+                       log: Log = lambda m: None):
+    """An ExchangeClassifier for `resolve_classifier_dir(...)`, or None."""
+    from oc_engine.engine.classifier import ExchangeClassifier
+
+    directory = resolve_classifier_dir(classifier_dir, required=required, log=log)
+    return None if directory is None else ExchangeClassifier(directory, device=device)
