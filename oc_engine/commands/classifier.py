@@ -78,8 +78,9 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
 @click.option("--eval", "eval_specs", multiple=True, metavar="FILE[@SOURCE]",
               help="Also report metrics on these labelled files at the calibrated threshold (repeatable).")
 @click.option("--default", "build_default", is_flag=True,
-              help="Build the default classifier of the embedded setup from ../shared/data/train into the user "
-                   "cache, where generate finds it (GPTFuzz's evaluate questions held out and reported).")
+              help="Build the default classifier of the embedded setup from ../shared/data/train and the "
+                   "embedded model's own answers (collected once, shared with train-probe --default) into the "
+                   "user cache, where generate finds it (GPTFuzz's evaluate questions held out and reported).")
 @click.option("--force", is_flag=True, help="With --default: replace an existing default classifier.")
 @click.option("--backbone", default=None,
               help="Hugging Face encoder (default: ModernBERT-base if the hub answers, else the embedded MiniLM).")

@@ -1,10 +1,9 @@
 """The default probe for the embedded model: one command, shipped in the package (kilobytes).
 
-Recipe: the embedded SmolLM2-135M-Instruct answers a sample of the shared prompt files
-itself (on-policy; collected once into the user cache, labelled by prompt label and the
-refusal detector), and those answers join a sample of the shared labelled exchanges; a
-per-token probe is trained on layer `DEFAULT_LAYERS` (chosen by `sweep-layers`) and
-calibrated to pause at most 2% of safe answers.
+Recipe: the embedded SmolLM2-135M-Instruct's own labelled answers (`onpolicy_default`: a
+sample of the shared prompt files, and benign prompts on harmful topics) join a sample of
+the shared labelled exchanges; a per-token probe is trained on layers `DEFAULT_LAYERS`
+(chosen by `sweep-layers`) and calibrated to pause at most 2% of safe answers.
 """
 
 from __future__ import annotations
@@ -17,30 +16,7 @@ from pathlib import Path
 from oc_engine.errors import OcEngineError
 
 DEFAULT_LAYERS = (17, 19)  # from sweep-layers (bench/results/cpu-sweep-layers.md): best AUROC and earliest detection
-ONPOLICY = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
-            ("alpaca_harmful_splits.jsonl", "harmful_train", 200), ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
 MAX_EXCHANGES = 1000  # per file: the whole build stays in minutes on a 2-core CPU
-ONPOLICY_TOKENS = 64
-
-
-def onpolicy_file(loaded, root: Path, log, progress: bool) -> Path:
-    """The embedded model's own labelled answers, collected once into the user cache."""
-    from oc_engine.engine.decode import Engine
-    from oc_engine.engine.embedded import cache_root
-    from oc_engine.engine.probe import ModelFingerprint
-    from oc_engine.training.onpolicy import collect_onpolicy, read_labelled_prompts, sample_prompts
-
-    fingerprint = ModelFingerprint.of(loaded.model).weights_hash[:12]
-    out = cache_root() / "onpolicy" / f"{fingerprint}-default-v1.jsonl"
-    if out.is_file():
-        log(f"on-policy answers: {out} (cached)")
-        return out
-    rows = []
-    for name, source, limit in ONPOLICY:
-        rows += sample_prompts(read_labelled_prompts(root / "train" / name, source_filter=source), limit)
-    log(f"collecting the embedded model's own answers to {len(rows)} prompts into {out}")
-    collect_onpolicy(Engine(loaded), loaded.tokenizer, rows, out, max_new_tokens=ONPOLICY_TOKENS, progress=progress)
-    return out
 
 
 def build_default_probe(job, train_config, *, force: bool, log, progress: bool) -> dict:
@@ -51,6 +27,7 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     from oc_engine.engine.embedded import default_probe_dir
     from oc_engine.engine.loading import load_model
     from oc_engine.training.classifier_pipeline import default_data_specs
+    from oc_engine.training.onpolicy_default import default_onpolicy_files
     from oc_engine.training.probe_pipeline import train_probe
 
     target = default_probe_dir()
@@ -60,7 +37,7 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     if root is None:
         raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
     loaded = load_model(None, progress=False)
-    specs = default_data_specs() + [(str(onpolicy_file(loaded, root, log, progress)), None)]
+    specs = default_data_specs() + [(str(f), None) for f in default_onpolicy_files(loaded, root, log, progress)]
     job = dataclasses.replace(job, layers=job.layers or DEFAULT_LAYERS,
                               max_exchanges=job.max_exchanges or MAX_EXCHANGES)
     target.parent.mkdir(parents=True, exist_ok=True)

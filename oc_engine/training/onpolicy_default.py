@@ -1,0 +1,86 @@
+"""The embedded model's own labelled answers, shared by the default probe and classifier builds.
+
+Two files, each collected once into the user cache (greedy, `ONPOLICY_TOKENS` tokens,
+labelled by prompt label and the refusal detector; see `onpolicy`):
+
+- a sample of the shared prompt files (`SAMPLED`): harmful requests and everyday benign ones;
+- `TOPIC_MATCHED` benign Alpaca prompts nearest to the harmful training prompts (see
+  `topic_matched`): safe answers on harmful topics, so neither stage learns the topic alone.
+
+Only `train/` prompts are used; the dev file stays unseen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SAMPLED = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
+           ("alpaca_harmful_splits.jsonl", "harmful_train", 200), ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
+# Harmful prompts the benign pool is matched against (GPTFuzz's bare questions: train half only).
+ANCHORS = (("advbench.jsonl", None), ("maliciousinstruct.jsonl", None), ("alpaca_harmful_splits.jsonl", "harmful_train"),
+           ("gptfuzz_labeled.jsonl", "gptfuzz:train"))
+BENIGN_POOL = ("alpaca_harmful_splits.jsonl", "harmless_train")
+TOPIC_MATCHED = 600
+ONPOLICY_TOKENS = 64
+
+
+def embedded_onpolicy_specs(log, progress: bool) -> list[tuple[str, None]]:
+    """The two files as training data specs, for the embedded model (loaded only to collect them)."""
+    from oc_engine.data import shared_data_dir
+    from oc_engine.engine.loading import load_model
+    from oc_engine.errors import OcEngineError
+
+    root = shared_data_dir()
+    if root is None:
+        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
+    return [(str(f), None) for f in default_onpolicy_files(load_model(None, progress=False), root, log, progress)]
+
+
+def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path]:
+    """[sampled answers, topic-matched benign answers], collected on first use."""
+    from oc_engine.engine.embedded import cache_root
+    from oc_engine.engine.probe import ModelFingerprint
+
+    stem = cache_root() / "onpolicy" / ModelFingerprint.of(loaded.model).weights_hash[:12]
+    sampled = Path(f"{stem}-default-v1.jsonl")
+    matched = Path(f"{stem}-topic-matched-v1.jsonl")
+    _collect_once(loaded, sampled, lambda: _sampled_prompts(root), log, progress)
+    _collect_once(loaded, matched, lambda: _topic_matched_prompts(root, log), log, progress)
+    return [sampled, matched]
+
+
+def _collect_once(loaded, out: Path, prompts, log, progress: bool) -> None:
+    from oc_engine.engine.decode import Engine
+    from oc_engine.training.onpolicy import collect_onpolicy
+
+    if out.is_file():
+        log(f"on-policy answers: {out} (cached)")
+        return
+    rows = prompts()
+    log(f"collecting the embedded model's own answers to {len(rows)} prompts into {out}")
+    collect_onpolicy(Engine(loaded), loaded.tokenizer, rows, out, max_new_tokens=ONPOLICY_TOKENS, progress=progress)
+
+
+def _sampled_prompts(root: Path) -> list:
+    from oc_engine.training.onpolicy import read_labelled_prompts, sample_prompts
+
+    rows = []
+    for name, source, limit in SAMPLED:
+        rows += sample_prompts(read_labelled_prompts(root / "train" / name, source_filter=source), limit)
+    return rows
+
+
+def _topic_matched_prompts(root: Path, log) -> list:
+    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.training.onpolicy import PromptRow, read_labelled_prompts
+    from oc_engine.training.topic_matched import topic_matched_benign
+
+    anchors = []
+    for name, source in ANCHORS:
+        anchors += [r for r in read_labelled_prompts(root / "train" / name, source_filter=source)
+                    if r.prompt_label == "harmful"]
+    anchors = list({r.prompt: r for r in anchors}.values())
+    pool = read_labelled_prompts(root / "train" / BENIGN_POOL[0], source_filter=BENIGN_POOL[1])
+    log(f"ranking {len(pool)} benign prompts by similarity to {len(anchors)} harmful ones (all-MiniLM-L6-v2)")
+    chosen = topic_matched_benign(pool, anchors, TOPIC_MATCHED, embedded_classifier_backbone())
+    return [PromptRow(r.prompt, r.prompt_label, f"{r.source}:topic_matched", r.category) for r in chosen]
