@@ -17,7 +17,7 @@ from oc_engine.errors import OcEngineError
 
 # The default build's training fits 15 minutes on a 2-core CPU: one pass over 10,000 rows
 # (exchanges and their prefixes) of at most 192 tokens (measured about 15 rows/s in bf16 here).
-# On a fresh cache, collecting the embedded model's own answers adds about 8 minutes, once.
+# On a fresh cache, collecting the embedded model's own answers (once) adds to that.
 DEFAULT_BUILD = {"max_train_rows": 10_000, "max_length": 192}
 
 

@@ -1,11 +1,12 @@
 """The embedded model's own labelled answers, shared by the default probe and classifier builds.
 
-Two files, each collected once into the user cache (greedy, `ONPOLICY_TOKENS` tokens,
+Three files, each collected once into the user cache (greedy, `ONPOLICY_TOKENS` tokens,
 labelled by prompt label and the refusal detector; see `onpolicy`):
 
 - a sample of the shared prompt files (`SAMPLED`): harmful requests and everyday benign ones;
-- `TOPIC_MATCHED` benign Alpaca prompts nearest to the harmful training prompts (see
-  `topic_matched`): safe answers on harmful topics, so neither stage learns the topic alone.
+- `TOPIC_MATCHED` benign Alpaca prompts nearest to the harmful training prompts, and
+- `TWINS` templated benign twins of the harmful training prompts (see `topic_matched`):
+  safe answers on harmful topics, so neither stage learns the topic alone.
 
 Only `train/` prompts are used; the dev file stays unseen.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from oc_engine.training.topic_matched import benign_twins
+
 SAMPLED = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
            ("alpaca_harmful_splits.jsonl", "harmful_train", 200), ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
 # Harmful prompts the benign pool is matched against (GPTFuzz's bare questions: train half only).
@@ -21,11 +24,12 @@ ANCHORS = (("advbench.jsonl", None), ("maliciousinstruct.jsonl", None), ("alpaca
            ("gptfuzz_labeled.jsonl", "gptfuzz:train"))
 BENIGN_POOL = ("alpaca_harmful_splits.jsonl", "harmless_train")
 TOPIC_MATCHED = 600
+TWINS, TWINS_PER_PROMPT = 600, 2
 ONPOLICY_TOKENS = 64
 
 
 def embedded_onpolicy_specs(log, progress: bool) -> list[tuple[str, None]]:
-    """The two files as training data specs, for the embedded model (loaded only to collect them)."""
+    """The on-policy files as training data specs, for the embedded model (loaded to find or collect them)."""
     from oc_engine.data import shared_data_dir
     from oc_engine.engine.loading import load_model
     from oc_engine.errors import OcEngineError
@@ -37,16 +41,18 @@ def embedded_onpolicy_specs(log, progress: bool) -> list[tuple[str, None]]:
 
 
 def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path]:
-    """[sampled answers, topic-matched benign answers], collected on first use."""
+    """[sampled answers, topic-matched benign answers, benign twins], collected on first use."""
     from oc_engine.engine.embedded import cache_root
     from oc_engine.engine.probe import ModelFingerprint
 
     stem = cache_root() / "onpolicy" / ModelFingerprint.of(loaded.model).weights_hash[:12]
     sampled = Path(f"{stem}-default-v1.jsonl")
     matched = Path(f"{stem}-topic-matched-v1.jsonl")
+    twins = Path(f"{stem}-benign-twins-v1.jsonl")
     _collect_once(loaded, sampled, lambda: _sampled_prompts(root), log, progress)
     _collect_once(loaded, matched, lambda: _topic_matched_prompts(root, log), log, progress)
-    return [sampled, matched]
+    _collect_once(loaded, twins, lambda: benign_twins(_anchors(root), TWINS_PER_PROMPT, TWINS), log, progress)
+    return [sampled, matched, twins]
 
 
 def _collect_once(loaded, out: Path, prompts, log, progress: bool) -> None:
@@ -70,16 +76,23 @@ def _sampled_prompts(root: Path) -> list:
     return rows
 
 
-def _topic_matched_prompts(root: Path, log) -> list:
-    from oc_engine.engine.embedded import embedded_classifier_backbone
-    from oc_engine.training.onpolicy import PromptRow, read_labelled_prompts
-    from oc_engine.training.topic_matched import topic_matched_benign
+def _anchors(root: Path) -> list:
+    """The harmful training prompts, each once."""
+    from oc_engine.training.onpolicy import read_labelled_prompts
 
     anchors = []
     for name, source in ANCHORS:
         anchors += [r for r in read_labelled_prompts(root / "train" / name, source_filter=source)
                     if r.prompt_label == "harmful"]
-    anchors = list({r.prompt: r for r in anchors}.values())
+    return list({r.prompt: r for r in anchors}.values())
+
+
+def _topic_matched_prompts(root: Path, log) -> list:
+    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.training.onpolicy import PromptRow, read_labelled_prompts
+    from oc_engine.training.topic_matched import topic_matched_benign
+
+    anchors = _anchors(root)
     pool = read_labelled_prompts(root / "train" / BENIGN_POOL[0], source_filter=BENIGN_POOL[1])
     log(f"ranking {len(pool)} benign prompts by similarity to {len(anchors)} harmful ones (all-MiniLM-L6-v2)")
     chosen = topic_matched_benign(pool, anchors, TOPIC_MATCHED, embedded_classifier_backbone())
