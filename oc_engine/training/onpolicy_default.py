@@ -8,7 +8,7 @@ labelled by prompt label and the refusal detector; see `onpolicy`):
 - `TWINS` templated benign twins of the harmful training prompts (see `topic_matched`):
   safe answers on harmful topics, so neither stage learns the topic alone.
 
-Only `train/` prompts are used; the dev file stays unseen.
+Only `train/` prompts are used; no dev prompt is trained on.
 """
 
 from __future__ import annotations
