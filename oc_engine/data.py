@@ -35,6 +35,16 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+def require_shared_data_dir() -> Path:
+    """The shared data directory; a clear error when this machine has none."""
+    from oc_engine.errors import OcEngineError
+
+    root = shared_data_dir()
+    if root is None:
+        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
+    return root
+
+
 def read_exchanges(path: str | Path, *, source_filter: str | None = None) -> tuple[list[Exchange], int]:
     """Labelled exchanges of a JSONL file; returns (exchanges, rows skipped for a null label or response).
 

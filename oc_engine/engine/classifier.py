@@ -102,7 +102,6 @@ def _lower_thread_priority() -> None:
 
     (SCHED_IDLE was tried as well: no smaller gaps between decode steps, lower throughput.)
     """
-    import os
     import threading
 
     try:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from oc_engine.data import require_shared_data_dir
 from oc_engine.errors import OcEngineError
 
 
@@ -31,22 +32,13 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
 
 def default_data_specs() -> list[tuple[str, str | None]]:
     """The shared files of labelled exchanges; GPTFuzz's evaluate questions are held out."""
-    train = _shared() / "train"
+    train = require_shared_data_dir() / "train"
     return [(str(train / "gptfuzz_labeled.jsonl"), "gptfuzz:train"), (str(train / "jbb_artifacts.jsonl"), None),
             (str(train / "refusal_direction_completions.jsonl"), None)]
 
 
 def default_eval_specs() -> list[tuple[str, str | None]]:
-    return [(str(_shared() / "train" / "gptfuzz_labeled.jsonl"), "gptfuzz:evaluate")]
-
-
-def _shared() -> Path:
-    from oc_engine.data import shared_data_dir
-
-    root = shared_data_dir()
-    if root is None:
-        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
-    return root
+    return [(str(require_shared_data_dir() / "train" / "gptfuzz_labeled.jsonl"), "gptfuzz:evaluate")]
 
 
 def build(*, data_specs, out, export_dir, int8: bool, eval_specs, build_default: bool, force: bool, quiet: bool,

@@ -18,10 +18,11 @@ from pathlib import Path
 from oc_engine.training.topic_matched import benign_twins
 
 SAMPLED = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
-           ("alpaca_harmful_splits.jsonl", "harmful_train", 200), ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
-# Harmful prompts the benign pool is matched against (GPTFuzz's bare questions: train half only).
-ANCHORS = (("advbench.jsonl", None), ("maliciousinstruct.jsonl", None), ("alpaca_harmful_splits.jsonl", "harmful_train"),
-           ("gptfuzz_labeled.jsonl", "gptfuzz:train"))
+           ("alpaca_harmful_splits.jsonl", "harmful_train", 200),
+           ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
+# Harmful prompts the benign pool is matched against and twinned (GPTFuzz's bare questions: train half only).
+ANCHORS = (("advbench.jsonl", None), ("maliciousinstruct.jsonl", None),
+           ("alpaca_harmful_splits.jsonl", "harmful_train"), ("gptfuzz_labeled.jsonl", "gptfuzz:train"))
 BENIGN_POOL = ("alpaca_harmful_splits.jsonl", "harmless_train")
 TOPIC_MATCHED = 600
 TWINS, TWINS_PER_PROMPT = 600, 2
@@ -30,13 +31,10 @@ ONPOLICY_TOKENS = 64
 
 def embedded_onpolicy_specs(log, progress: bool) -> list[tuple[str, None]]:
     """The on-policy files as training data specs, for the embedded model (loaded to find or collect them)."""
-    from oc_engine.data import shared_data_dir
+    from oc_engine.data import require_shared_data_dir
     from oc_engine.engine.loading import load_model
-    from oc_engine.errors import OcEngineError
 
-    root = shared_data_dir()
-    if root is None:
-        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
+    root = require_shared_data_dir()
     return [(str(f), None) for f in default_onpolicy_files(load_model(None, progress=False), root, log, progress)]
 
 

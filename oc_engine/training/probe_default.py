@@ -23,7 +23,7 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     """job's layers and max_exchanges, when unset, become DEFAULT_LAYERS and MAX_EXCHANGES."""
     import dataclasses
 
-    from oc_engine.data import shared_data_dir
+    from oc_engine.data import require_shared_data_dir
     from oc_engine.engine.embedded import default_probe_dir
     from oc_engine.engine.loading import load_model
     from oc_engine.training.classifier_pipeline import default_data_specs
@@ -33,9 +33,7 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     target = default_probe_dir()
     if target.exists() and not force:
         raise OcEngineError(f"{target} already exists (--force rebuilds the shipped probe)")
-    root = shared_data_dir()
-    if root is None:
-        raise OcEngineError("no shared data directory found (../shared/data, or set OC_ENGINE_DATA)")
+    root = require_shared_data_dir()
     loaded = load_model(None, progress=False)
     specs = default_data_specs() + [(str(f), None) for f in default_onpolicy_files(loaded, root, log, progress)]
     job = dataclasses.replace(job, layers=job.layers or DEFAULT_LAYERS,
