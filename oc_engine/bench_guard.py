@@ -1,20 +1,23 @@
 """Escalation benchmark: what the guard costs when the probe really pauses.
 
-Four modes on one prompt, the same compiled engine, N new tokens (EOS ignored), batch 1:
+Six modes on one prompt, the same compiled engine, N new tokens (EOS ignored), batch 1:
 - unguarded: no probe;
 - probe_only: the probe scored inside the step, thresholds it never reaches;
 - escalating: the pause threshold set to a high quantile of this answer's own EMA (from the
   probe-only run), so the answer pauses several times; the classifier runs in its worker
   thread while decoding goes on, and its verdicts are forced to allow, so every answer
   runs to its end and every pause costs real checks; the guard's default catch-up
-  ("wait": decoding pauses for the one follow-up check after an allow);
+  ("replay": after an allow, the tokens made meanwhile are judged again by their probe flags);
+- escalating_wait: the same with catch-up "wait" (decoding pauses for one follow-up check);
 - escalating_overlap: the same with catch-up "overlap" (decoding never waits below max_held);
 - blocking: the same pauses, but decoding stops for each check (the original MVP's design:
   stop, classify, resume).
 
 Every token's arrival (the engine handing it to the monitor) is timestamped. tokens/s is
 (N - 1) / (t_N - t_1); a gap is the time between two arrivals; a gap "during a check" is one
-that overlaps the interval between a check's submission and its verdict.
+that overlaps the interval between a check's submission and its verdict. Each mode reports its
+median run (by tokens/s), the largest gap during a check over all runs, and the largest ratio
+of a run's largest gap during a check to that run's median gap.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
 
-GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "escalating_overlap", "blocking")
+GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "escalating_wait", "escalating_overlap", "blocking")
+CATCH_UP = {"escalating": "replay", "escalating_wait": "wait", "escalating_overlap": "overlap", "blocking": "replay"}
 
 
 class TimedClassifier:
@@ -120,7 +124,7 @@ def escalating_probe(loaded: LoadedModel, engine: Engine, prompt: list[int], new
 def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, repeats: int = 3,
                     quantile: float = 0.9, max_held: int = 64,
                     progress: Callable[[str], None] | None = None) -> dict:
-    """Benchmark the four modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
+    """Benchmark the modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
     text_prompt = BENCH_PROMPT
     prompt = render_prompt(loaded.tokenizer, text_prompt)
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
@@ -133,10 +137,10 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
     def run(mode: str) -> dict:
         engine = plain if mode == "unguarded" else probed
         monitor, timed = None, None
-        if mode in ("escalating", "escalating_overlap", "blocking"):
+        if mode in CATCH_UP:
             engine.probe = escalating
             timed = TimedClassifier(classifier, blocking=mode == "blocking")
-            guard = GuardConfig(max_held=max_held, catch_up="overlap" if mode == "escalating_overlap" else "wait")
+            guard = GuardConfig(max_held=max_held, catch_up=CATCH_UP[mode])
             monitor = GuardMonitor(loaded.tokenizer, [text_prompt], guard, timed)
         elif mode == "probe_only":
             engine.probe = quiet_probe(loaded)
@@ -161,13 +165,15 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
             run(mode)  # warm-up
             runs = [run(mode) for _ in range(repeats)]
             best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # the median run
+            # The worst run for gaps: each run's largest gap during a check against its own median
+            # (this machine's pace drifts between runs, so gaps are compared within one answer).
+            ratios = [r["max_gap_during_check_ms"] / r["median_gap_ms"] for r in runs if r["max_gap_during_check_ms"]]
             best["max_gap_during_check_ms"] = max((r["max_gap_during_check_ms"] or 0) for r in runs) or None
+            best["max_check_gap_over_median"] = max(ratios) if ratios else None
             rows.append({"mode": mode, **best})
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["ratio_to_unguarded"] = r["tokens_per_s"] / base
-        during = r["max_gap_during_check_ms"]
-        r["max_check_gap_over_median"] = during / r["median_gap_ms"] if during else None
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": loaded.source,
             "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -185,7 +191,7 @@ def guard_markdown_table(report: dict) -> str:
              f"torch {report['torch']}, {report['date'][:10]}",
              "",
              "| mode | tokens/s | x unguarded | median gap (ms) | max gap (ms) | max gap during a check (ms) "
-             "| that / median | pauses | checks | check latency (ms, median) |",
+             "| worst run: that / its median | pauses | checks | check latency (ms, median) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(value, spec):

@@ -15,6 +15,7 @@ from oc_engine.errors import OcEngineError
 from oc_engine.commands.common import user_errors as _user_errors  # noqa: E402
 from oc_engine.commands.common import write_json  # noqa: E402
 from oc_engine.engine.defaults import resolve_classifier, resolve_classifier_dir, resolve_probe_dir  # noqa: E402
+from oc_engine.engine.guard import CATCH_UPS  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -79,10 +80,11 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
               help="Seconds a verdict may take before it counts as a failure.")
 @click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
               help="Held tokens past which that sequence's decoding waits for its verdict.")
-@click.option("--catch-up", type=click.Choice(["wait", "overlap"]), default="wait", show_default=True,
-              help="After an allow that leaves tokens uncovered: wait (decoding pauses for the one follow-up "
-                   "check, then the guard re-arms) or overlap (never wait below --max-held; checks may chase "
-                   "the answer).")
+@click.option("--catch-up", type=click.Choice(list(CATCH_UPS)), default="replay", show_default=True,
+              help="After an allow that leaves tokens uncovered: replay (re-arm at the check's cover and judge "
+                   "the tokens made meanwhile by their probe flags, as if decoding had waited), wait (decoding "
+                   "pauses for one follow-up check that covers them) or overlap (follow-up checks without "
+                   "waiting below --max-held; they may chase the answer).")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
               help="Write per-token JSONL: token, score, EMA, guard state, events.")
 @_user_errors

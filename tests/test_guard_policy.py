@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.guard import PAUSE, WARN, Check, GuardConfig, Refuse, Release, SequenceGuard, Stop
+from oc_engine.engine.guard import CATCH_UPS, PAUSE, WARN, Check, GuardConfig, Refuse, Release, SequenceGuard, Stop
 from oc_engine.errors import OcEngineError
 
 REFUSAL = "REFUSED"
@@ -59,7 +59,7 @@ def simulate(config, flags, verdicts, delays):
 configs = st.builds(GuardConfig, every=st.integers(1, 3), uncertain=st.sampled_from(["final", "block"]),
                     on_failure=st.sampled_from(["block", "stop"]), final_check=st.booleans(),
                     max_held=st.integers(1, 6), refusal=st.just(REFUSAL),
-                    catch_up=st.sampled_from(["wait", "overlap"]))
+                    catch_up=st.sampled_from(CATCH_UPS))
 flag_lists = st.lists(st.sampled_from([0, 0, 0, WARN, WARN | PAUSE]), min_size=1, max_size=40)
 verdict_lists = st.lists(st.sampled_from(["allow", "allow", "allow", "block", "uncertain", "error", "timeout"]),
                          min_size=1, max_size=12)
@@ -77,17 +77,23 @@ def test_no_token_after_a_pause_point_is_shown_before_an_allow_covers_it(config,
     for i in shown:
         if any(start <= i < end for start, end in spans):
             assert released_with[i] > i, f"token {i} was shown before an allow verdict covered it"
+    # Whatever the catch-up, a token whose pause flag counts (at the cadence) is never shown uncovered.
+    for i in shown:
+        if flags[i] & PAUSE and (i + 1) % config.every == 0:
+            assert released_with[i] > i, f"token {i} has a pause flag and was shown uncovered"
 
 
 def _held_spans(guard):
-    """[start, end) from each pause point to the first allow verdict that covered every token
-    produced by the time it arrived (the spec's re-arm condition); open-ended if none did."""
+    """[start, end) from each pause point to the allow verdict that re-armed the guard; open-ended
+    if none did. "wait"/"overlap" re-arm on an allow covering every token produced by then;
+    "replay" re-arms at any allow's cover and judges the later tokens again (new pause points)."""
     spans, start = [], None
+    replay = guard.config.catch_up == "replay"
     for event in guard.events:
         if event["event"] == "pause":
             start = event["token"]
         elif (event["event"] == "verdict" and event["verdict"] == "allow" and start is not None
-              and event["covers"] == event["produced"]):
+              and (event["covers"] == event["produced"] or replay)):
             spans.append((start, event["covers"]))
             start = None
     if start is not None:
@@ -166,6 +172,19 @@ def test_guard_config_is_validated(bad):
         GuardConfig(**bad)
 
 
+@settings(max_examples=300, deadline=None)
+@given(config=configs, flags=flag_lists, verdicts=verdict_lists, delays=delay_lists)
+def test_replay_shows_what_the_blocking_design_shows(config, flags, verdicts, delays):
+    """With "replay", decoding runs on while checks are pending, yet the shown stream is the one
+    the blocking design (delay 0: stop at each pause until its verdict) shows, whenever the
+    verdicts agree (all allow), and "replay" never makes decoding wait below max_held."""
+    config = GuardConfig(**{**config.__dict__, "catch_up": "replay", "uncertain": "block"})
+    allow = ["allow"]
+    overlapped, _, _ = simulate(config, flags, allow, delays)
+    blocking, _, _ = simulate(config, flags, allow, [0])
+    assert overlapped == blocking
+
+
 @pytest.mark.parametrize("catch_up", ["wait", "overlap"])
 def test_catching_up_after_an_allow(catch_up):
     """An allow that leaves tokens uncovered asks one follow-up; "wait" pauses decoding for it."""
@@ -180,3 +199,17 @@ def test_catching_up_after_an_allow(catch_up):
     assert guard.on_verdict(follow_up, "allow")[0] == Release(1, 3)
     assert not guard.must_wait
     assert guard.state == ("streaming" if catch_up == "wait" else "held")
+
+
+def test_replay_rearms_at_the_cover_and_pauses_again_on_a_flag():
+    """An allow covering 1 of 4 tokens: the quiet next token is released, the flagged one is a
+    new pause point, and its check covers every token made so far; decoding never waits."""
+    guard = SequenceGuard(GuardConfig(catch_up="replay", max_held=64))
+    (check,) = guard.on_token(PAUSE)
+    assert [guard.on_token(f) for f in (0, PAUSE, 0)] == [[], [], []]
+    assert not guard.must_wait
+    assert guard.on_verdict(check, "allow") == [Release(0, 1), Release(1, 2), Check(covers=4)]
+    assert guard.pause_points == [0, 2] and guard.state == "held" and not guard.must_wait
+    assert guard.on_verdict(Check(covers=4), "allow") == [Release(2, 4)]
+    assert guard.state == "streaming"
+    assert guard.on_token(0) == [Release(4, 5)]

@@ -1,8 +1,8 @@
 """The exchange classifier at run time: judge (prompt, partial answer) while decoding goes on.
 
 Loads an export directory (model.onnx, tokenizer files, classifier_config.json). Backends:
-- CPU: ONNX Runtime's CPU provider, one intra-op thread, in a worker thread at the lowest
-  priority, so a check shares the machine with decoding instead of taking it over; a check
+- CPU: ONNX Runtime's CPU provider, one intra-op thread, in a worker thread at a low priority
+  (`WORKER_NICE`), so a check shares the machine with decoding instead of taking it over; a check
   that decoding waits for (`urgent`) runs on a second session with every core;
 - CUDA: ONNX Runtime's CUDA provider with `user_compute_stream` set to a dedicated torch
   stream, so its kernels overlap the decode graph; when the CUDA provider is missing, the
@@ -97,15 +97,22 @@ def model_inputs(model, encoded) -> dict:
     return {k: v for k, v in encoded.items() if k in accepted}
 
 
-def _lower_thread_priority() -> None:
-    """Nice 19 for the calling thread (Linux: per-thread priorities); elsewhere nothing.
+# The worker's niceness on CPU. Decoding keeps both cores busy, so a check gets only what the
+# scheduler gives this weight. Measured on the guard bench's escalating answer (2 cores, catch-up
+# "replay", 12 runs each): at nice 19 (weight 15 against decoding's 1024) checks took 350-650 ms,
+# two in a row outlasted 64 tokens and decoding waited at --max-held (largest gap during a check
+# 1.7-2.5x the median); at nice 10 checks took 90-350 ms but slowed the steps beside them
+# (1.6-2.0x); at nice 15 (weight 36) checks took 250-600 ms and decoding never waited (1.4-1.5x).
+# SCHED_IDLE starved the checks (1.1 s) into waits at --max-held.
+WORKER_NICE = 15
 
-    (SCHED_IDLE was tried as well: no smaller gaps between decode steps, lower throughput.)
-    """
+
+def _lower_thread_priority(nice: int = WORKER_NICE) -> None:
+    """`nice` for the calling thread (Linux: per-thread priorities); elsewhere nothing."""
     import threading
 
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):
         pass
 
@@ -124,8 +131,8 @@ class ExchangeClassifier:
             raise OcEngineError(f"{self.path}: cannot load the classifier's tokenizer ({exc})") from exc
         self.device = device
         self.backend = self._choose_backend(backend)
-        # On CPU the check shares the cores with decoding: the worker runs at the lowest
-        # priority, so decode steps keep their pace and the check uses the time they leave.
+        # On CPU the check shares the cores with decoding: the worker runs at a low priority,
+        # so decode steps keep their pace and the check uses the time they leave.
         initializer = _lower_thread_priority if not device.startswith("cuda") else None
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oc-classifier", initializer=initializer)
 

@@ -19,12 +19,18 @@ tokens are released. Past `max_held` held tokens, the engine pauses that sequenc
 until its verdict arrives (`must_wait`).
 
 Catching up (`catch_up`): a check judges the answer as it was when submitted, and tokens keep
-arriving while it runs, so an allow usually leaves a few tokens uncovered. With "wait" (the
-default) the engine pauses that sequence for the one follow-up check that covers them, so a
-pause costs two checks and one short stall, then the guard re-arms. With "overlap" decoding
-never waits below `max_held`; when a check takes longer than a token (always, on a CPU
-whose cores decoding already uses) the follow-ups chase the answer and the guard may never
-re-arm, so the classifier runs for the rest of the answer.
+arriving while it runs, so an allow usually leaves some tokens uncovered. Three ways on:
+- "replay" (the default): the guard re-arms at the check's cover and judges the uncovered
+  tokens as if they arrived now, with the probe flags they were scored with: up to the first
+  one that pauses they are released, from there on they are held for a new check covering
+  every token made so far. The shown text is what the blocking design (stop at a pause,
+  classify, resume) would show for the same tokens, and decoding never waits for it.
+- "wait": the engine pauses that sequence for one follow-up check that covers them, then
+  the guard re-arms; every token made while held is judged by the classifier, at the cost of
+  one stall of a step plus a check.
+- "overlap": decoding never waits below `max_held`, follow-up checks cover the uncovered
+  tokens; when a check takes longer than a token (always, on a CPU whose cores decoding
+  already uses) they chase the answer and the guard may never re-arm.
 
 The guard returns what to do as a list of actions; the engine carries them out.
 """
@@ -38,6 +44,7 @@ WARN, PAUSE = 1, 2
 STREAMING, HELD, BLOCKED, STOPPED, DONE = "streaming", "held", "blocked", "stopped", "done"
 VERDICTS = ("allow", "block", "uncertain", "error", "timeout")
 DEFAULT_REFUSAL = "I can't help with that."
+CATCH_UPS = ("replay", "wait", "overlap")
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class GuardConfig:
     max_held: int = 64
     deadline_s: float = 5.0
     refusal: str = DEFAULT_REFUSAL
-    catch_up: str = "wait"  # "wait" or "overlap" (see the module docstring)
+    catch_up: str = "replay"  # "replay", "wait" or "overlap" (see the module docstring)
 
     def __post_init__(self):
         from oc_engine.errors import OcEngineError
@@ -60,8 +67,8 @@ class GuardConfig:
             raise OcEngineError(f"uncertain must be 'final' or 'block', got {self.uncertain!r}")
         if self.on_failure not in ("block", "stop"):
             raise OcEngineError(f"on_failure must be 'block' or 'stop', got {self.on_failure!r}")
-        if self.catch_up not in ("wait", "overlap"):
-            raise OcEngineError(f"catch_up must be 'wait' or 'overlap', got {self.catch_up!r}")
+        if self.catch_up not in CATCH_UPS:
+            raise OcEngineError(f"catch_up must be one of {', '.join(CATCH_UPS)}, got {self.catch_up!r}")
         if self.max_held < 1:
             raise OcEngineError(f"max held tokens must be >= 1, got {self.max_held}")
         if not self.deadline_s > 0:
@@ -101,6 +108,7 @@ class SequenceGuard:
     finished: bool = False  # the model stopped producing tokens
     catching_up: bool = False  # a follow-up check after an allow is pending; decoding waits for it
     reason: str | None = None
+    flags: list[int] = field(default_factory=list)  # every token's probe flags, for "replay"
     pause_points: list[int] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
 
@@ -111,15 +119,10 @@ class SequenceGuard:
             return []
         index = self.num_tokens
         self.num_tokens += 1
-        at_cadence = (index + 1) % self.config.every == 0
+        self.flags.append(flags)
         if self.state == STREAMING:
-            if at_cadence and flags & PAUSE:
-                self.state = HELD
-                self.pause_points.append(index)
-                self.events.append({"event": "pause", "token": index})
+            if self._pauses_at(index):
                 return self._request(Check(covers=self.num_tokens))
-            if at_cadence and flags & WARN:
-                self.events.append({"event": "warn", "token": index})
             return self._release_all()
         if self.hold_for_final and self.num_tokens - self.released >= self.config.max_held:
             # Holding for the final check, and the cap is reached: end the answer here and judge it.
@@ -143,6 +146,8 @@ class SequenceGuard:
             if self.released == self.num_tokens and not self.hold_for_final:
                 self.state = STREAMING  # re-armed
                 return actions + (self._done() if self.finished else [])
+            if self.config.catch_up == "replay" and not self.hold_for_final:
+                return actions + self._replay()
             follow_up = self._request_follow_up()
             self.catching_up = bool(follow_up) and self.config.catch_up == "wait"
             return actions + follow_up
@@ -194,6 +199,36 @@ class SequenceGuard:
         return "completed" if self.state == DONE else "streaming"
 
     # -- internals ----------------------------------------------------------------------
+    def _pauses_at(self, index: int) -> bool:
+        """Token `index` arrives while streaming: does its pause flag (at the cadence) hold it?"""
+        if (index + 1) % self.config.every:
+            return False
+        if self.flags[index] & PAUSE:
+            self.state = HELD
+            self.pause_points.append(index)
+            self.events.append({"event": "pause", "token": index})
+            return True
+        if self.flags[index] & WARN:
+            self.events.append({"event": "warn", "token": index})
+        return False
+
+    def _replay(self) -> list:
+        """Re-arm at the released point and judge the uncovered tokens as if they arrived now."""
+        self.state = STREAMING
+        self.events.append({"event": "rearm", "token": self.released})
+        for index in range(self.released, self.num_tokens):
+            if self._pauses_at(index):
+                start, self.released = self.released, index
+                released = [Release(start, index)] if index > start else []
+                return released + self._request_follow_up()  # covers every token made so far
+        actions = self._release_all()
+        if not self.finished:
+            return actions
+        if self.config.final_check:  # the answer ended while held: end it as on_finish would
+            self.state = HELD
+            return actions + self._request_follow_up()
+        return actions + self._done()
+
     def _request(self, check: Check) -> list:
         self.pending = check
         return [check]
