@@ -96,6 +96,8 @@ def test_guarded_generate_json_trace_and_plot(guarded_setup):
     assert row["verdicts"] and {"verdict", "p_unsafe", "latency_ms", "covers"} <= row["verdicts"][0].keys()
     trace = [json.loads(line) for line in (root / "trace.jsonl").read_text().splitlines()]
     assert trace[0]["events"][0]["event"] == "pause" and {"score", "ema", "state", "token"} <= trace[0].keys()
+    traced_verdicts = [e for r in trace for e in r["events"] if e["event"] == "verdict"]
+    assert [e["covers"] for e in traced_verdicts] == [v["covers"] for v in row["verdicts"]]
     plotted = CliRunner().invoke(main, ["plot-trace", str(root / "trace.jsonl"), "-o", str(root / "risk.png")])
     assert plotted.exit_code == 0 and (root / "risk.png").stat().st_size > 1000
 

@@ -36,6 +36,7 @@ class GuardedSequence:
     pending: tuple[Check, cf.Future, float] | None = None  # check, future, submitted at
     verdicts: list[dict] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
+    traced_events: int = 0  # guard events already written to the trace
 
 
 class GuardMonitor:
@@ -52,11 +53,11 @@ class GuardMonitor:
     def on_token(self, index: int, token: int, score: float | None, ema: float | None, flags: int) -> None:
         seq = self.sequences[index]
         seq.tokens.append(token)
-        events_before = len(seq.guard.events)
         self._apply(index, seq.guard.on_token(flags))
         if self.record_trace:
+            # This token's events, and those since the previous token (verdicts arrive between tokens).
             seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": score, "ema": ema,
-                              "flags": flags, "state": seq.guard.state, "events": seq.guard.events[events_before:]})
+                              "flags": flags, "state": seq.guard.state, "events": self._new_events(seq)})
 
     def on_finish(self, index: int) -> None:
         self._apply(index, self.sequences[index].guard.on_finish())
@@ -98,6 +99,8 @@ class GuardMonitor:
         for index, seq in enumerate(self.sequences):
             if seq.guard.status == "completed":
                 self._emit(index, seq.stream.finish())
+            if self.record_trace and seq.trace:
+                seq.trace[-1]["events"] += self._new_events(seq)  # the verdicts after the last token
 
     # -- results ------------------------------------------------------------------------
     def summary(self, index: int) -> dict:
@@ -140,6 +143,11 @@ class GuardMonitor:
         seq = self.sequences[index]
         seq.verdicts.append({"verdict": verdict, "covers": check.covers, "final": check.final, **detail})
         self._apply(index, seq.guard.on_verdict(check, verdict, detail))
+
+    @staticmethod
+    def _new_events(seq: GuardedSequence) -> list[dict]:
+        events, seq.traced_events = seq.guard.events[seq.traced_events:], len(seq.guard.events)
+        return events
 
     def _emit(self, index: int, piece: str) -> None:
         if piece:

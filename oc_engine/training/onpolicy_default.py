@@ -17,15 +17,22 @@ from pathlib import Path
 
 from oc_engine.training.topic_matched import benign_twins
 
+# (file, source filter, how many distinct prompts). GPTFuzz's bare questions (train half) and the
+# JailbreakBench goals that refusal_direction answered widen the harm categories beyond "how to"
+# requests (misinformation, harassment, sexual content, expert advice). The JailbreakBench goals
+# are the dev file's harmful half: the data README says so, and the README reports it.
 SAMPLED = (("advbench.jsonl", None, 200), ("maliciousinstruct.jsonl", None, 100),
            ("alpaca_harmful_splits.jsonl", "harmful_train", 200),
+           ("gptfuzz_labeled.jsonl", "gptfuzz:train", None),
+           ("refusal_direction_completions.jsonl", "jailbreakbench", None),
            ("alpaca_harmful_splits.jsonl", "harmless_train", 500))
-# Harmful prompts the benign pool is matched against and twinned (GPTFuzz's bare questions: train half only).
+# Harmful prompts the benign pool is matched against and twinned.
 ANCHORS = (("advbench.jsonl", None), ("maliciousinstruct.jsonl", None),
-           ("alpaca_harmful_splits.jsonl", "harmful_train"), ("gptfuzz_labeled.jsonl", "gptfuzz:train"))
+           ("alpaca_harmful_splits.jsonl", "harmful_train"), ("gptfuzz_labeled.jsonl", "gptfuzz:train"),
+           ("refusal_direction_completions.jsonl", "jailbreakbench"))
 BENIGN_POOL = ("alpaca_harmful_splits.jsonl", "harmless_train")
 TOPIC_MATCHED = 600
-TWINS, TWINS_PER_PROMPT = 600, 2
+TWINS, TWINS_PER_PROMPT = 700, 2
 ONPOLICY_TOKENS = 64
 
 
@@ -44,9 +51,9 @@ def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path
     from oc_engine.engine.probe import ModelFingerprint
 
     stem = cache_root() / "onpolicy" / ModelFingerprint.of(loaded.model).weights_hash[:12]
-    sampled = Path(f"{stem}-default-v1.jsonl")
-    matched = Path(f"{stem}-topic-matched-v1.jsonl")
-    twins = Path(f"{stem}-benign-twins-v1.jsonl")
+    sampled = Path(f"{stem}-default-v2.jsonl")
+    matched = Path(f"{stem}-topic-matched-v2.jsonl")
+    twins = Path(f"{stem}-benign-twins-v2.jsonl")
     _collect_once(loaded, sampled, lambda: _sampled_prompts(root), log, progress)
     _collect_once(loaded, matched, lambda: _topic_matched_prompts(root, log), log, progress)
     _collect_once(loaded, twins, lambda: benign_twins(_anchors(root), TWINS_PER_PROMPT, TWINS), log, progress)
@@ -70,7 +77,8 @@ def _sampled_prompts(root: Path) -> list:
 
     rows = []
     for name, source, limit in SAMPLED:
-        rows += sample_prompts(read_labelled_prompts(root / "train" / name, source_filter=source), limit)
+        distinct = {r.prompt: r for r in read_labelled_prompts(root / "train" / name, source_filter=source)}
+        rows += sample_prompts(list(distinct.values()), limit)
     return rows
 
 
