@@ -22,8 +22,10 @@ def classifier(tmp_path_factory):
     from oc_engine.export.onnx_export import export_classifier
 
     root = tmp_path_factory.mktemp("minilm")
-    model = AutoModelForSequenceClassification.from_pretrained(embedded_classifier_backbone(), num_labels=3,
-                                                               attn_implementation="sdpa")
+    labels = ("safe_compliance", "safe_refusal", "unsafe_compliance")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        embedded_classifier_backbone(), num_labels=3, attn_implementation="sdpa",
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     model.save_pretrained(root / "hf")
     AutoTokenizer.from_pretrained(embedded_classifier_backbone()).save_pretrained(root / "hf")
     export_classifier(root / "hf", root / "onnx")

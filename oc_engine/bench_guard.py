@@ -15,9 +15,11 @@ Six modes on one prompt, the same compiled engine, N new tokens (EOS ignored), b
 
 Every token's arrival (the engine handing it to the monitor) is timestamped. tokens/s is
 (N - 1) / (t_N - t_1); a gap is the time between two arrivals; a gap "during a check" is one
-that overlaps the interval between a check's submission and its verdict. Each mode reports its
-median run (by tokens/s), the largest gap during a check over all runs, and the largest ratio
-of a run's largest gap during a check to that run's median gap.
+that overlaps the interval between a check's submission and its verdict. The modes run
+round-robin (each round runs every mode once). Each mode reports its median run (by tokens/s),
+its speed against unguarded as the median over rounds of the ratio to that round's unguarded
+run, the largest gap during a check over all runs, and the largest ratio of a run's largest gap
+during a check to that run's median gap.
 """
 
 from __future__ import annotations
@@ -157,23 +159,28 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
                        status=summary["status"])
         return row
 
-    rows = []
+    runs: dict[str, list[dict]] = {mode: [] for mode in GUARD_BENCH_MODES}
     with torch.inference_mode():
         for mode in GUARD_BENCH_MODES:
             if progress:
-                progress(mode)
-            run(mode)  # warm-up
-            runs = [run(mode) for _ in range(repeats)]
-            best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # the median run
-            # The worst run for gaps: each run's largest gap during a check against its own median
-            # (this machine's pace drifts between runs, so gaps are compared within one answer).
-            ratios = [r["max_gap_during_check_ms"] / r["median_gap_ms"] for r in runs if r["max_gap_during_check_ms"]]
-            best["max_gap_during_check_ms"] = max((r["max_gap_during_check_ms"] or 0) for r in runs) or None
-            best["max_check_gap_over_median"] = max(ratios) if ratios else None
-            rows.append({"mode": mode, **best})
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["ratio_to_unguarded"] = r["tokens_per_s"] / base
+                progress(f"{mode} (warm-up)")
+            run(mode)
+        # Round-robin: every round runs each mode once, so a slow spell of the machine hits
+        # all modes alike, and each mode is compared with the unguarded run of its own round.
+        for round_ in range(repeats):
+            if progress:
+                progress(f"round {round_ + 1}/{repeats}")
+            for mode in GUARD_BENCH_MODES:
+                runs[mode].append(run(mode))
+    rows = []
+    for mode in GUARD_BENCH_MODES:
+        best = sorted(runs[mode], key=lambda r: r["tokens_per_s"])[repeats // 2]  # the median run
+        paired = [r["tokens_per_s"] / u["tokens_per_s"] for r, u in zip(runs[mode], runs["unguarded"])]
+        # The worst run for gaps: each run's largest gap during a check against its own median.
+        ratios = [r["max_gap_during_check_ms"] / r["median_gap_ms"] for r in runs[mode] if r["max_gap_during_check_ms"]]
+        rows.append({"mode": mode, **best, "ratio_to_unguarded": statistics.median(paired),
+                     "max_gap_during_check_ms": max((r["max_gap_during_check_ms"] or 0) for r in runs[mode]) or None,
+                     "max_check_gap_over_median": max(ratios) if ratios else None})
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": loaded.source,
             "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
             "threads": torch.get_num_threads(), "torch": torch.__version__,

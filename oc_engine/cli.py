@@ -194,7 +194,8 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                    "probe (scored every token, never pausing) to the compiled step.")
 @click.option("--suite", type=click.Choice(["decode", "guard", "classifier"]), default="decode", show_default=True,
               help="decode: the modes above. guard: unguarded vs probe only vs escalating (several pauses, "
-                   "classifier overlapped) vs blocking (decoding stops for each check), with inter-token gaps. "
+                   "classifier overlapped; catch-up replay, wait and overlap) vs blocking (decoding stops for each "
+                   "check), round-robin, with inter-token gaps. "
                    "classifier: the classifier's latency per call, ONNX Runtime fp32/int8 vs PyTorch, 128 and "
                    "512 tokens.")
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,

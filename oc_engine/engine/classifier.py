@@ -99,10 +99,11 @@ def model_inputs(model, encoded) -> dict:
 
 # The worker's niceness on CPU. Decoding keeps both cores busy, so a check gets only what the
 # scheduler gives this weight. Measured on the guard bench's escalating answer (2 cores, catch-up
-# "replay", 12 runs each): at nice 19 (weight 15 against decoding's 1024) checks took 350-650 ms,
-# two in a row outlasted 64 tokens and decoding waited at --max-held (largest gap during a check
-# 1.7-2.5x the median); at nice 10 checks took 90-350 ms but slowed the steps beside them
-# (1.6-2.0x); at nice 15 (weight 36) checks took 250-600 ms and decoding never waited (1.4-1.5x).
+# "replay"): at nice 19 (weight 15 against decoding's 1024; 12 runs) checks took 350-650 ms, two
+# in a row outlasted 64 tokens and decoding waited at --max-held (largest gap during a check
+# 1.7-2.5x the median); at nice 10 (6 runs) checks took 90-350 ms but slowed the steps beside
+# them (1.6-2.0x); at nice 15 (weight 36; 6 runs) checks took 250-600 ms and decoding never
+# waited (1.4-1.5x).
 # SCHED_IDLE starved the checks (1.1 s) into waits at --max-held.
 WORKER_NICE = 15
 
