@@ -8,7 +8,8 @@ labelled by prompt label and the refusal detector; see `onpolicy`):
 - `TWINS` templated benign twins of the harmful training prompts (see `topic_matched`):
   safe answers on harmful topics, so neither stage learns the topic alone.
 
-Only `train/` prompts are used; no dev prompt is trained on.
+Only `train/` prompts are used. Among them are the JailbreakBench goals, which are the dev
+file's harmful half (the data README says so); no dev benign prompt is trained on.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ TWINS, TWINS_PER_PROMPT = 700, 2
 ONPOLICY_TOKENS = 64
 
 
-def embedded_onpolicy_specs(log, progress: bool) -> list[tuple[str, None]]:
-    """The on-policy files as training data specs, for the embedded model (loaded to find or collect them)."""
+def embedded_onpolicy_specs(log, progress: bool, loaded=None) -> list[tuple[str, None]]:
+    """The on-policy files as training data specs, for the embedded model (`loaded`, or loaded
+    here to find or collect them)."""
     from oc_engine.data import require_shared_data_dir
     from oc_engine.engine.loading import load_model
 
     root = require_shared_data_dir()
-    return [(str(f), None) for f in default_onpolicy_files(load_model(None, progress=False), root, log, progress)]
+    loaded = loaded if loaded is not None else load_model(None, progress=False)
+    return [(str(f), None) for f in default_onpolicy_files(loaded, root, log, progress)]
 
 
 def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path]:

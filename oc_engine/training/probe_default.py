@@ -23,19 +23,18 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     """job's layers and max_exchanges, when unset, become DEFAULT_LAYERS and MAX_EXCHANGES."""
     import dataclasses
 
-    from oc_engine.data import require_shared_data_dir
     from oc_engine.engine.embedded import default_probe_dir
     from oc_engine.engine.loading import load_model
     from oc_engine.training.classifier_pipeline import default_data_specs
-    from oc_engine.training.onpolicy_default import default_onpolicy_files
+    from oc_engine.training.onpolicy_default import embedded_onpolicy_specs
     from oc_engine.training.probe_pipeline import train_probe
 
     target = default_probe_dir()
     if target.exists() and not force:
         raise OcEngineError(f"{target} already exists (--force rebuilds the shipped probe)")
-    root = require_shared_data_dir()
+    shared = default_data_specs()  # before loading the model: fails at once without the shared data
     loaded = load_model(None, progress=False)
-    specs = default_data_specs() + [(str(f), None) for f in default_onpolicy_files(loaded, root, log, progress)]
+    specs = shared + embedded_onpolicy_specs(log, progress, loaded)
     job = dataclasses.replace(job, layers=job.layers or DEFAULT_LAYERS,
                               max_exchanges=job.max_exchanges or MAX_EXCHANGES)
     target.parent.mkdir(parents=True, exist_ok=True)
