@@ -263,10 +263,10 @@ def plot_trace(trace_file, output, sequence):
 
 def _register() -> None:
     from oc_engine.commands.classifier import calibrate_classifier, export_classifier, train_classifier
-    from oc_engine.commands.probe import collect, eval_command, sweep_layers, train_probe
+    from oc_engine.commands.probe import collect, eval_command, headroom_command, sweep_layers, train_probe
 
     for command in (export_classifier, train_classifier, calibrate_classifier, collect, train_probe, sweep_layers,
-                    eval_command):
+                    eval_command, headroom_command):
         main.add_command(command)
 
 

@@ -135,3 +135,21 @@ def test_collect_and_eval_commands(guarded_setup, tmp_path):
     report = json.loads(result.stdout)
     assert report["replay"]["per_label"]["unsafe_compliance"]["block_rate"] == 1.0  # always pauses, no classifier
     assert all(g["block_rate"] == 1.0 for g in report["live"]["groups"].values())
+
+
+def test_headroom_command(guarded_setup, tmp_path):
+    """headroom on labelled exchanges (probe alone), and a one-line error for a file with one class."""
+    root, _ = guarded_setup
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{20 + i} w9", "response": f"w{100 + 100 * (i % 2)} w101 w102",
+                                        "label": 2 * (i % 2)}) + "\n" for i in range(24)))
+    result = CliRunner().invoke(main, ["headroom", "--data", str(data), "--model", str(root / "model"), "--probe",
+                                       str(root / "probe"), "--no-classifier", "--folds", "3",
+                                       "--max-response-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["cross_validated"]) == {"probe", "probe_first"} and report["checkpoint"] is None
+    one_class = tmp_path / "unsafe.jsonl"
+    one_class.write_text(json.dumps({"prompt": "p", "response": "r", "label": 2}) + "\n")
+    result = CliRunner().invoke(main, ["headroom", "--data", str(one_class), "--model", str(root / "model")])
+    assert result.exit_code == 1 and "needs unsafe_compliance and safe_compliance" in result.output

@@ -75,6 +75,19 @@ def test_a_probe_on_separable_activations_reaches_the_known_accuracy():
     assert weight[0].abs().argmax() == 3  # it found the direction
 
 
+def test_a_probe_started_from_another_keeps_it_and_can_improve_it():
+    train, val = _synthetic(seed=0, shift=3.0), _synthetic(seed=1, shift=3.0)
+    start_weight = torch.randn(1, 16, generator=torch.Generator().manual_seed(3)) * 0.1
+    start_bias = torch.tensor([0.5])
+    # (almost) no steps: the start comes back, through the standardisation and back
+    weight, bias = fit_probe(train, ProbeTrainConfig(steps=1, learning_rate=1e-9), init=(start_weight, start_bias))
+    assert torch.allclose(weight, start_weight, atol=1e-5) and torch.allclose(bias, start_bias, atol=1e-4)
+    unsafe = val.labels.numpy() == 2
+    weight, bias = fit_probe(train, ProbeTrainConfig(alpha=0.3, steps=200, learning_rate=5e-2),
+                             init=(start_weight, start_bias))
+    assert auroc(exchange_scores(val, weight, bias, 0.3), unsafe) > 0.98
+
+
 def test_the_ema_matches_the_kernel_reference():
     from oc_engine.kernels.probe_ema import probe_ema_reference
 

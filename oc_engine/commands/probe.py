@@ -1,4 +1,4 @@
-"""`collect`, `train-probe`, `sweep-layers` and `eval`."""
+"""`collect`, `train-probe`, `sweep-layers`, `eval` and `headroom`."""
 
 from __future__ import annotations
 
@@ -227,3 +227,50 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
                       log=progress_log("oc-engine eval", quiet=as_json))
     write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else eval_markdown(report))
+
+
+@click.command("headroom")
+@click.option("--data", "data_specs", multiple=True, required=True, metavar="FILE[@SOURCE]",
+              help="Labelled exchanges to measure on (repeatable), e.g. the target's own answers from `collect`.")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False),
+              help="Probe whose layers, alpha and objective are retrained (default: the shipped probe).")
+@click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
+              help="Classifier export measured as shipped (default: the built default classifier, if any).")
+@click.option("--classifier-checkpoint", "checkpoint", default=None, type=click.Path(file_okay=False),
+              help="Hugging Face three-class checkpoint to fine-tune per fold (default: the default "
+                   "classifier's own checkpoint, with the default classifier).")
+@click.option("--no-classifier", is_flag=True, help="Measure the probe alone.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--benign-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="safe_compliance share a stage may flag when counting unsafe answers caught.")
+@click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--classifier-epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many exchanges per file.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, no_classifier, folds, benign_rate,
+                     max_response_tokens, classifier_epochs, limit, out, as_json, seed):
+    """How far more data of this kind could take each stage: cross-validated on the file itself.
+
+    \b
+    Per fold (grouped by prompt), a probe with the shipped probe's layers and alpha is trained, and
+    the classifier fine-tuned, on the other folds, then scored on it. Reported for the probe, the
+    classifier and both: AUROC and the unsafe answers caught at --benign-rate, as shipped and
+    trained in-distribution. If even the in-distribution figures miss a target, more such
+    data cannot meet it; a stronger model or classifier backbone is needed.
+    Example (about 10 minutes here):
+      oc-engine collect --prompts ../shared/data/dev/jbb_behaviors.jsonl --out jbb-answers.jsonl
+      oc-engine headroom --data jbb-answers.jsonl --max-response-tokens 96
+    """
+    from oc_engine.training.headroom import HeadroomConfig, headroom_markdown, run_headroom
+
+    config = HeadroomConfig(folds=folds, max_response_tokens=max_response_tokens, benign_rate=benign_rate,
+                            classifier_epochs=classifier_epochs, seed=seed)
+    report = run_headroom(model=model, probe_dir=probe_dir, classifier_dir=classifier_dir, checkpoint=checkpoint,
+                          no_classifier=no_classifier, specs=[parse_data_spec(s) for s in data_specs], limit=limit,
+                          config=config, progress=not as_json, log=progress_log("oc-engine headroom", quiet=as_json))
+    write_json(out, report)
+    click.echo(json.dumps(report, indent=2) if as_json else headroom_markdown(report))

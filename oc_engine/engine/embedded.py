@@ -54,6 +54,11 @@ def default_classifier_dir() -> Path:
     return cache_root() / "classifier"
 
 
+def default_classifier_checkpoint_dir() -> Path:
+    """The Hugging Face checkpoint that the default classifier was exported from (kept beside it)."""
+    return cache_root() / "classifier-checkpoint"
+
+
 def default_probe_dir() -> Path:
     """The probe shipped in the package for the embedded model (`oc-engine train-probe --default`)."""
     return Path(__file__).resolve().parents[1] / "assets" / "default_probe"

@@ -149,8 +149,8 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
     except (OSError, ValueError) as exc:
         raise OcEngineError(f"cannot load the backbone {backbone}: {str(exc).splitlines()[0]}") from exc
     bf16 = _use_bf16(config.bf16)
-    weights = _class_weights([target_of(e.label, config.binary) for e in train_rows], len(labels))
-    _fit(model, tokenizer, train_rows, config, weights, bf16, progress)
+    weights = class_weights([target_of(e.label, config.binary) for e in train_rows], len(labels))
+    fit_classifier(model, tokenizer, train_rows, config, weights, bf16, progress)
     p_val = predict(model, tokenizer, data.validation, config.max_length, bf16)
     validation_report = evaluate(p_val, data.validation, config)
     report = {"backbone": backbone, "labels": list(labels), "binary": config.binary, "config": asdict(config),
@@ -215,16 +215,52 @@ def predict(model, tokenizer, exchanges: list[Exchange], max_length: int, bf16: 
     return out
 
 
+def class_weights(targets: list[int], classes: int) -> torch.Tensor:
+    """Inverse-frequency weights [classes]; 0 for a class with no rows."""
+    counts = np.bincount(np.array(targets), minlength=classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def fit_classifier(model, tokenizer, rows: list[Exchange], config: ClassifierTrainConfig, weights: torch.Tensor,
+                   bf16: bool, progress: bool, desc: str = "train-classifier") -> None:
+    """Fine-tune `model` in place on `rows` (targets by `config.binary`), AdamW with linear warm-up and decay."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    rng = random.Random(config.seed)
+    epochs = math.ceil(config.epochs)
+    per_epoch = math.ceil(len(rows) / config.batch_size)
+    total = max(1, int(per_epoch * config.epochs))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 20), total)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    model.train()
+    step = 0
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress) as bar:
+        for _ in range(epochs):
+            for batch in _batches(rows, config.batch_size, rng):
+                if step >= total:
+                    return
+                enc = model_inputs(model, _encode(tokenizer, batch, config.max_length))
+                targets = torch.tensor([target_of(e.label, config.binary) for e in batch])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(**enc).logits
+                loss = loss_fn(logits.float(), targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+
+
 # -- internals ----------------------------------------------------------------------------
 def _encode(tokenizer, exchanges: list[Exchange], max_length: int):
     texts = [render_exchange(e.prompt, e.response) for e in exchanges]
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-
-
-def _class_weights(targets: list[int], classes: int) -> torch.Tensor:
-    counts = np.bincount(np.array(targets), minlength=classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _use_bf16(requested: bool | None) -> bool:
@@ -246,37 +282,3 @@ def _batches(rows: list[Exchange], batch_size: int, rng: random.Random) -> list[
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def _fit(model, tokenizer, rows: list[Exchange], config: ClassifierTrainConfig, weights: torch.Tensor,
-         bf16: bool, progress: bool) -> None:
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    rng = random.Random(config.seed)
-    epochs = math.ceil(config.epochs)
-    per_epoch = math.ceil(len(rows) / config.batch_size)
-    total = max(1, int(per_epoch * config.epochs))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 20), total)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    model.train()
-    step = 0
-    with tqdm(total=total, desc="train-classifier", unit="batch", disable=not progress) as bar:
-        for _ in range(epochs):
-            for batch in _batches(rows, config.batch_size, rng):
-                if step >= total:
-                    return
-                enc = model_inputs(model, _encode(tokenizer, batch, config.max_length))
-                targets = torch.tensor([target_of(e.label, config.binary) for e in batch])
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(**enc).logits
-                loss = loss_fn(logits.float(), targets)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()

@@ -45,7 +45,7 @@ def build(*, data_specs, out, export_dir, int8: bool, eval_specs, build_default:
           **train_options) -> dict:
     """train-classifier: returns the report (training, calibration, evaluations, export)."""
     from oc_engine.commands.common import progress_log
-    from oc_engine.engine.embedded import default_classifier_dir
+    from oc_engine.engine.embedded import default_classifier_checkpoint_dir, default_classifier_dir
     from oc_engine.training.classifier import ClassifierTrainConfig, train_classifier
 
     log = progress_log("oc-engine train-classifier", quiet=quiet)
@@ -60,7 +60,7 @@ def build(*, data_specs, out, export_dir, int8: bool, eval_specs, build_default:
 
             data = default_data_specs() + embedded_onpolicy_specs(log, progress=not quiet)
         evals = evals or default_eval_specs()
-        out = out or str(target.with_name("classifier-checkpoint"))
+        out = out or str(default_classifier_checkpoint_dir())
         export_dir = export_dir or str(target)
         for key, value in DEFAULT_BUILD.items():
             if train_options.get(key) is None:

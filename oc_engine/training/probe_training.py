@@ -62,8 +62,11 @@ def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return torch.einsum("etlh,lh->et", features.float(), weight.float()) + bias.float()
 
 
-def fit_probe(train: Activations, config: ProbeTrainConfig, *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (weight [L, H], bias [1]) in fp32 for raw hidden states."""
+def fit_probe(train: Activations, config: ProbeTrainConfig, *, progress: bool = False,
+              init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weight [L, H], bias [1]) in fp32 for raw hidden states.
+
+    init: a probe (weight [L, H], bias [1], raw hidden states) to start from instead of zeros."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
@@ -76,8 +79,12 @@ def fit_probe(train: Activations, config: ProbeTrainConfig, *, progress: bool = 
     mean, std = valid.mean(0), valid.std(0).clamp_min(1e-6)
     x = (x - mean) / std
     x[~mask] = 0
-    weight = torch.zeros(x.shape[2], x.shape[3], requires_grad=True)
-    bias = torch.zeros(1, requires_grad=True)
+    if init is None:
+        weight, bias = torch.zeros(x.shape[2], x.shape[3]), torch.zeros(1)
+    else:  # the same probe on standardised features
+        weight = init[0].float() * std
+        bias = init[1].float().reshape(1) + (init[0].float() * mean).sum()
+    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([weight, bias], lr=config.learning_rate)
     positives = y.sum()
     exchange_weight = torch.where(y > 0, (len(y) - positives) / positives, torch.ones(())) if config.balance \
