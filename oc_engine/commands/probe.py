@@ -256,12 +256,13 @@ def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, n
     """How far more data of this kind could take each stage: cross-validated on the file itself.
 
     \b
-    Per fold (grouped by prompt), a probe with the shipped probe's layers and alpha is trained, and
-    the classifier fine-tuned, on the other folds, then scored on it. Reported for the probe, the
+    Per fold (grouped by prompt), a probe with the given probe's layers and alpha is trained from
+    its weights, and the classifier fine-tuned from its checkpoint, on the other folds, then scored
+    on it. Reported for the probe (highest EMA; and read at the prompt's last position only), the
     classifier and both: AUROC and the unsafe answers caught at --benign-rate, as shipped and
     trained in-distribution. If even the in-distribution figures miss a target, more such
     data cannot meet it; a stronger model or classifier backbone is needed.
-    Example (about 10 minutes here):
+    Example (2 + 5 minutes on a 2-core CPU, 200 prompts):
       oc-engine collect --prompts ../shared/data/dev/jbb_behaviors.jsonl --out jbb-answers.jsonl
       oc-engine headroom --data jbb-answers.jsonl --max-response-tokens 96
     """
