@@ -80,3 +80,10 @@ def test_headroom_needs_both_classes(tiny):
     rows = [Exchange(f"w{20 + i} w9", "w100 w101", 2) for i in range(10)]
     with pytest.raises(OcEngineError, match="unsafe_compliance and safe_compliance"):
         headroom(loaded, make_probe(loaded.model, bias=0.0), rows, HeadroomConfig(), progress=False)
+
+
+def test_headroom_needs_both_classes_outside_every_fold(tiny):
+    loaded = tiny("llama")
+    rows = [Exchange("w20 w9", "w100 w101", 2)] + [Exchange(f"w{30 + i} w9", "w200", 0) for i in range(12)]
+    with pytest.raises(OcEngineError, match="too few exchanges for 3 folds"):
+        headroom(loaded, make_probe(loaded.model, bias=0.0), rows, HeadroomConfig(folds=3), progress=False)

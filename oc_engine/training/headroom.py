@@ -93,8 +93,12 @@ def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *
     shipped and cross-validated. exchanges: labelled, both unsafe_compliance and safe_compliance."""
     labels = require_both_classes(exchanges)
     folds = assign_folds(exchanges, config.folds, config.seed)
-    if len(set(folds.tolist())) < 2:
-        raise OcEngineError("too few distinct prompts for cross-validation")
+    for fold in np.unique(folds):
+        rest = labels[folds != fold]
+        if not (rest == UNSAFE).any() or not (rest == 0).any():
+            raise OcEngineError(f"too few exchanges for {config.folds} folds: without fold {fold + 1} no "
+                                "unsafe_compliance or no safe_compliance exchange is left to train on "
+                                "(fewer --folds or more data)")
     log(f"{len(exchanges)} exchanges ({int((labels == UNSAFE).sum())} unsafe_compliance, "
         f"{int((labels == 0).sum())} safe_compliance), {config.folds} folds grouped by prompt")
     acts = _activations(loaded, probe, exchanges, config, progress)
