@@ -27,6 +27,19 @@ def resolve_probe_dir(probe_dir: str | Path | None, model_is_embedded: bool, log
     return None
 
 
+def require_probe(loaded, probe_dir: str | Path | None, model_is_embedded: bool, log: Log = lambda m: None):
+    """(directory, Probe) for `resolve_probe_dir(...)`, checked against the loaded model; an error
+    when there is none (commands that measure the guard need one)."""
+    from oc_engine.engine.probe import load_probe
+
+    directory = resolve_probe_dir(probe_dir, model_is_embedded, log)
+    if directory is None:
+        raise OcEngineError("no probe: give --probe DIR (a default probe ships only for the embedded model)")
+    probe = load_probe(directory)
+    probe.check_model(loaded.model)
+    return directory, probe
+
+
 def resolve_classifier_dir(classifier_dir: str | Path | None, *, required: bool = False,
                            log: Log = lambda m: None) -> Path | None:
     """`classifier_dir`, else the built default classifier; None when neither (an error when `required`)."""

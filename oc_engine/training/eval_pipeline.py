@@ -9,18 +9,13 @@ from oc_engine.errors import OcEngineError
 
 def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
              max_response_tokens, batch_size, plot, seed, progress, log) -> dict:
-    from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
+    from oc_engine.engine.defaults import require_probe, resolve_classifier
     from oc_engine.engine.loading import load_model
-    from oc_engine.engine.probe import load_probe
 
     if not replay_specs and not live_specs:
         raise OcEngineError("give --replay FILE and/or --live FILE")
     loaded = load_model(model, progress=False)
-    directory = resolve_probe_dir(probe_dir, model is None, log)
-    if directory is None:
-        raise OcEngineError("no probe: give --probe DIR (a default probe ships only for the embedded model)")
-    probe = load_probe(directory)
-    probe.check_model(loaded.model)
+    _, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = None if no_classifier else resolve_classifier(classifier_dir, str(loaded.device), log=log)
     report = {"model": loaded.source, "probe": probe_dir or "default",
               "classifier": str(classifier.path) if classifier else None,

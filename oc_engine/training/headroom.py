@@ -133,19 +133,14 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
     The classifier is fine-tuned from `checkpoint`; with the default classifier, from the
     checkpoint that `train-classifier --default` keeps beside it."""
     from oc_engine.engine import embedded
-    from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
+    from oc_engine.engine.defaults import require_probe, resolve_classifier
     from oc_engine.engine.loading import load_model
-    from oc_engine.engine.probe import load_probe
     from oc_engine.training.probe_pipeline import read_specs
 
     exchanges = read_specs(specs, limit, config.seed)  # before loading anything: bad files fail at once
     require_both_classes(exchanges)
     loaded = load_model(model, progress=False)
-    directory = resolve_probe_dir(probe_dir, model is None, log)
-    if directory is None:
-        raise OcEngineError("no probe: give --probe DIR (a default probe ships only for the embedded model)")
-    probe = load_probe(directory)
-    probe.check_model(loaded.model)
+    directory, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = None if no_classifier else resolve_classifier(classifier_dir, "cpu", log=log)
     if checkpoint is None and classifier is not None and classifier_dir is None:
         default_checkpoint = embedded.default_classifier_checkpoint_dir()
