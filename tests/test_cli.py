@@ -153,3 +153,7 @@ def test_headroom_command(guarded_setup, tmp_path):
     one_class.write_text(json.dumps({"prompt": "p", "response": "r", "label": 2}) + "\n")
     result = CliRunner().invoke(main, ["headroom", "--data", str(one_class), "--model", str(root / "model")])
     assert result.exit_code == 1 and "needs unsafe_compliance and safe_compliance" in result.output
+    missing = CliRunner().invoke(main, ["headroom", "--data", str(data), "--model", str(root / "model"), "--probe",
+                                        str(root / "probe"), "--classifier-checkpoint", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1 and "cannot read the classifier checkpoint" in missing.output
+    assert "Traceback" not in missing.output

@@ -46,6 +46,7 @@ class HeadroomConfig:
     classifier_epochs: float = 3.0
     classifier_learning_rate: float = 3e-5
     classifier_batch_size: int = 16
+    classifier_max_length: int = 192  # tokens of `User: ... Assistant: ...`, as the default classifier reads
     batch_size: int = 8
     seed: int = 0
 
@@ -139,6 +140,8 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
 
     exchanges = read_specs(specs, limit, config.seed)  # before loading anything: bad files fail at once
     require_both_classes(exchanges)
+    if checkpoint is not None and not no_classifier:
+        check_checkpoint(checkpoint)
     loaded = load_model(model, progress=False)
     directory, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = None if no_classifier else resolve_classifier(classifier_dir, "cpu", log=log)
@@ -157,6 +160,21 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
             classifier.close()
     return {"model": loaded.source, "probe": str(directory), "classifier": str(classifier.path) if classifier else None,
             "checkpoint": None if no_classifier or checkpoint is None else str(checkpoint), **report}
+
+
+def check_checkpoint(checkpoint: str | Path) -> None:
+    """A one-line error unless `checkpoint` is a three-class sequence classifier (what headroom fine-tunes)."""
+    from transformers import AutoConfig
+
+    from oc_engine.data import LABELS
+
+    try:
+        labels = AutoConfig.from_pretrained(checkpoint).num_labels
+    except (OSError, ValueError) as exc:
+        raise OcEngineError(f"cannot read the classifier checkpoint {checkpoint}: {str(exc).splitlines()[0]}") from exc
+    if labels != len(LABELS):
+        raise OcEngineError(f"{checkpoint} has {labels} labels; headroom fine-tunes a three-class checkpoint "
+                            f"({', '.join(LABELS)})")
 
 
 def headroom_markdown(report: dict) -> str:
@@ -238,21 +256,20 @@ def _cross_validated_classifier(checkpoint, exchanges, responses, folds, config,
 
     rows = [Exchange(e.prompt, r, e.label, e.source) for e, r in zip(exchanges, responses)]
     train_config = ClassifierTrainConfig(epochs=config.classifier_epochs, batch_size=config.classifier_batch_size,
-                                         learning_rate=config.classifier_learning_rate, max_length=192, prefixes=0,
+                                         learning_rate=config.classifier_learning_rate,
+                                         max_length=config.classifier_max_length, prefixes=0,
                                          bf16=False, seed=config.seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     scores = np.zeros(len(rows))
     for fold in np.unique(folds):
         torch.manual_seed(config.seed)
         model = load_sequence_classifier(checkpoint)
-        if model.config.num_labels != len(train_config.labels):
-            raise OcEngineError(f"{checkpoint} has {model.config.num_labels} labels; headroom fine-tunes a "
-                                f"three-class checkpoint ({', '.join(train_config.labels)})")
         train = [rows[i] for i in np.flatnonzero(folds != fold)]
         held = np.flatnonzero(folds == fold)
         fit_classifier(model, tokenizer, train, train_config, class_weights([e.label for e in train], 3), False,
                        progress, desc=f"classifier fold {fold + 1}/{config.folds}")
-        scores[held] = predict(model, tokenizer, [rows[i] for i in held], 192, False)[:, UNSAFE]
+        scores[held] = predict(model, tokenizer, [rows[i] for i in held], config.classifier_max_length,
+                               False)[:, UNSAFE]
     return scores
 
 
