@@ -263,7 +263,7 @@ def _cross_validated_classifier(checkpoint, exchanges, responses, folds, config,
     scores = np.zeros(len(rows))
     for fold in np.unique(folds):
         torch.manual_seed(config.seed)
-        model = load_sequence_classifier(checkpoint)
+        model = _quietly(load_sequence_classifier, checkpoint)  # one progress bar per fold is the training's
         train = [rows[i] for i in np.flatnonzero(folds != fold)]
         held = np.flatnonzero(folds == fold)
         fit_classifier(model, tokenizer, train, train_config, class_weights([e.label for e in train], 3), False,
@@ -271,6 +271,19 @@ def _cross_validated_classifier(checkpoint, exchanges, responses, folds, config,
         scores[held] = predict(model, tokenizer, [rows[i] for i in held], config.classifier_max_length,
                                False)[:, UNSAFE]
     return scores
+
+
+def _quietly(load, *args):
+    """`load(*args)` without transformers' own "Loading weights" progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load(*args)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _standardised_logit(p: np.ndarray) -> np.ndarray:
