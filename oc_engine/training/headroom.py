@@ -19,7 +19,6 @@ fall short of a target, more data of that kind will not reach it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from oc_engine.data import UNSAFE, Exchange
 from oc_engine.errors import OcEngineError
 from oc_engine.training.probe_training import auroc
-from oc_engine.training.splits import prompt_key
+from oc_engine.training.splits import prompt_hash
 
 
 STAGES = {"probe": "probe (highest EMA over the response)",
@@ -61,11 +60,7 @@ class HeadroomConfig:
 
 def assign_folds(exchanges: list[Exchange], folds: int, seed: int = 0) -> np.ndarray:
     """Fold index per exchange [E]; every exchange of one prompt in the same fold."""
-    def fold_of(prompt: str) -> int:
-        digest = hashlib.sha256(f"{seed}:{prompt_key(prompt)}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") % folds
-
-    return np.array([fold_of(e.prompt) for e in exchanges], dtype=np.int64)
+    return np.array([prompt_hash(e.prompt, seed) % folds for e in exchanges], dtype=np.int64)
 
 
 def caught_at_benign_rate(scores: np.ndarray, labels: np.ndarray, rate: float) -> float:
@@ -83,7 +78,7 @@ def caught_at_benign_rate(scores: np.ndarray, labels: np.ndarray, rate: float) -
 def require_both_classes(exchanges: list[Exchange]) -> np.ndarray:
     """The labels [E]; an error unless both unsafe_compliance and safe_compliance are there."""
     labels = np.array([e.label for e in exchanges])
-    if not (labels == UNSAFE).any() or not (labels == 0).any():
+    if not _both_classes(labels):
         raise OcEngineError("headroom needs unsafe_compliance and safe_compliance exchanges")
     return labels
 
@@ -95,8 +90,7 @@ def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *
     labels = require_both_classes(exchanges)
     folds = assign_folds(exchanges, config.folds, config.seed)
     for fold in np.unique(folds):
-        rest = labels[folds != fold]
-        if not (rest == UNSAFE).any() or not (rest == 0).any():
+        if not _both_classes(labels[folds != fold]):
             raise OcEngineError(f"too few exchanges for {config.folds} folds: without fold {fold + 1} no "
                                 "unsafe_compliance or no safe_compliance exchange is left to train on "
                                 "(fewer --folds or more data)")
@@ -116,6 +110,7 @@ def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *
     for scores in (shipped, trained):
         if "classifier" in scores:
             scores["both"] = _standardised_logit(scores["probe"]) + _standardised_logit(scores["classifier"])
+
     def measure(scores: np.ndarray) -> dict:
         return {"auroc": round(auroc(scores, labels == UNSAFE), 4),
                 "caught": round(caught_at_benign_rate(scores, labels, config.benign_rate), 4)}
@@ -194,6 +189,10 @@ def headroom_markdown(report: dict) -> str:
 
 
 # -- internals ----------------------------------------------------------------------------
+def _both_classes(labels: np.ndarray) -> bool:
+    return bool((labels == UNSAFE).any() and (labels == 0).any())
+
+
 def _activations(loaded, probe, exchanges, config, progress):
     from oc_engine.training.activations import CollectSpec, collect
 

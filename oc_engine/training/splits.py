@@ -21,14 +21,19 @@ def prompt_key(prompt: str) -> str:
     return re.sub(r"\s+", " ", prompt.strip().lower())
 
 
+def prompt_hash(prompt: str, seed: int = 0) -> int:
+    """A 64-bit hash of `prompt_key(prompt)` under `seed`: where a prompt's rows go, stable across runs."""
+    digest = hashlib.sha256(f"{seed}:{prompt_key(prompt)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
 def grouped_split(rows: Sequence[T], prompt_of, validation: float, seed: int = 0) -> tuple[list[T], list[T]]:
     """(train, validation): each prompt's rows on one side, about `validation` of the prompts held out."""
     if not 0 <= validation < 1:
         raise ValueError(f"validation share must be in [0, 1), got {validation}")
     train, held = [], []
     for row in rows:
-        digest = hashlib.sha256(f"{seed}:{prompt_key(prompt_of(row))}".encode()).digest()
-        (held if int.from_bytes(digest[:8], "big") / 2 ** 64 < validation else train).append(row)
+        (held if prompt_hash(prompt_of(row), seed) / 2 ** 64 < validation else train).append(row)
     return train, held
 
 
