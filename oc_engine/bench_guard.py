@@ -1,15 +1,14 @@
 """Escalation benchmark: what the guard costs when the probe really pauses.
 
-Six modes on one prompt, the same compiled engine, N new tokens (EOS ignored), batch 1:
+Four modes on one prompt, the same compiled engine, N new tokens (EOS ignored), batch 1:
 - unguarded: no probe;
 - probe_only: the probe scored inside the step, thresholds it never reaches;
 - escalating: the pause threshold set to a high quantile of this answer's own EMA (from the
   probe-only run), so the answer pauses several times; the classifier runs in its worker
   thread while decoding goes on, and its verdicts are forced to allow, so every answer
-  runs to its end and every pause costs real checks; the guard's default catch-up
-  ("replay": after an allow, the tokens made meanwhile are judged again by their probe flags);
-- escalating_wait: the same with catch-up "wait" (decoding pauses for one follow-up check);
-- escalating_overlap: the same with catch-up "overlap" (decoding never waits below max_held);
+  runs to its end and every pause costs real checks (after an allow, the tokens made
+  meanwhile are judged again by their probe flags, and each check covers the answer up to its
+  pause point);
 - blocking: the same pauses, but decoding stops for each check (the original MVP's design:
   stop, classify, resume).
 
@@ -41,8 +40,8 @@ from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
 
-GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "escalating_wait", "escalating_overlap", "blocking")
-CATCH_UP = {"escalating": "replay", "escalating_wait": "wait", "escalating_overlap": "overlap", "blocking": "replay"}
+GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "blocking")
+GUARDED_MODES = ("escalating", "blocking")
 
 
 class TimedClassifier:
@@ -139,10 +138,10 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
     def run(mode: str) -> dict:
         engine = plain if mode == "unguarded" else probed
         monitor, timed = None, None
-        if mode in CATCH_UP:
+        if mode in GUARDED_MODES:
             engine.probe = escalating
             timed = TimedClassifier(classifier, blocking=mode == "blocking")
-            guard = GuardConfig(max_held=max_held, catch_up=CATCH_UP[mode])
+            guard = GuardConfig(max_held=max_held)
             monitor = GuardMonitor(loaded.tokenizer, [text_prompt], guard, timed)
         elif mode == "probe_only":
             engine.probe = quiet_probe(loaded)

@@ -12,10 +12,10 @@ import click
 from oc_engine.errors import OcEngineError
 
 
+from oc_engine.commands.common import SEED, check_output_file, write_json, write_text_file  # noqa: E402
 from oc_engine.commands.common import user_errors as _user_errors  # noqa: E402
-from oc_engine.commands.common import write_json  # noqa: E402
 from oc_engine.engine.defaults import resolve_classifier, resolve_classifier_dir, resolve_probe_dir  # noqa: E402
-from oc_engine.engine.guard import CATCH_UPS  # noqa: E402
+from oc_engine.engine.guard import MAX_DEADLINE_S  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,14 +50,12 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k most likely tokens.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="Sample from the smallest set holding this much probability.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option("--seed", type=SEED, default=None, help="Seed for sampling (reproducible runs).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up).")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
-@click.option("--tap-layer", type=int, default=None,
-              help="Return this hidden state per token (index of output_hidden_states; -4 is typical).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of text.")
 @click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
@@ -76,22 +74,20 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
               help="An uncertain verdict keeps holding until the final check, or blocks.")
 @click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
               help="Classifier error or missed deadline: show the refusal, or just stop. Held text is never shown.")
-@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="Seconds a verdict may take before it counts as a failure.")
+@click.option("--deadline", type=click.FloatRange(min=0, max=MAX_DEADLINE_S, min_open=True), default=5.0,
+              show_default=True, help="Seconds a verdict may take, from its check's submission to its arrival; "
+                                      "a later one counts as a failure (fail closed), whatever it says.")
 @click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
               help="Held tokens past which that sequence's decoding waits for its verdict.")
-@click.option("--catch-up", type=click.Choice(list(CATCH_UPS)), default="replay", show_default=True,
-              help="After an allow that leaves tokens uncovered: replay (re-arm at the check's cover and judge "
-                   "the tokens made meanwhile by their probe flags, as if decoding had waited), wait (decoding "
-                   "pauses for one follow-up check that covers them) or overlap (follow-up checks without "
-                   "waiting below --max-held; they may chase the answer).")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
-              help="Write per-token JSONL: token, score, EMA, guard state, events.")
+              help="Write per-token JSONL: token id, score, EMA, guard state, events. Tokens never shown "
+                   "(held, then blocked or stopped) are written with a null token id unless --trace-held.")
+@click.option("--trace-held", is_flag=True, help="With --trace: also write the ids of tokens the guard never showed.")
 @_user_errors
 def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strings, temperature, top_k, top_p,
-             seed, dtype, device, no_compile, no_chat_template, tap_layer, trust_remote_code, as_json,
+             seed, dtype, device, no_compile, no_chat_template, trust_remote_code, as_json,
              probe_dir, no_guard, classifier_dir, final_check, warn, pause, every, alpha, refusal, uncertain, on_failure,
-             deadline, max_held, catch_up, trace_file):
+             deadline, max_held, trace_file, trace_held):
     """Generate text for one prompt or a batch, streaming it as it is produced.
 
     \b
@@ -109,6 +105,9 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
 
     if (prompt is None) == (prompts_file is None):
         raise OcEngineError("give exactly one of --prompt or --prompts-file")
+    if trace_held and not trace_file:
+        raise OcEngineError("--trace-held needs --trace FILE")
+    check_output_file(trace_file, "--trace")
     prompts = [prompt] if prompt is not None else read_prompts_file(prompts_file)
     config = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_strings=tuple(stop_strings),
                               ignore_eos=ignore_eos,
@@ -116,7 +115,7 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
     if no_guard and (probe_dir or classifier_dir):
         raise OcEngineError("--no-guard excludes --probe and --classifier")
     announce = (lambda message: None) if as_json else (lambda message: click.echo(f"oc-engine: {message}", err=True))
-    if not no_guard and tap_layer is None:
+    if not no_guard:
         probe_dir = resolve_probe_dir(probe_dir, model is None, announce)
     if probe_dir is None and (classifier_dir or final_check or trace_file):
         raise OcEngineError("--classifier, --final-check and --trace need --probe")
@@ -126,10 +125,10 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
         probe = dataclasses.replace(probe, config=probe.config.with_overrides(warn=warn, pause=pause, every=every,
                                                                              alpha=alpha))
     guard_config = GuardConfig(every=probe.config.every if probe else 1, uncertain=uncertain, on_failure=on_failure,
-                               final_check=final_check, max_held=max_held, deadline_s=deadline, catch_up=catch_up,
+                               final_check=final_check, max_held=max_held, deadline_s=deadline,
                                refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    engine = Engine(loaded, compile=not no_compile, tap=tap_layer, probe=probe)
+    engine = Engine(loaded, compile=not no_compile, probe=probe)
     classifier = resolve_classifier(classifier_dir, str(loaded.device), log=announce) if probe is not None else None
     token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
     if engine.compile and not as_json:
@@ -146,11 +145,8 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                                on_text=on_text, record_trace=trace_file is not None)
     results = engine.generate(token_ids, config, on_text=None if monitor else on_text, monitor=monitor)
     if trace_file:
-        with open(trace_file, "w", encoding="utf-8") as handle:
-            for i, seq in enumerate(monitor.sequences):
-                for row in seq.trace:
-                    handle.write(json.dumps({"sequence": i, **row, "warn": probe.config.warn,
-                                             "pause": probe.config.pause}) + "\n")
+        write_text_file(trace_file, "".join(json.dumps({**row, "warn": probe.config.warn, "pause": probe.config.pause})
+                                            + "\n" for row in monitor.trace_rows(include_held=trace_held)))
 
     for r in results:
         guard = monitor.summary(r.index) if monitor else None
@@ -194,7 +190,7 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                    "probe (scored every token, never pausing) to the compiled step.")
 @click.option("--suite", type=click.Choice(["decode", "guard", "classifier"]), default="decode", show_default=True,
               help="decode: the modes above. guard: unguarded vs probe only vs escalating (several pauses, "
-                   "classifier overlapped; catch-up replay, wait and overlap) vs blocking (decoding stops for each "
+                   "classifier overlapped) vs blocking (decoding stops for each "
                    "check), round-robin, with inter-token gaps. "
                    "classifier: the classifier's latency per call, ONNX Runtime fp32/int8 vs PyTorch, 128 and "
                    "512 tokens.")

@@ -119,21 +119,10 @@ def test_reading_flags_a_step_late_holds_the_same_tokens(tiny, verdict):
     assert outcomes[0] == outcomes[1]
 
 
-def test_the_catch_up_check_is_urgent(tiny):
-    """catch_up="wait": after an allow that leaves tokens uncovered, decoding waits, so that
-    follow-up is marked urgent."""
-    loaded = tiny("llama")
-    classifier = FakeClassifier("allow", delay=0.05)
-    _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, max_held=64,
-                               catch_up="wait")
-    assert False in classifier.urgent and True in classifier.urgent
-    assert all(monitor.summary(i)["status"] == "completed" for i in range(len(PROMPTS)))
-
-
 def test_replay_never_waits_and_shows_the_whole_answer(tiny):
-    """catch_up="replay" (the default), every token flagged, slow allows: each allow re-arms and
-    the next flagged token pauses again, so every check covers every token made by then; no
-    check is urgent (decoding never waits below max_held) and the answer is shown whole."""
+    """Every token flagged, slow allows: each allow re-arms and the next flagged token pauses
+    again, its check covering the answer up to it; no check is urgent (decoding never waits
+    below max_held) and the answer is shown whole."""
     loaded = tiny("llama")
     classifier = FakeClassifier("allow", delay=0.05)
     plain = Engine(loaded, compile=False).generate(PROMPTS, CONFIG)

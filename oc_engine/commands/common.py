@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import wraps
 from pathlib import Path
 
 import click
 
 from oc_engine.errors import OcEngineError
+
+# Seeds go to torch, numpy and Python's random; numpy takes at most 32 bits.
+SEED = click.IntRange(0, 2 ** 32 - 1)
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def user_errors(fn):
@@ -36,8 +41,38 @@ def progress_log(prefix: str, quiet: bool = False):
     return (lambda message: None) if quiet else (lambda message: click.echo(f"{prefix}: {message}", err=True))
 
 
+def check_output_file(path: str | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Fail before any work (a model load, minutes of decoding) if `path` could not be written
+    at the end: a directory, an unknown file type, or no writable directory to put it in.
+    Nothing is created here."""
+    if not path:
+        return
+    target = Path(path)
+    if suffixes is not None and target.suffix.lower() not in suffixes:
+        raise OcEngineError(f"{option} {path}: unknown file type {target.suffix or '(none)'!r}; "
+                            f"use one of {', '.join(suffixes)}")
+    if target.is_dir():
+        raise OcEngineError(f"{option} {path} is a directory")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OcEngineError(f"{option} {path} is not writable")
+    parent = target.parent
+    while not parent.exists():  # write_json makes missing directories: the first existing one decides
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OcEngineError(f"{option} {path}: cannot write in {parent}")
+
+
+def write_text_file(path: str | Path, text: str) -> None:
+    """Write `text` to `path`, making its directory; a failure is one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OcEngineError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def write_json(out: str | None, report: dict) -> None:
     """Also write the report to `out` (when given), making its directory."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_file(out, json.dumps(report, indent=2) + "\n")

@@ -1,50 +1,55 @@
 """The guard policy for one sequence: plain Python, no torch, testable on its own.
 
-Tokens arrive with the probe's flags (bit 1: EMA >= warn, bit 2: EMA >= pause). While
-STREAMING a token is released at once. A pause flag (checked every `every` tokens) makes
-that token a pause point: it and everything after it are HELD, and a classifier check of
-the partial answer is requested. Verdicts:
+Tokens arrive with the probe's flags (bit 1: EMA >= warn, bit 2: EMA >= pause, bit 4: the
+score or the EMA is not a finite number). While STREAMING a token is released at once. A
+pause flag (checked every `every` tokens; a non-finite flag on every token, whatever the
+cadence) makes that token a pause point: it and everything after it are HELD, and a
+classifier check of the answer up to and including the pause point is requested.
 
-- allow: release the held tokens the check covered. If more tokens arrived meanwhile, they
-  are still held and a follow-up check covering them is requested; once a verdict covers
-  every held token the guard re-arms (STREAMING).
+Every check's input is a function of the tokens and the configuration alone, never of
+timing: a check covers the answer up to its pause point (the tokens the blocking design,
+which stops decoding at a pause until its verdict, would have made by then), or the whole
+answer at the final check. Decoding goes on while a check runs; the tokens made meanwhile are
+held. Verdicts:
+
+- allow: release the tokens the check covered, re-arm, and judge the tokens made meanwhile as
+  if they arrived now, with the probe flags they were scored with ("replay"): up to the first
+  one that pauses they are released; that one is a new pause point, held with everything
+  after it, and its check covers the answer up to it. So the shown text, the checks asked and
+  the verdicts are those of the blocking design, however long each verdict takes.
 - block: discard the held tokens, emit the refusal, stop the sequence (BLOCKED).
 - uncertain: `uncertain="block"` treats it as block; `"final"` keeps holding everything and
-  lets the final check (at the end of the sequence) decide; uncertain there blocks.
+  lets the final check (the whole answer, once it ends) decide; uncertain there blocks.
 - error, timeout, or no classifier at all: fail closed. Held tokens are never released;
   `on_failure="block"` emits the refusal, `"stop"` just stops (status "held").
 
 `final_check=True`: when the sequence ends, the whole answer is judged before its last held
-tokens are released. Past `max_held` held tokens, the engine pauses that sequence's decoding
-until its verdict arrives (`must_wait`).
-
-Catching up (`catch_up`): a check judges the answer as it was when submitted, and tokens keep
-arriving while it runs, so an allow usually leaves some tokens uncovered. Three ways on:
-- "replay" (the default): the guard re-arms at the check's cover and judges the uncovered
-  tokens as if they arrived now, with the probe flags they were scored with: up to the first
-  one that pauses they are released, from there on they are held for a new check covering
-  every token made so far. The shown text is what the blocking design (stop at a pause,
-  classify, resume) would show for the same tokens, and decoding never waits for it.
-- "wait": the engine pauses that sequence for one follow-up check that covers them, then
-  the guard re-arms; every token made while held is judged by the classifier, at the cost of
-  one stall of a step plus a check.
-- "overlap": decoding never waits below `max_held`, follow-up checks cover the uncovered
-  tokens; when a check takes longer than a token (always, on a CPU whose cores decoding
-  already uses) they chase the answer and the guard may never re-arm.
+tokens are released (unless an allow already covered all of it). Past `max_held` held tokens,
+the engine pauses that sequence's decoding until its verdict arrives (`must_wait`); while
+holding for the final check, reaching `max_held` ends the answer there and judges it.
 
 The guard returns what to do as a list of actions; the engine carries them out.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-WARN, PAUSE = 1, 2
+WARN, PAUSE, NONFINITE = 1, 2, 4
 
 STREAMING, HELD, BLOCKED, STOPPED, DONE = "streaming", "held", "blocked", "stopped", "done"
 VERDICTS = ("allow", "block", "uncertain", "error", "timeout")
 DEFAULT_REFUSAL = "I can't help with that."
-CATCH_UPS = ("replay", "wait", "overlap")
+MAX_DEADLINE_S = 3600.0  # a verdict later than an hour is a failure; larger values overflow timers
+
+
+def token_flags(flags: int, score: float | None, ema: float | None) -> int:
+    """The flags the policy acts on: a non-finite score or EMA pauses whatever the flags say
+    (a NaN compares false with every threshold, so the kernel's own flags could miss it)."""
+    if any(value is not None and not math.isfinite(value) for value in (score, ema)):
+        return int(flags) | WARN | PAUSE | NONFINITE
+    return int(flags)
 
 
 @dataclass(frozen=True)
@@ -56,23 +61,25 @@ class GuardConfig:
     max_held: int = 64
     deadline_s: float = 5.0
     refusal: str = DEFAULT_REFUSAL
-    catch_up: str = "replay"  # "replay", "wait" or "overlap" (see the module docstring)
 
     def __post_init__(self):
         from oc_engine.errors import OcEngineError
 
-        if self.every < 1:
-            raise OcEngineError(f"guard cadence must be >= 1, got {self.every}")
+        for name in ("every", "max_held"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OcEngineError(f"guard {name.replace('_', ' ')} must be an integer >= 1, got {value!r}")
         if self.uncertain not in ("final", "block"):
             raise OcEngineError(f"uncertain must be 'final' or 'block', got {self.uncertain!r}")
         if self.on_failure not in ("block", "stop"):
             raise OcEngineError(f"on_failure must be 'block' or 'stop', got {self.on_failure!r}")
-        if self.catch_up not in CATCH_UPS:
-            raise OcEngineError(f"catch_up must be one of {', '.join(CATCH_UPS)}, got {self.catch_up!r}")
-        if self.max_held < 1:
-            raise OcEngineError(f"max held tokens must be >= 1, got {self.max_held}")
-        if not self.deadline_s > 0:
-            raise OcEngineError(f"classifier deadline must be > 0 s, got {self.deadline_s}")
+        if isinstance(self.deadline_s, bool) or not isinstance(self.deadline_s, (int, float)) \
+                or not 0 < self.deadline_s <= MAX_DEADLINE_S:
+            raise OcEngineError(f"classifier deadline must be in (0, {MAX_DEADLINE_S:.0f}] s, got {self.deadline_s!r}")
+        if not isinstance(self.refusal, str):
+            raise OcEngineError(f"refusal must be text, got {self.refusal!r}")
+        if not isinstance(self.final_check, bool):
+            raise OcEngineError(f"final_check must be true or false, got {self.final_check!r}")
 
 
 @dataclass(frozen=True)
@@ -103,32 +110,28 @@ class SequenceGuard:
     state: str = STREAMING
     num_tokens: int = 0
     released: int = 0  # tokens [0, released) have been shown
+    allowed: int = 0  # the largest cover an allow verdict has given
     pending: Check | None = None  # the check in flight, at most one
     hold_for_final: bool = False  # an uncertain verdict: keep holding until the final check
     finished: bool = False  # the model stopped producing tokens
-    catching_up: bool = False  # a follow-up check after an allow is pending; decoding waits for it
     reason: str | None = None
-    flags: list[int] = field(default_factory=list)  # every token's probe flags, for "replay"
+    flags: list[int] = field(default_factory=list)  # every token's probe flags, replayed after an allow
     pause_points: list[int] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
 
     # -- inputs -------------------------------------------------------------------------
     def on_token(self, flags: int) -> list:
-        """A new token with its probe flags."""
-        if self.state in (BLOCKED, STOPPED, DONE):
+        """A new token with its probe flags (see `token_flags`)."""
+        if self.finished or self.state in (BLOCKED, STOPPED, DONE):
             return []
         index = self.num_tokens
         self.num_tokens += 1
-        self.flags.append(flags)
+        self.flags.append(int(flags))
         if self.state == STREAMING:
-            if self._pauses_at(index):
-                return self._request(Check(covers=self.num_tokens))
-            return self._release_all()
+            return self._hold_at(index) if self._pauses_at(index) else self._release_all()
         if self.hold_for_final and self.num_tokens - self.released >= self.config.max_held:
-            # Holding for the final check, and the cap is reached: end the answer here and judge it.
-            self.events.append({"event": "cap", "token": index})
-            self.finished = True
-        return self._request_follow_up()  # HELD: the token waits with the others
+            return self._cap()
+        return []  # HELD: the token waits with the others
 
     def on_verdict(self, check: Check, verdict: str, detail: dict | None = None) -> list:
         """The classifier's answer to `check` (allow, block, uncertain, error, timeout)."""
@@ -137,27 +140,24 @@ class SequenceGuard:
         if check != self.pending or self.state in (BLOCKED, STOPPED, DONE):
             return []
         self.pending = None
-        self.catching_up = False
         self.events.append({"event": "verdict", "verdict": verdict, "covers": check.covers,
                             "produced": self.num_tokens, "final": check.final, **(detail or {})})
         if verdict == "allow":
             actions = [Release(self.released, check.covers)] if check.covers > self.released else []
             self.released = max(self.released, check.covers)
-            if self.released == self.num_tokens and not self.hold_for_final:
-                self.state = STREAMING  # re-armed
-                return actions + (self._done() if self.finished else [])
-            if self.config.catch_up == "replay" and not self.hold_for_final:
-                return actions + self._replay()
-            follow_up = self._request_follow_up()
-            self.catching_up = bool(follow_up) and self.config.catch_up == "wait"
-            return actions + follow_up
+            self.allowed = max(self.allowed, check.covers)
+            if check.final:
+                return actions + self._done()
+            return actions + self._replay()
         if verdict == "block" or (verdict == "uncertain" and self.config.uncertain == "block"):
             return self._block(f"classifier verdict: {verdict}")
         if verdict == "uncertain" and check.final:  # nothing later can decide: fail closed
             return self._block("classifier uncertain at the final check")
         if verdict == "uncertain":
             self.hold_for_final = True
-            return self._request_follow_up()
+            if not self.finished and self.num_tokens - self.released >= self.config.max_held:
+                return self._cap()
+            return self._request_final() if self.finished else []
         return self._fail_closed(f"classifier {verdict}")
 
     def on_finish(self) -> list:
@@ -165,10 +165,9 @@ class SequenceGuard:
         if self.finished or self.state in (BLOCKED, STOPPED, DONE):
             return []
         self.finished = True
-        if self.config.final_check or self.state == HELD:
-            self.state = HELD
-            return self._request_follow_up()
-        return self._done()
+        if self.state == HELD:  # the check in flight decides; holding for the final check: ask it now
+            return self._request_final() if self.pending is None else []
+        return self._end()
 
     def on_no_classifier(self) -> list:
         """A check was wanted but no classifier is configured: fail closed at once."""
@@ -183,7 +182,7 @@ class SequenceGuard:
         """Decoding of this sequence pauses: too many held tokens, or nothing more is wanted."""
         if self.state in (BLOCKED, STOPPED, DONE):
             return True
-        return self.state == HELD and (self.catching_up or self.num_tokens - self.released >= self.config.max_held)
+        return self.state == HELD and self.num_tokens - self.released >= self.config.max_held
 
     @property
     def wants_tokens(self) -> bool:
@@ -200,48 +199,59 @@ class SequenceGuard:
 
     # -- internals ----------------------------------------------------------------------
     def _pauses_at(self, index: int) -> bool:
-        """Token `index` arrives while streaming: does its pause flag (at the cadence) hold it?"""
-        if (index + 1) % self.config.every:
-            return False
-        if self.flags[index] & PAUSE:
-            self.state = HELD
-            self.pause_points.append(index)
-            self.events.append({"event": "pause", "token": index})
+        """Token `index` arrives while streaming: do its flags make it a pause point? A pause
+        flag counts at the cadence; a non-finite score or EMA counts on every token."""
+        flags = self.flags[index]
+        if flags & NONFINITE or (flags & PAUSE and (index + 1) % self.config.every == 0):
             return True
-        if self.flags[index] & WARN:
+        if flags & WARN and (index + 1) % self.config.every == 0:
             self.events.append({"event": "warn", "token": index})
         return False
 
+    def _hold_at(self, index: int) -> list:
+        """Token `index` is a pause point: hold it and what follows; judge the answer up to it."""
+        self.state = HELD
+        self.pause_points.append(index)
+        event = {"event": "pause", "token": index}
+        if self.flags[index] & NONFINITE:
+            event["nonfinite"] = True
+        self.events.append(event)
+        return self._request(Check(covers=index + 1))
+
     def _replay(self) -> list:
-        """Re-arm at the released point and judge the uncovered tokens as if they arrived now."""
+        """After an allow: re-arm at the released point and judge the held tokens as if they arrived now."""
         self.state = STREAMING
         self.events.append({"event": "rearm", "token": self.released})
         for index in range(self.released, self.num_tokens):
             if self._pauses_at(index):
                 start, self.released = self.released, index
-                released = [Release(start, index)] if index > start else []
-                return released + self._request_follow_up()  # covers every token made so far
+                return ([Release(start, index)] if index > start else []) + self._hold_at(index)
         actions = self._release_all()
-        if not self.finished:
-            return actions
-        if self.config.final_check:  # the answer ended while held: end it as on_finish would
+        return actions + (self._end() if self.finished else [])
+
+    def _cap(self) -> list:
+        """Holding for the final check with `max_held` tokens held: the answer ends there (tokens
+        decoded past it, while the verdict was on its way, are dropped) and is judged whole."""
+        end = self.released + self.config.max_held
+        del self.flags[end:]
+        self.num_tokens = min(self.num_tokens, end)
+        self.events.append({"event": "cap", "token": self.num_tokens - 1})
+        self.finished = True
+        return self._request_final()
+
+    def _end(self) -> list:
+        """Every token is released and the answer has ended: the final check, if one is due."""
+        if self.config.final_check and self.allowed < self.num_tokens:
             self.state = HELD
-            return actions + self._request_follow_up()
-        return actions + self._done()
+            return self._request_final()
+        return self._done()
 
     def _request(self, check: Check) -> list:
         self.pending = check
         return [check]
 
-    def _request_follow_up(self) -> list:
-        """Ask for a check covering everything held, unless one is in flight or not yet due."""
-        if self.pending is not None:
-            return []
-        if self.hold_for_final and not self.finished:
-            return []
-        if self.finished:
-            return self._request(Check(covers=self.num_tokens, final=True))
-        return self._request(Check(covers=self.num_tokens))
+    def _request_final(self) -> list:
+        return [] if self.pending is not None else self._request(Check(covers=self.num_tokens, final=True))
 
     def _release_all(self) -> list:
         start, self.released = self.released, self.num_tokens

@@ -1,21 +1,24 @@
 """Guarded generation: the engine's loop, a `SequenceGuard` per sequence, and the classifier.
 
 `GuardMonitor` is what `Engine.generate(monitor=...)` calls after every token. It feeds the
-probe flags to each sequence's guard, carries out the guard's actions (release text, submit a
-check, refuse, stop), polls the classifier's futures without blocking decoding, applies the
-deadline (a late verdict counts as "timeout": fail closed), and with `record_trace` keeps a
-per-token trace.
+probe flags to each sequence's guard (a non-finite score or EMA counts as a pause), carries out
+the guard's actions (release text, submit a check, refuse, stop), polls the classifier's
+futures without blocking decoding, and applies the deadline by arrival time: a verdict that
+arrives later than `deadline_s` after its check was submitted counts as "timeout" (fail
+closed) whatever it says, and so does a malformed answer ("error"). With `record_trace` it
+keeps a per-token trace; `trace_rows` leaves out the ids of tokens never shown unless asked.
 Only released text reaches `on_text`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from oc_engine.engine.guard import Check, GuardConfig, Refuse, Release, SequenceGuard
+from oc_engine.engine.guard import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
 from oc_engine.engine.text_stream import TextStream
 
 
@@ -27,13 +30,21 @@ class Classifier(Protocol):
 
 
 @dataclass
+class PendingCheck:
+    check: Check
+    future: cf.Future
+    submitted: float
+    arrived: float | None = None  # when the future finished (set from the classifier's thread)
+
+
+@dataclass
 class GuardedSequence:
     prompt: str
     guard: SequenceGuard
     stream: TextStream
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # released text (and the refusal, if blocked)
-    pending: tuple[Check, cf.Future, float] | None = None  # check, future, submitted at
+    pending: PendingCheck | None = None
     verdicts: list[dict] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
     traced_events: int = 0  # guard events already written to the trace
@@ -53,6 +64,7 @@ class GuardMonitor:
     def on_token(self, index: int, token: int, score: float | None, ema: float | None, flags: int) -> None:
         seq = self.sequences[index]
         seq.tokens.append(token)
+        flags = token_flags(flags, score, ema)
         self._apply(index, seq.guard.on_token(flags))
         if self.record_trace:
             # This token's events, and those since the previous token (verdicts arrive between tokens).
@@ -69,27 +81,32 @@ class GuardMonitor:
         return self.sequences[index].guard.must_wait
 
     def poll(self) -> None:
-        """Deliver finished verdicts and expired deadlines; never blocks."""
+        """Deliver finished verdicts and expired deadlines; never blocks. A verdict is judged by
+        when it arrived, not when it is read: one later than the deadline is a timeout."""
         now = self.clock()
         for index, seq in enumerate(self.sequences):
-            if seq.pending is None:
+            pending = seq.pending
+            if pending is None:
                 continue
-            check, future, submitted = seq.pending
-            if future.done():
+            arrived = pending.arrived if pending.future.done() else None
+            if arrived is None and pending.future.done():
+                arrived = now  # done but its callback has not run yet: it arrives now
+            late_by = (arrived if arrived is not None else now) - pending.submitted
+            if late_by > self.config.deadline_s:
                 seq.pending = None
-                self._deliver(index, check, future, now - submitted)
-            elif now - submitted > self.config.deadline_s:
+                pending.future.cancel()
+                self._verdict(index, pending.check, "timeout", {"latency_ms": round(late_by * 1000, 3)})
+            elif arrived is not None:
                 seq.pending = None
-                future.cancel()
-                self._verdict(index, check, "timeout", {"latency_ms": round((now - submitted) * 1000, 3)})
+                self._deliver(index, pending.check, pending.future, late_by)
 
     def wait(self) -> None:
         """Block until some pending verdict arrives or its deadline passes, then poll."""
         pending = [s.pending for s in self.sequences if s.pending is not None]
         if pending:
             now = self.clock()
-            timeout = max(0.0, min(submitted + self.config.deadline_s - now for _, _, submitted in pending))
-            cf.wait([future for _, future, _ in pending], timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
+            timeout = max(0.0, min(p.submitted + self.config.deadline_s - now for p in pending))
+            cf.wait([p.future for p in pending], timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
         self.poll()
 
     def drain(self) -> None:
@@ -109,6 +126,19 @@ class GuardMonitor:
                 "released_tokens": seq.guard.released, "pause_points": list(seq.guard.pause_points),
                 "verdicts": seq.verdicts}
 
+    def trace_rows(self, include_held: bool = False) -> list[dict]:
+        """Every sequence's per-token trace. Tokens never shown (held, then blocked or stopped)
+        appear with `token` null and `withheld` true unless `include_held`: a trace file must not
+        leak the text the guard kept back."""
+        rows = []
+        for i, seq in enumerate(self.sequences):
+            for row in seq.trace:
+                row = {"sequence": i, **row}
+                if not include_held and row["index"] >= seq.guard.released:
+                    row.update(token=None, withheld=True)
+                rows.append(row)
+        return rows
+
     # -- internals ----------------------------------------------------------------------
     def _apply(self, index: int, actions: list) -> None:
         seq = self.sequences[index]
@@ -120,21 +150,24 @@ class GuardMonitor:
                     self._apply(index, seq.guard.on_no_classifier())
                     continue
                 response = self.tokenizer.decode(seq.tokens[:action.covers], skip_special_tokens=True)
+                submitted = self.clock()
                 try:
                     future = self.classifier.submit(seq.prompt, response, urgent=seq.guard.must_wait)
+                    if not isinstance(future, cf.Future):
+                        raise TypeError(f"submit returned {type(future).__name__}, not a future")
                 except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
                     future = cf.Future()
                     future.set_exception(exc)
-                seq.pending = (action, future, self.clock())
+                pending = seq.pending = PendingCheck(action, future, submitted)
+                future.add_done_callback(lambda _f, p=pending: setattr(p, "arrived", self.clock()))
             elif isinstance(action, Refuse):
                 self._emit(index, action.text)
 
     def _deliver(self, index: int, check: Check, future: cf.Future, latency: float) -> None:
         detail = {"latency_ms": round(latency * 1000, 3)}
         try:
-            result = future.result()
-            verdict = result["verdict"]
-            detail.update({k: v for k, v in result.items() if k != "verdict"})
+            verdict, extra = _parse_verdict(future.result())
+            detail.update(extra)
         except Exception as exc:  # noqa: BLE001 - a classifier failure is a verdict: error
             verdict, detail["error"] = "error", f"{type(exc).__name__}: {exc}"
         self._verdict(index, check, verdict, detail)
@@ -154,3 +187,18 @@ class GuardMonitor:
             self.sequences[index].text += piece
             if self.on_text is not None:
                 self.on_text(index, piece)
+
+
+def _parse_verdict(result) -> tuple[str, dict]:
+    """(verdict, the answer's other fields) from a classifier's answer; raises on a malformed one:
+    not a dict, an unknown verdict, or a p_unsafe that is not a number in [0, 1]."""
+    if not isinstance(result, dict):
+        raise TypeError(f"the classifier answered {type(result).__name__}, not a dict")
+    verdict = result.get("verdict")
+    if not isinstance(verdict, str) or verdict not in VERDICTS:
+        raise ValueError(f"the classifier answered an unknown verdict {verdict!r}")
+    p_unsafe = result.get("p_unsafe")
+    if p_unsafe is not None and (isinstance(p_unsafe, bool) or not isinstance(p_unsafe, (int, float))
+                                 or not math.isfinite(p_unsafe) or not 0 <= p_unsafe <= 1):
+        raise ValueError(f"the classifier answered p_unsafe {p_unsafe!r}")
+    return verdict, {k: v for k, v in result.items() if k != "verdict"}

@@ -3,9 +3,17 @@
 For each sequence b of the batch, with tapped hidden states from one or more layers:
 
     logit[b] = sum_l <hidden[l, b, :], weight[l, :]> + bias        (accumulated in fp32)
-    score[b] = sigmoid(logit[b])
-    ema[b]   = score[b] if ema[b] < 0 else alpha * score[b] + (1 - alpha) * ema[b]   (in place)
-    flags[b] = 1 * (ema[b] >= warn) + 2 * (ema[b] >= pause)
+    score[b] = sigmoid(logit[b]), or NaN when the logit is not finite
+    bad[b]   = score[b] or the old ema[b] is not finite
+    ema[b]   = ema[b] if bad[b] else (score[b] if ema[b] < 0 else alpha * score[b] + (1 - alpha) * ema[b])
+    flags[b] = 7 if bad[b] else 1 * (ema[b] >= warn) + 2 * (ema[b] >= pause)
+
+Fail closed on non-finite numbers: an inf or NaN in the tapped hidden states (fp16 overflow,
+say) or in the probe makes a non-finite logit, which scores NaN (sigmoid(+-inf) would look
+like a confident 1 or 0). NaN compares false with every threshold, so without `bad` the token
+would stream unjudged, and a NaN EMA would silence the probe for good. A bad token sets every
+flag (4: non-finite, which the guard treats as a pause whatever its cadence) and leaves the EMA
+as it was, so the probe goes on scoring the next tokens.
 
 Shapes: hidden [L, B, H] (bf16, fp16 or fp32; H any size), weight [L, H] fp32, bias [1] fp32,
 ema [B] fp32 (a negative value means "no score yet"), thresholds [3] fp32 = (alpha, warn,
@@ -32,15 +40,18 @@ def probe_ema_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, the same maths as the kernel; updates `ema` in place."""
     logit = torch.einsum("lbh,lh->b", hidden.float(), weight.float()) + bias.float()
-    score = torch.sigmoid(logit)
+    score = torch.where(torch.isfinite(logit), torch.sigmoid(logit), torch.full_like(logit, float("nan")))
     alpha, warn, pause = thresholds[0], thresholds[1], thresholds[2]
-    new_ema = torch.where(ema < 0, score, alpha * score + (1 - alpha) * ema)
+    bad = ~torch.isfinite(score) | ~torch.isfinite(ema)
+    new_ema = torch.where(bad, ema, torch.where(ema < 0, score, alpha * score + (1 - alpha) * ema))
     ema.copy_(new_ema)
     flags = (new_ema >= warn).to(torch.int32) + 2 * (new_ema >= pause).to(torch.int32)
-    return score, flags
+    return score, torch.where(bad, torch.full_like(flags, 7), flags)
 
 
 if triton is not None:
+    _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
     @triton.jit
     def _probe_ema_kernel(hidden_ptr, weight_ptr, bias_ptr, ema_ptr, thresholds_ptr, score_ptr, flags_ptr,
                           num_layers, hidden_size, stride_hl, stride_hb, stride_wl,
@@ -55,16 +66,19 @@ if triton is not None:
                 w = tl.load(weight_ptr + layer * stride_wl + offs, mask=mask, other=0.0)
                 acc += h.to(tl.float32) * w.to(tl.float32)
         logit = tl.sum(acc, axis=0) + tl.load(bias_ptr).to(tl.float32)
-        score = 1.0 / (1.0 + tl.exp(-logit))
+        # |x| <= FLT_MAX is false for inf and NaN alike: the finiteness test in one comparison.
+        # A non-finite logit scores NaN (logit - logit is NaN exactly when the logit is not finite).
+        score = tl.where(tl.abs(logit) <= _FLT_MAX, 1.0 / (1.0 + tl.exp(-logit)), logit - logit)
         alpha = tl.load(thresholds_ptr)
         warn = tl.load(thresholds_ptr + 1)
         pause = tl.load(thresholds_ptr + 2)
         old = tl.load(ema_ptr + b)
-        new = tl.where(old < 0.0, score, alpha * score + (1.0 - alpha) * old)
+        ok = (tl.abs(score) <= _FLT_MAX) & (tl.abs(old) <= _FLT_MAX)
+        new = tl.where(ok, tl.where(old < 0.0, score, alpha * score + (1.0 - alpha) * old), old)
         tl.store(ema_ptr + b, new)
         tl.store(score_ptr + b, score)
         flags = (new >= warn).to(tl.int32) + 2 * (new >= pause).to(tl.int32)
-        tl.store(flags_ptr + b, flags)
+        tl.store(flags_ptr + b, tl.where(ok, flags, 7))
 
 
 def probe_ema_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ema: torch.Tensor,
