@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -12,7 +13,7 @@ import click
 from oc_engine.errors import OcEngineError
 
 
-from oc_engine.commands.common import SEED, check_output_file, write_json, write_text_file  # noqa: E402
+from oc_engine.commands.common import PLOT_SUFFIXES, SEED, FiniteFloat, check_output_file, write_json, write_text_file  # noqa: E402
 from oc_engine.commands.common import user_errors as _user_errors  # noqa: E402
 from oc_engine.engine.defaults import resolve_classifier, resolve_classifier_dir, resolve_probe_dir  # noqa: E402
 from oc_engine.engine.guard import MAX_DEADLINE_S  # noqa: E402
@@ -45,10 +46,10 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence (fixed-length runs for benchmarks).")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="0 = greedy; above 0 samples.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k most likely tokens.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
               help="Sample from the smallest set holding this much probability.")
 @click.option("--seed", type=SEED, default=None, help="Seed for sampling (reproducible runs).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -65,16 +66,16 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
               help="Exchange classifier export asked when the probe pauses. Without one, a pause blocks.")
 @click.option("--final-check", is_flag=True, help="The classifier judges the whole answer before it ends.")
-@click.option("--warn", type=click.FloatRange(0, 1), default=None, help="Override the probe's warn threshold.")
-@click.option("--pause", type=click.FloatRange(0, 1), default=None, help="Override the probe's pause threshold.")
+@click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold.")
+@click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens.")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None, help="Override the EMA alpha.")
+@click.option("--alpha", type=FiniteFloat(0, 1, min_open=True), default=None, help="Override the EMA alpha.")
 @click.option("--refusal", default=None, help="Text shown in place of a blocked answer.")
 @click.option("--uncertain", type=click.Choice(["final", "block"]), default="final", show_default=True,
               help="An uncertain verdict keeps holding until the final check, or blocks.")
 @click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
               help="Classifier error or missed deadline: show the refusal, or just stop. Held text is never shown.")
-@click.option("--deadline", type=click.FloatRange(min=0, max=MAX_DEADLINE_S, min_open=True), default=5.0,
+@click.option("--deadline", type=FiniteFloat(min=0, max=MAX_DEADLINE_S, min_open=True), default=5.0,
               show_default=True, help="Seconds a verdict may take, from its check's submission to its arrival; "
                                       "a later one counts as a failure (fail closed), whatever it says.")
 @click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
@@ -98,7 +99,7 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
     """
     from oc_engine.engine.decode import Engine, GenerationConfig
     from oc_engine.engine.guard import DEFAULT_REFUSAL, GuardConfig
-    from oc_engine.engine.loading import load_model
+    from oc_engine.engine.loading import load_model, resolve_device
     from oc_engine.engine.probe import load_probe
     from oc_engine.engine.prompts import read_prompts_file, render_prompt
     from oc_engine.engine.sampling import SamplingConfig
@@ -127,54 +128,54 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
     guard_config = GuardConfig(every=probe.config.every if probe else 1, uncertain=uncertain, on_failure=on_failure,
                                final_check=final_check, max_held=max_held, deadline_s=deadline,
                                refusal=refusal if refusal is not None else DEFAULT_REFUSAL)
-    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    engine = Engine(loaded, compile=not no_compile, probe=probe)
-    classifier = resolve_classifier(classifier_dir, str(loaded.device), log=announce) if probe is not None else None
-    token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
-    if engine.compile and not as_json:
-        click.echo("oc-engine: compiling the decode step (about a minute on CPU the first time; "
-                   "--no-compile skips it)", err=True)
+    # The classifier is checked before the model loads: a bad export fails in a second, not after it.
+    classifier = resolve_classifier(classifier_dir, str(resolve_device(device)), log=announce) if probe else None
+    with contextlib.closing(classifier) if classifier is not None else contextlib.nullcontext():
+        loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        engine = Engine(loaded, compile=not no_compile, probe=probe)
+        token_ids = [render_prompt(loaded.tokenizer, p, chat_template=not no_chat_template) for p in prompts]
+        if engine.compile and not as_json:
+            click.echo("oc-engine: compiling the decode step (about a minute on CPU the first time; "
+                       "--no-compile skips it)", err=True)
 
-    stream = len(prompts) == 1 and not as_json
-    on_text = (lambda _index, piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
-    monitor = None
-    if probe is not None:
-        from oc_engine.engine.guarded import GuardMonitor
+        stream = len(prompts) == 1 and not as_json
+        on_text = (lambda _index, piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+        monitor = None
+        if probe is not None:
+            from oc_engine.engine.guarded import GuardMonitor
 
-        monitor = GuardMonitor(loaded.tokenizer, prompts, guard_config, classifier, stop_strings=tuple(stop_strings),
-                               on_text=on_text, record_trace=trace_file is not None)
-    results = engine.generate(token_ids, config, on_text=None if monitor else on_text, monitor=monitor)
-    if trace_file:
-        write_text_file(trace_file, "".join(json.dumps({**row, "warn": probe.config.warn, "pause": probe.config.pause})
-                                            + "\n" for row in monitor.trace_rows(include_held=trace_held)))
+            monitor = GuardMonitor(loaded.tokenizer, prompts, guard_config, classifier, stop_strings=tuple(stop_strings),
+                                   on_text=on_text, record_trace=trace_file is not None)
+        results = engine.generate(token_ids, config, on_text=None if monitor else on_text, monitor=monitor)
+        if trace_file:
+            write_text_file(trace_file, "".join(json.dumps({**row, "warn": probe.config.warn, "pause": probe.config.pause})
+                                                + "\n" for row in monitor.trace_rows(include_held=trace_held)))
 
-    for r in results:
-        guard = monitor.summary(r.index) if monitor else None
-        text = guard["released_text"] if guard else r.text  # only released text is ever shown
-        if as_json:
-            row = {
-                "index": r.index, "model": loaded.source, "prompt": prompts[r.index], "text": text,
-                "token_ids": r.token_ids if not guard else r.token_ids[:guard["released_tokens"]],
-                "prompt_tokens": len(r.prompt_ids), "finish_reason": r.finish_reason,
-                "prefill_ms": round(r.prefill_ms, 3), "ttft_ms": round(r.ttft_ms, 3),
-                "decode_tokens_per_s": None if r.decode_tokens_per_s is None else round(r.decode_tokens_per_s, 3),
-                "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
-                "compiled": engine.compile,
-            }
-            if guard:
-                row.update(status=guard["status"], reason=guard["reason"], pause_points=guard["pause_points"],
-                           verdicts=guard["verdicts"])
-            click.echo(json.dumps(row, ensure_ascii=False))
-        elif stream:
-            click.echo()
-            if guard and guard["status"] != "completed":
-                click.echo(f"[{guard['status']}: {guard['reason']}]", err=True)
-        else:
-            status = f", {guard['status']}" if guard else ""
-            click.echo(f"=== [{r.index}] {r.finish_reason}{status}, {len(r.token_ids)} tokens ===")
-            click.echo(text)
-    if classifier is not None:
-        classifier.close()
+        for r in results:
+            guard = monitor.summary(r.index) if monitor else None
+            text = guard["released_text"] if guard else r.text  # only released text is ever shown
+            if as_json:
+                row = {
+                    "index": r.index, "model": loaded.source, "prompt": prompts[r.index], "text": text,
+                    "token_ids": r.token_ids if not guard else r.token_ids[:guard["released_tokens"]],
+                    "prompt_tokens": len(r.prompt_ids), "finish_reason": r.finish_reason,
+                    "prefill_ms": round(r.prefill_ms, 3), "ttft_ms": round(r.ttft_ms, 3),
+                    "decode_tokens_per_s": None if r.decode_tokens_per_s is None else round(r.decode_tokens_per_s, 3),
+                    "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
+                    "compiled": engine.compile,
+                }
+                if guard:
+                    row.update(status=guard["status"], reason=guard["reason"], pause_points=guard["pause_points"],
+                               verdicts=guard["verdicts"])
+                click.echo(json.dumps(row, ensure_ascii=False))
+            elif stream:
+                click.echo()
+                if guard and guard["status"] != "completed":
+                    click.echo(f"[{guard['status']}: {guard['reason']}]", err=True)
+            else:
+                status = f", {guard['status']}" if guard else ""
+                click.echo(f"=== [{r.index}] {r.finish_reason}{status}, {len(r.token_ids)} tokens ===")
+                click.echo(text)
 
 
 @main.command()
@@ -196,7 +197,7 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
                    "512 tokens.")
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
               help="--suite guard/classifier: the classifier export (default: the built default classifier).")
-@click.option("--pause-quantile", type=click.FloatRange(0.5, 0.99), default=0.9, show_default=True,
+@click.option("--pause-quantile", type=FiniteFloat(0.5, 0.99), default=0.9, show_default=True,
               help="--suite guard: pause when the EMA reaches this quantile of the answer's own EMA.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
@@ -214,6 +215,7 @@ def bench(model, dtype, device, new_tokens, repeats, modes, suite, classifier_di
     """
     from oc_engine.engine.loading import load_model
 
+    check_output_file(out, "--out")
     progress = lambda mode: click.echo(f"oc-engine bench: {mode} ...", err=True)  # noqa: E731
     if suite == "classifier":
         from oc_engine.bench_classifier import classifier_markdown_table, run_classifier_bench
@@ -246,13 +248,14 @@ def bench(model, dtype, device, new_tokens, repeats, modes, suite, classifier_di
 
 @main.command("plot-trace")
 @click.argument("trace_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", default="risk.png", show_default=True, help="PNG to write.")
+@click.option("-o", "--output", default="risk.png", show_default=True, help="Image to write (.png, .pdf or .svg).")
 @click.option("--sequence", type=int, default=0, show_default=True, help="Which sequence of the trace to draw.")
 @_user_errors
 def plot_trace(trace_file, output, sequence):
     """Draw a --trace file: per-token score, EMA, thresholds, pause points and verdicts."""
     from oc_engine.plots import plot_trace as draw
 
+    check_output_file(output, "-o", PLOT_SUFFIXES)
     draw(trace_file, output, sequence=sequence)
     click.echo(output)
 

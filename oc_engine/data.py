@@ -60,10 +60,12 @@ def read_exchanges(path: str | Path, *, source_filter: str | None = None) -> tup
         if row["label"] is None or row["response"] is None:
             skipped += 1
             continue
-        if row["label"] not in (0, 1, 2):
+        if isinstance(row["label"], bool) or row["label"] not in (0, 1, 2) or not isinstance(row["label"], int):
             raise OcEngineError(f"{path}:{line}: label must be 0, 1, 2 or null, got {row['label']!r}")
-        exchanges.append(Exchange(str(row["prompt"]), str(row["response"]), int(row["label"]),
-                                  str(row.get("source") or "")))
+        for key in ("prompt", "response"):
+            if not isinstance(row[key], str):
+                raise OcEngineError(f"{path}:{line}: {key!r} must be a string, got {type(row[key]).__name__}")
+        exchanges.append(Exchange(row["prompt"], row["response"], row["label"], str(row.get("source") or "")))
     return exchanges, skipped
 
 

@@ -17,7 +17,17 @@ def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
     except OSError as exc:
         raise OcEngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
     with handle:
-        for number, line in enumerate(handle, start=1):
+        number = 0
+        while True:
+            number += 1
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as exc:
+                raise OcEngineError(f"{path}:{number}: not UTF-8 text") from exc
+            except OSError as exc:  # a directory, say
+                raise OcEngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if not line:
+                return
             if not line.strip():
                 continue
             try:

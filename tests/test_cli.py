@@ -92,7 +92,7 @@ def test_guarded_generate_json_trace_and_plot(guarded_setup):
                                        "--trace", str(root / "trace.jsonl")])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.splitlines()[-1])
-    assert row["status"] in ("completed", "blocked") and row["pause_points"][0] == 0  # later ones: timing
+    assert row["status"] in ("completed", "blocked") and row["pause_points"][0] == 0
     assert row["verdicts"] and {"verdict", "p_unsafe", "latency_ms", "covers"} <= row["verdicts"][0].keys()
     trace = [json.loads(line) for line in (root / "trace.jsonl").read_text().splitlines()]
     assert trace[0]["events"][0]["event"] == "pause" and {"score", "ema", "state", "token"} <= trace[0].keys()
@@ -101,8 +101,35 @@ def test_guarded_generate_json_trace_and_plot(guarded_setup):
     plotted = CliRunner().invoke(main, ["plot-trace", str(root / "trace.jsonl"), "-o", str(root / "risk.png")])
     assert plotted.exit_code == 0 and (root / "risk.png").stat().st_size > 1000
 
+    # The same run again: the same decisions, whatever the machine's timing did meanwhile.
+    again = CliRunner().invoke(main, [*base, "--classifier", str(classifier), "--json"])
+    again_row = json.loads(again.stdout.splitlines()[-1])
+
+    def decisions(r):
+        return (r["status"], r["text"], r["pause_points"], [(v["covers"], v["verdict"], v["p_unsafe"])
+                                                             for v in r["verdicts"]])
+    assert decisions(again_row) == decisions(row)
+
     refused = CliRunner().invoke(main, [*base, "--refusal", "NOPE"])  # no classifier: fail closed
     assert refused.exit_code == 0 and refused.stdout.strip() == "NOPE"
+
+
+def test_trace_keeps_withheld_tokens_out_unless_asked(guarded_setup, tmp_path):
+    """No classifier: the probe pauses at the first token and the answer is blocked, so every
+    token was withheld. The trace has their scores but not their ids, unless --trace-held."""
+    root, _ = guarded_setup
+    base = ["generate", "--model", str(root / "model"), "--prompt", "w5 w6 w7", "--no-chat-template", "--no-compile",
+            "--dtype", "float32", "--max-new-tokens", "6", "--probe", str(root / "probe"), "--max-held", "3"]
+    for extra, held in (([], False), (["--trace-held"], True)):
+        trace_file = tmp_path / f"trace-{held}.jsonl"
+        result = CliRunner().invoke(main, [*base, "--trace", str(trace_file), *extra])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in trace_file.read_text().splitlines()]
+        assert rows and all(r["score"] is not None for r in rows)
+        if held:
+            assert all(isinstance(r["token"], int) and "withheld" not in r for r in rows)
+        else:
+            assert all(r["token"] is None and r["withheld"] for r in rows)
 
 
 def test_probe_for_another_model_is_a_one_line_error(guarded_setup):

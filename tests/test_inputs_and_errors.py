@@ -90,3 +90,26 @@ def test_embedded_model_is_cached_as_plain_safetensors(embedded_fp32):
     files = {p.name for p in Path(path).iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".gguf", ".pt")) for f in files)
     assert embedded_fp32.model.config.num_hidden_layers == 30
+
+
+def test_an_unreachable_hub_fails_at_once(monkeypatch):
+    """A hub id while the hub cannot be reached: the load is local-only (no minute of the hub
+    client's retries) and fails with one line."""
+    from huggingface_hub import constants
+
+    from oc_engine.engine.loading import hub_reachable
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert hub_reachable() is False
+    with pytest.raises(OcEngineError, match="the hub cannot be reached and the model is not in the local"):
+        load_model("org/not-cached-anywhere", device="cpu", dtype="float32")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_reachable() is False
+
+
+def test_a_non_finite_probability_is_never_a_verdict():
+    from oc_engine.engine.classifier import ClassifierConfig
+
+    config = ClassifierConfig(labels=("safe", "unsafe"), unsafe_label=1, allow_threshold=0.2, block_threshold=0.6,
+                              max_length=64)
+    assert [config.verdict(p) for p in (0.1, 0.3, 0.7, float("nan"))] == ["allow", "uncertain", "block", "error"]

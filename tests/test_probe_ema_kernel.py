@@ -84,3 +84,26 @@ def test_custom_op_compiles_without_graph_breaks():
         torch.testing.assert_close(ema_c, ema_e)  # the in-place EMA update survives compilation
     explanation = torch._dynamo.explain(step)(steps[0][0], torch.full((3,), -1.0))
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_inputs_flag_every_bit_and_keep_the_ema(dtype):
+    """NaN or inf in the hidden states (or an overflowing probe) scores NaN, sets flags 7
+    (warn, pause, non-finite) and leaves the EMA as it was; a NaN EMA stays flagged. The
+    kernel and the reference agree."""
+    nan, inf = float("nan"), float("inf")
+    hidden = torch.tensor([[[1.0, nan, 0.0, 0.0], [-0.1, -0.1, -0.1, -0.1], [inf, 0.0, 0.0, 0.0],
+                            [-inf, 0.0, 0.0, 0.0], [inf, -inf, 0.0, 0.0], [-0.1, -0.1, -0.1, -0.1]]]).to(dtype)
+    weight, bias = torch.ones(1, 4), torch.zeros(1)
+    thresholds = torch.tensor([0.5, 0.5, 0.8])
+    start = torch.tensor([0.1, -1.0, 0.2, 0.3, -1.0, nan])
+    results = []
+    for fn in (probe_ema_triton, probe_ema_reference):
+        ema = start.clone()
+        score, flags = fn(hidden, weight, bias, ema, thresholds)
+        results.append((score, flags, ema))
+        assert flags.tolist() == [7, 0, 7, 7, 7, 7]
+        assert torch.isnan(score[[0, 2, 3, 4]]).all() and torch.isfinite(score[[1, 5]]).all()
+        torch.testing.assert_close(ema[:5], torch.tensor([0.1, float(score[1]), 0.2, 0.3, -1.0]))
+        assert torch.isnan(ema[5])
+    torch.testing.assert_close(results[0][0], results[1][0], equal_nan=True)

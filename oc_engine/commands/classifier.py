@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from oc_engine.commands.common import markdown_rows, progress_log, user_errors
+from oc_engine.commands.common import SEED, FiniteFloat, check_output_dir, markdown_rows, progress_log, user_errors
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
@@ -39,9 +39,9 @@ def export_summary(config: dict, out: Path) -> str:
               help="Longest exchange in tokens (default: min(512, the model's positions)).")
 @click.option("--unsafe-label", default=None,
               help="Name or index of the unsafe class (default: unsafe_compliance, or 1 for two labels).")
-@click.option("--tolerance", type=float, default=None,
+@click.option("--tolerance", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Max |delta probability| against PyTorch (default 1e-4 fp32, 2e-2 fp16/int8).")
-@click.option("--max-flip-rate", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+@click.option("--max-flip-rate", type=FiniteFloat(0, 1), default=0.02, show_default=True,
               help="Share of parity exchanges whose predicted label may differ from PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print classifier_config.json instead of the table.")
 @user_errors
@@ -60,6 +60,7 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
     from oc_engine.export.onnx_export import ExportOptions
     from oc_engine.export.onnx_export import export_classifier as export
 
+    check_output_dir(out, "OUT")
     label = int(unsafe_label) if unsafe_label is not None and unsafe_label.isdigit() else unsafe_label
     options = ExportOptions(precision=precision or "fp32", optimize=not no_optimize, max_length=max_length,
                             tolerance=tolerance, max_flip_rate=max_flip_rate, unsafe_label=label)
@@ -85,20 +86,20 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
 @click.option("--backbone", default=None,
               help="Hugging Face encoder (default: ModernBERT-base if the hub answers, else the embedded MiniLM).")
 @click.option("--binary", is_flag=True, help="Two classes: unsafe_compliance vs the rest.")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
+@click.option("--lr", "learning_rate", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
               help="Longest exchange in tokens [default: 256; 192 with --default].")
-@click.option("--validation", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.15,
+@click.option("--validation", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.15,
               show_default=True, help="Share of prompts held out (split grouped by prompt).")
 @click.option("--prefixes", type=click.IntRange(min=0), default=1, show_default=True,
               help="Random response prefixes added per training exchange.")
 @click.option("--max-train-rows", type=click.IntRange(min=1), default=None,
               help="Cap on training rows after augmentation (time budget) [default: all; 10000 with --default].")
-@click.option("--target-safe-block-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+@click.option("--target-safe-block-rate", type=FiniteFloat(0, 1), default=0.01, show_default=True,
               help="Calibration: the most safe_compliance answers the block threshold may block.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
 @user_errors
 def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_default, force, backbone, binary, epochs,
@@ -118,6 +119,8 @@ def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_defaul
     """
     from oc_engine.training.classifier_pipeline import build
 
+    check_output_dir(out, "--out")
+    check_output_dir(export_dir, "--export")
     report = build(data_specs=data_specs, out=out, export_dir=export_dir, int8=int8, eval_specs=eval_specs,
                    build_default=build_default, force=force, backbone=backbone, binary=binary, epochs=epochs,
                    batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, validation=validation,
@@ -135,7 +138,7 @@ def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_defaul
 @click.argument("classifier_dir", type=click.Path(file_okay=False))
 @click.option("--data", "data_specs", multiple=True, required=True, metavar="FILE[@SOURCE]",
               help="Labelled JSONL exchanges to calibrate on (repeatable).")
-@click.option("--target-safe-block-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--target-safe-block-rate", type=FiniteFloat(0, 1), default=0.01, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Report the threshold without writing it.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors

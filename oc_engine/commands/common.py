@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import wraps
 from pathlib import Path
@@ -13,6 +14,18 @@ from oc_engine.errors import OcEngineError
 
 # Seeds go to torch, numpy and Python's random; numpy takes at most 32 bits.
 SEED = click.IntRange(0, 2 ** 32 - 1)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (click lets both through its bounds)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
@@ -57,6 +70,22 @@ def check_output_file(path: str | None, option: str, suffixes: tuple[str, ...] |
         raise OcEngineError(f"{option} {path} is not writable")
     parent = target.parent
     while not parent.exists():  # write_json makes missing directories: the first existing one decides
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OcEngineError(f"{option} {path}: cannot write in {parent}")
+
+
+def check_output_dir(path: str | None, option: str) -> None:
+    """Fail before any work if the directory `path` could not be made at the end: an existing
+    file, or no writable directory to make it in. (Whether an existing directory may be
+    replaced is the command's own rule.) Nothing is created here."""
+    if not path:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OcEngineError(f"{option} {path} exists and is not a directory")
+    parent = target if target.exists() else target.parent
+    while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise OcEngineError(f"{option} {path}: cannot write in {parent}")

@@ -7,7 +7,8 @@ import json
 
 import click
 
-from oc_engine.commands.common import progress_log, user_errors, write_json
+from oc_engine.commands.common import (PLOT_SUFFIXES, SEED, FiniteFloat, check_output_dir, check_output_file,
+                                       progress_log, user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 MODEL_HELP = "Hub id, local directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."
@@ -38,17 +39,17 @@ def common_probe_options(fn):
                      help="tokens: every response token, EMA-smoothed objective. final: the last token only."),
         click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Response tokens per exchange used in tokens mode."),
-        click.option("--validation", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+        click.option("--validation", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.2,
                      show_default=True, help="Share of prompts held out (split grouped by prompt)."),
-        click.option("--target-benign-pause-rate", "target", type=click.FloatRange(0, 1), default=0.02,
+        click.option("--target-benign-pause-rate", "target", type=FiniteFloat(0, 1), default=0.02,
                      show_default=True, help="Calibration: most safe_compliance answers that may pause."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--max-exchanges", type=click.IntRange(min=1), default=None,
                      help="Sample at most this many exchanges per data file (time budget)."),
         click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
                      help="Optimizer steps (full batch)."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-2, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     ]):
         fn = option(fn)
@@ -65,7 +66,7 @@ def common_probe_options(fn):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
               help="Relabel harmful answers that don't refuse by this classifier's verdict.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @user_errors
 def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classifier_dir, seed):
     """Run the target on prompt files and write its own answers, labelled (on-policy data).
@@ -79,6 +80,7 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
     from oc_engine.engine.decode import Engine
     from oc_engine.training.onpolicy import collect_onpolicy, read_labelled_prompts, sample_prompts
 
+    check_output_file(out, "--out")
     rows = []
     for spec in prompt_specs:
         path, source = parse_data_spec(spec)
@@ -123,6 +125,7 @@ def train_probe(model, dtype, data_specs, mode, max_response_tokens, validation,
     from oc_engine.training.probe_training import ProbeTrainConfig
 
     log = progress_log("oc-engine train-probe", quiet=as_json)
+    check_output_dir(out, "--out")
     job = _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
     config = ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed)
     if build_default:
@@ -177,6 +180,7 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 
     if not data_specs:
         raise OcEngineError("give --data FILE (repeatable)")
+    check_output_file(plot, "--plot", PLOT_SUFFIXES)
     loaded = _load(model, dtype)
     job = _job((), mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
     report = sweep(loaded, [parse_data_spec(s) for s in data_specs], job,
@@ -205,7 +209,7 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Replay: write the distributions of per-exchange max EMA by label (PNG).")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @user_errors
 def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
                  max_response_tokens, batch_size, out, plot, as_json, seed):
@@ -219,6 +223,8 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
     from oc_engine.training.eval_pipeline import run_eval
     from oc_engine.training.guard_eval import eval_markdown
 
+    check_output_file(out, "--out")
+    check_output_file(plot, "--plot", PLOT_SUFFIXES)
     report = run_eval(model=model, probe_dir=probe_dir, classifier_dir=classifier_dir, no_classifier=no_classifier,
                       replay_specs=[parse_data_spec(s) for s in replay_specs],
                       live_specs=[parse_data_spec(s) for s in live_specs], limit=limit,
@@ -242,14 +248,14 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
                    "classifier's own checkpoint, with the default classifier).")
 @click.option("--no-classifier", is_flag=True, help="Measure the probe alone.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--benign-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+@click.option("--benign-rate", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="safe_compliance share a stage may flag when counting unsafe answers caught.")
 @click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--classifier-epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
+@click.option("--classifier-epochs", type=FiniteFloat(min=0, min_open=True), default=3.0, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many exchanges per file.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @user_errors
 def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, no_classifier, folds, benign_rate,
                      max_response_tokens, classifier_epochs, limit, out, as_json, seed):
@@ -268,6 +274,7 @@ def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, n
     """
     from oc_engine.training.headroom import HeadroomConfig, headroom_markdown, run_headroom
 
+    check_output_file(out, "--out")
     config = HeadroomConfig(folds=folds, max_response_tokens=max_response_tokens, benign_rate=benign_rate,
                             classifier_epochs=classifier_epochs, seed=seed)
     report = run_headroom(model=model, probe_dir=probe_dir, classifier_dir=classifier_dir, checkpoint=checkpoint,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -46,40 +47,77 @@ class ClassifierConfig:
     source_model: str | None = None
 
     def __post_init__(self):
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise OcEngineError(f"a classifier needs at least two distinct labels, got {list(self.labels)}")
         if not 0 <= self.unsafe_label < len(self.labels):
             raise OcEngineError(f"unsafe_label {self.unsafe_label} is not one of the {len(self.labels)} labels")
         if not 0 <= self.allow_threshold <= self.block_threshold <= 1:
             raise OcEngineError("classifier thresholds must satisfy 0 <= allow <= block <= 1, got "
                                 f"allow={self.allow_threshold}, block={self.block_threshold}")
+        if self.max_length < 8:
+            raise OcEngineError(f"classifier max_length must be >= 8 tokens, got {self.max_length}")
+        check_input_format(self.input_format)
 
     def verdict(self, p_unsafe: float) -> str:
+        if not math.isfinite(p_unsafe):
+            return "error"  # a NaN compares false with both thresholds: never let it read as allow
         if p_unsafe >= self.block_threshold:
             return "block"
         return "allow" if p_unsafe < self.allow_threshold else "uncertain"
 
 
+def check_input_format(template) -> None:
+    """The exchange template must show the answer: a format string with a {response} field
+    (and {prompt}, optionally), no other field, and no conversion or format spec."""
+    import string
+
+    if not isinstance(template, str):
+        raise OcEngineError(f"input_format must be a string, got {template!r}")
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise OcEngineError(f"input_format {template!r} is not a format string ({exc})") from exc
+    names = {name for name, _, _ in fields}
+    if not names <= {"prompt", "response"} or any(spec or conversion for _, spec, conversion in fields):
+        raise OcEngineError(f"input_format {template!r} may hold only the fields {{prompt}} and {{response}}")
+    if "response" not in names:
+        raise OcEngineError(f"input_format {template!r} never shows the answer: it needs a {{response}} field")
+
+
 def load_classifier_config(path: Path) -> ClassifierConfig:
+    from oc_engine.config_fields import Fields
+
     file = path / "classifier_config.json"
     if not file.is_file():
         raise OcEngineError(f"{path} is not a classifier export (no classifier_config.json)")
     try:
-        raw = json.loads(file.read_text())
-        if raw.get("format") != CLASSIFIER_FORMAT:
-            raise OcEngineError(f"{file}: not an oc-engine classifier (format {CLASSIFIER_FORMAT!r} expected)")
-        return ClassifierConfig(labels=tuple(raw["labels"]), unsafe_label=int(raw["unsafe_label"]),
-                                allow_threshold=float(raw["allow_threshold"]),
-                                block_threshold=float(raw["block_threshold"]), max_length=int(raw["max_length"]),
-                                input_format=raw.get("input_format", EXCHANGE_FORMAT),
-                                source_model=raw.get("source_model"))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise OcEngineError(f"{file}: missing or malformed field ({exc})") from exc
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OcEngineError(f"{file} is not valid JSON: {exc}") from exc
+    fields = Fields(raw, str(file))
+    if raw.get("format") != CLASSIFIER_FORMAT:
+        raise OcEngineError(f"{file}: not an oc-engine classifier (format {CLASSIFIER_FORMAT!r} expected)")
+    try:
+        return ClassifierConfig(labels=fields.strings("labels"), unsafe_label=fields.integer("unsafe_label"),
+                                allow_threshold=fields.number("allow_threshold"),
+                                block_threshold=fields.number("block_threshold"), max_length=fields.integer("max_length"),
+                                input_format=fields.string("input_format", EXCHANGE_FORMAT),
+                                source_model=fields.string("source_model", None))
+    except OcEngineError as exc:
+        message = str(exc)
+        raise OcEngineError(message if message.startswith(str(file)) else f"{file}: {message}") from None
 
 
 def load_sequence_classifier(source, **kwargs):
     """A Hugging Face sequence classifier with sdpa attention, or eager where the architecture
-    has no sdpa (DeBERTa-v2/v3). Never flash attention: it does not export to ONNX."""
+    has no sdpa (DeBERTa-v2/v3). Never flash attention: it does not export to ONNX. Weights from
+    safetensors only (a pickle checkpoint is refused, whatever torch's defaults)."""
     from transformers import AutoModelForSequenceClassification
 
+    from oc_engine.engine.loading import offline_kwargs
+
+    kwargs = {"use_safetensors": True, **offline_kwargs(source), **kwargs}
     try:
         return AutoModelForSequenceClassification.from_pretrained(source, attn_implementation="sdpa", **kwargs)
     except ValueError as exc:

@@ -46,6 +46,8 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise OcEngineError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise OcEngineError("a stop string must be non-empty text")
 
 
 @dataclass

@@ -84,7 +84,7 @@ def load_model(source: str | None = None, *, device: str | None = None, dtype: s
     path = resolve_model_source(source, progress=progress)
     local = Path(path).is_dir()
     kwargs = dict(trust_remote_code=trust_remote_code)
-    if local:
+    if local or not hub_reachable():
         kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -92,6 +92,8 @@ def load_model(source: str | None = None, *, device: str | None = None, dtype: s
     except OSError as exc:
         where = "directory" if local else "hub id"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not local and kwargs.get("local_files_only"):
+            first = "the hub cannot be reached and the model is not in the local Hugging Face cache"
         raise OcEngineError(f"cannot load model {where} {path!r}: {first}") from exc
     except ValueError as exc:
         raise OcEngineError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from exc
@@ -120,6 +122,32 @@ def resolve_model_source(source: str | None, *, progress: bool = True) -> str:
     if looks_like_hub_id:
         return source
     raise OcEngineError(f"model not found: {source!r} is neither a directory, a .gguf file nor a hub id (org/name)")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the hub be reached? False at once when it cannot (offline, `HF_HUB_OFFLINE`): then a
+    model already in the local Hugging Face cache loads from there, and one that is not fails
+    with one line instead of the hub client's minute of retries. One TCP connection decides."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def offline_kwargs(source) -> dict:
+    """`from_pretrained` keywords that keep a load from the hub's retries when it cannot help:
+    a local directory, or a hub id while the hub cannot be reached (the local cache serves it)."""
+    return {"local_files_only": True} if Path(str(source)).is_dir() or not hub_reachable() else {}
 
 
 def ensure_converted_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> Path:

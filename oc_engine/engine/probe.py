@@ -126,6 +126,23 @@ def save_probe(probe: Probe, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def probe_config_from_json(raw: dict, where: str) -> ProbeConfig:
+    """A ProbeConfig from probe_config.json's object, every field type-checked (never coerced)."""
+    from oc_engine.config_fields import Fields
+
+    fields = Fields(raw, where)
+    model = fields.child("model")
+    fingerprint = ModelFingerprint(architecture=model.string("architecture"), hidden_size=model.integer("hidden_size"),
+                                   num_layers=model.integer("num_layers"), weights_hash=model.string("weights_hash"))
+    hidden_size = fields.integer("hidden_size")
+    if hidden_size < 1:
+        raise OcEngineError(f"{where}: 'hidden_size' must be >= 1, got {hidden_size}")
+    return ProbeConfig(model=fingerprint, layers=fields.integers("layers"), hidden_size=hidden_size,
+                       alpha=fields.number("alpha"), warn=fields.number("warn"), pause=fields.number("pause"),
+                       every=fields.integer("every"), chat_template=fields.boolean("chat_template", True),
+                       metrics=fields.mapping("metrics", {}))
+
+
 def load_probe(path: str | Path) -> Probe:
     """Read and validate a probe directory (see the module docstring)."""
     from safetensors import SafetensorError
@@ -143,13 +160,7 @@ def load_probe(path: str | Path) -> Probe:
         raise OcEngineError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != PROBE_FORMAT:
         raise OcEngineError(f"{path / CONFIG_FILE}: not an oc-engine probe (format {PROBE_FORMAT!r} expected)")
-    try:
-        config = ProbeConfig(model=ModelFingerprint(**raw["model"]), layers=tuple(int(x) for x in raw["layers"]),
-                             hidden_size=int(raw["hidden_size"]), alpha=float(raw["alpha"]), warn=float(raw["warn"]),
-                             pause=float(raw["pause"]), every=int(raw["every"]),
-                             chat_template=bool(raw.get("chat_template", True)), metrics=raw.get("metrics", {}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OcEngineError(f"{path / CONFIG_FILE}: missing or malformed field ({exc})") from exc
+    config = probe_config_from_json(raw, str(path / CONFIG_FILE))
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -147,8 +147,11 @@ def _check_output(out: Path) -> list[Path]:
 def _load(src):
     from transformers import AutoConfig, AutoTokenizer
 
+    from oc_engine.engine.loading import offline_kwargs
+
+    offline = offline_kwargs(src)
     try:
-        config = AutoConfig.from_pretrained(src)
+        config = AutoConfig.from_pretrained(src, **offline)
     except (OSError, ValueError) as exc:
         raise OcEngineError(f"{src} is not a Hugging Face model: {str(exc).splitlines()[0]}") from exc
     architectures = config.architectures or []
@@ -158,7 +161,7 @@ def _load(src):
     if Path(src).is_dir() and not any((Path(src) / name).is_file() for name in TOKENIZER_FILES):
         raise OcEngineError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src, **offline)
     except (OSError, ValueError, TypeError) as exc:
         raise OcEngineError(f"{src} has no usable tokenizer: {str(exc).splitlines()[0]}") from exc
     try:

@@ -142,7 +142,9 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
         f"{data.skipped_null} skipped for a null label; backbone {backbone}")
     torch.manual_seed(config.seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        from oc_engine.engine.loading import offline_kwargs
+
+        tokenizer = AutoTokenizer.from_pretrained(backbone, **offline_kwargs(backbone))
         model = load_sequence_classifier(backbone, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                          label2id={name: i for i, name in enumerate(labels)},
                                          ignore_mismatched_sizes=True)

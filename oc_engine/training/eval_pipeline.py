@@ -78,5 +78,6 @@ def _plot(probe, labels: list[int], peaks: list[float], path) -> None:
     ax.set_xlabel("highest EMA over the response")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from oc_engine.plots import save_figure
+
+    save_figure(fig, path)

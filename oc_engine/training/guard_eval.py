@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE, Exchange
-from oc_engine.engine.guard import PAUSE, WARN, Check, GuardConfig, SequenceGuard
+from oc_engine.engine.guard import PAUSE, WARN, Check, GuardConfig, SequenceGuard, token_flags
 from oc_engine.training.onpolicy import is_refusal
 
 
@@ -63,7 +63,8 @@ def _replay_one(exchange, response_ids, trace, probe_config, config, classifier,
             apply(guard.on_verdict(check, classifier.judge(exchange.prompt, partial)["verdict"]))
 
     for ema in trace:
-        apply(guard.on_token((WARN if ema >= probe_config.warn else 0) | (PAUSE if ema >= probe_config.pause else 0)))
+        flags = (WARN if ema >= probe_config.warn else 0) | (PAUSE if ema >= probe_config.pause else 0)
+        apply(guard.on_token(token_flags(flags, None, float(ema))))  # a NaN EMA pauses, as in the engine
         answer_checks()
         if not guard.wants_tokens:
             break

@@ -88,6 +88,9 @@ def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *
     """The report: per stage (`STAGES`; the classifier's only with `classifier` / `checkpoint`),
     shipped and cross-validated. exchanges: labelled, both unsafe_compliance and safe_compliance."""
     labels = require_both_classes(exchanges)
+    prompts = len({e.prompt for e in exchanges})
+    if prompts < config.folds:
+        raise OcEngineError(f"{config.folds} folds need at least {config.folds} distinct prompts; the data has {prompts}")
     folds = assign_folds(exchanges, config.folds, config.seed)
     for fold in np.unique(folds):
         if not _both_classes(labels[folds != fold]):

@@ -55,8 +55,13 @@ def read_labelled_prompts(path: str | Path, *, source_filter: str | None = None)
             continue
         if row["prompt_label"] not in ("harmful", "benign"):
             raise OcEngineError(f"{path}:{line}: prompt_label must be 'harmful' or 'benign', got {row['prompt_label']!r}")
-        rows.append(PromptRow(str(row["prompt"]), row["prompt_label"], str(row.get("source") or Path(path).stem),
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise OcEngineError(f"{path}:{line}: 'prompt' must be a non-empty string")
+        rows.append(PromptRow(row["prompt"], row["prompt_label"], str(row.get("source") or Path(path).stem),
                               row.get("category")))
+    if not rows:
+        kept = f" with a source containing {source_filter!r}" if source_filter is not None else ""
+        raise OcEngineError(f"{path} has no prompts{kept}")
     return rows
 
 

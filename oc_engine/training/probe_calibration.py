@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE
-from oc_engine.engine.guard import PAUSE, WARN, GuardConfig, SequenceGuard
+from oc_engine.engine.guard import PAUSE, WARN, GuardConfig, SequenceGuard, token_flags
 from oc_engine.errors import OcEngineError
 from oc_engine.training.activations import Activations
 from oc_engine.training.probe_training import ema_traces, probe_logits
@@ -60,7 +60,7 @@ def replay_pauses(traces: np.ndarray, mask: np.ndarray, warn: float, pause: floa
         guard = SequenceGuard(GuardConfig(every=every))
         for ema in trace[valid]:
             flags = (WARN if ema >= warn else 0) | (PAUSE if ema >= pause else 0)
-            guard.on_token(flags)
+            guard.on_token(token_flags(flags, None, float(ema)))
             if guard.pause_points:
                 break
         firsts.append(guard.pause_points[0] if guard.pause_points else None)

@@ -162,8 +162,9 @@ def _plot_sweep(rows: list[dict], multi: dict | None, path: str) -> None:
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from oc_engine.plots import save_figure
+
+    save_figure(fig, path)
 
 
 def sweep_markdown(report: dict) -> str:

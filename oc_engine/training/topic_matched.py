@@ -39,7 +39,7 @@ def sentence_embeddings(texts: Sequence[str], model_dir: str | Path, *, batch_si
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
+    model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):

@@ -1,0 +1,340 @@
+"""Bad input, as a matrix: every command's options and every file format the project reads.
+
+Each CLI case asserts the exit status, a one-line message that names the problem (no
+traceback), and that nothing was written or left behind in the working directory. The file
+formats (probe and classifier configs, prompt files, labelled exchanges, traces) are also
+driven with any JSON value in each field (hypothesis): a clean error or a valid load, never
+another exception.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oc_engine.cli import main
+from oc_engine.errors import OcEngineError
+
+NOT_UTF8 = b'{"prompt": "caf\xe9", "prompt_label": "benign", "response": "x", "label": 0}\n'
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny, tiny_classifier, tmp_path_factory):
+    """Good inputs to spoil: a tiny model, a probe for it, a classifier export, data files."""
+    from oc_engine.engine.probe import save_probe
+    from probe_helpers import make_probe
+
+    root = tmp_path_factory.mktemp("inputs")
+    loaded = tiny("llama")
+    loaded.model.save_pretrained(root / "model")
+    loaded.tokenizer.save_pretrained(root / "model")
+    save_probe(make_probe(loaded.model, bias=0.0), root / "probe")
+    shutil.copytree(tiny_classifier[1], root / "classifier")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"w{5 + i} w6", "prompt_label": label}) + "\n"
+                                                for i, label in enumerate(["harmful", "benign"])))
+    (root / "exchanges.jsonl").write_text("".join(
+        json.dumps({"prompt": f"w{20 + i} w9", "response": f"w{100 + i} w101", "label": 2 * (i % 2)}) + "\n"
+        for i in range(12)))
+    (root / "trace.jsonl").write_text(json.dumps({"sequence": 0, "index": 0, "token": 5, "score": 0.1, "ema": 0.1,
+                                                  "flags": 0, "warn": 0.5, "pause": 0.8, "events": []}) + "\n")
+    return root
+
+
+def _spoil(inputs, tmp_path, name, edit):
+    """A copy of the probe or classifier directory with its config edited."""
+    target = tmp_path / f"bad-{name}"
+    shutil.copytree(inputs / name, target)
+    file = target / ("probe_config.json" if name == "probe" else "classifier_config.json")
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    return target
+
+
+def _file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# Each case: (command line with {placeholders}, exit status, what the message must say).
+# {in}: the good inputs; {tmp}: this case's own empty directory; {file}: a regular file there (a
+# path under it cannot be written); {bad_*}: files and directories the case spoils first.
+GENERATE = "generate --model {in}/model --no-compile --no-chat-template --max-new-tokens 3 --probe {in}/probe"
+CASES = {
+    # generate: options
+    "seed negative": (GENERATE + " --prompt w5 --seed -1", 2, "'--seed': -1 is not in the range"),
+    "seed beyond 32 bits": (GENERATE + " --prompt w5 --seed 4294967296", 2, "is not in the range"),
+    "deadline overflow": (GENERATE + " --prompt w5 --deadline 1e300", 2, "'--deadline'"),
+    "deadline nan": (GENERATE + " --prompt w5 --deadline nan", 2, "nan is not a finite number"),
+    "temperature inf": (GENERATE + " --prompt w5 --temperature inf", 2, "inf is not a finite number"),
+    "top-p nan": (GENERATE + " --prompt w5 --top-p nan", 2, "nan is not a finite number"),
+    "pause above 1": (GENERATE + " --prompt w5 --pause 1.5", 2, "'--pause'"),
+    "empty stop string": (GENERATE + " --prompt w5 --stop ''", 1, "a stop string must be non-empty"),
+    "empty prompt": (GENERATE + " --prompt ''", 1, "prompt 1 is empty"),
+    "tap-layer is gone": (GENERATE + " --prompt w5 --tap-layer -4", 2, "No such option '--tap-layer'"),
+    "catch-up is gone": (GENERATE + " --prompt w5 --catch-up wait", 2, "No such option '--catch-up'"),
+    "trace under a file": (GENERATE + " --prompt w5 --trace {file}/t.jsonl", 1, "--trace {file}/t.jsonl: cannot write in"),
+    "trace is a directory": (GENERATE + " --prompt w5 --trace {tmp}", 2, "is a directory"),
+    "trace-held without trace": (GENERATE + " --prompt w5 --trace-held", 1, "--trace-held needs --trace"),
+    "unknown device": (GENERATE + " --prompt w5 --device tpu", 1, "unknown device 'tpu'"),
+    "no guard with a probe": ("generate --prompt w5 --no-guard --probe {in}/probe", 1, "--no-guard excludes"),
+    "offline hub id": ("generate --model org/not-cached-anywhere --prompt x --no-guard", 1,
+                       "the hub cannot be reached and the model is not in the local Hugging Face cache"),
+    "model dir without config": ("generate --model {tmp} --prompt x --no-guard", 1, "no config.json"),
+    # generate: prompt files
+    "prompts not UTF-8 (jsonl)": (GENERATE + " --prompts-file {bad_prompts_jsonl}", 1, "is not UTF-8 text"),
+    "prompts not UTF-8 (text)": (GENERATE + " --prompts-file {bad_prompts_txt}", 1, "is not UTF-8 text"),
+    "prompt is a number": (GENERATE + " --prompts-file {number_prompt}", 1, ":1: 'prompt' must be a non-empty string"),
+    "prompts missing field": (GENERATE + " --prompts-file {no_prompt_field}", 1, ":1: missing field 'prompt'"),
+    # generate: probe directories
+    "probe layers a string": (GENERATE + " --prompt w5 --probe {bad_probe_layers}", 1,
+                              "'layers' must be a list of integers, got '-2'"),
+    "probe every a fraction": (GENERATE + " --prompt w5 --probe {bad_probe_every}", 1,
+                               "'every' must be an integer, got 1.5"),
+    "probe chat_template a string": (GENERATE + " --prompt w5 --probe {bad_probe_chat}", 1,
+                                     "'chat_template' must be true or false, got 'false'"),
+    "probe alpha nan": (GENERATE + " --prompt w5 --probe {bad_probe_alpha}", 1, "'alpha' must be a finite number"),
+    "probe without a fingerprint": (GENERATE + " --prompt w5 --probe {bad_probe_model}", 1, "missing field 'model'"),
+    "probe dir missing": (GENERATE + " --prompt w5 --probe {tmp}/nothing", 1, "probe directory not found"),
+    # generate: classifier directories
+    "classifier labels a string": (GENERATE + " --prompt w5 --classifier {bad_classifier_labels}", 1,
+                                   "'labels' must be a list of strings"),
+    "classifier format hides the answer": (GENERATE + " --prompt w5 --classifier {bad_classifier_format}", 1,
+                                           "never shows the answer"),
+    "classifier max_length a fraction": (GENERATE + " --prompt w5 --classifier {bad_classifier_length}", 1,
+                                         "'max_length' must be an integer, got 128.5"),
+    "classifier unsafe label out of range": (GENERATE + " --prompt w5 --classifier {bad_classifier_unsafe}", 1,
+                                             "unsafe_label 7 is not one of the 3 labels"),
+    "classifier dir without config": (GENERATE + " --prompt w5 --classifier {tmp}", 1, "is not a classifier export"),
+    # plot-trace
+    "plot unknown file type": ("plot-trace {in}/trace.jsonl -o {tmp}/risk.xyz", 1, "unknown file type '.xyz'"),
+    "plot under a file": ("plot-trace {in}/trace.jsonl -o {file}/risk.png", 1, "cannot write in"),
+    "trace not UTF-8": ("plot-trace {bad_trace_bytes} -o {tmp}/risk.png", 1, ":1: not UTF-8 text"),
+    "trace score a string": ("plot-trace {bad_trace_score} -o {tmp}/risk.png", 1, "'score' must be a number"),
+    "trace events not a list": ("plot-trace {bad_trace_events} -o {tmp}/risk.png", 1, "'events' must be a list"),
+    # collect
+    "collect prompts not UTF-8": ("collect --prompts {bad_prompts_jsonl} --out {tmp}/out.jsonl --model {in}/model", 1,
+                                  ":1: not UTF-8 text"),
+    "collect filter keeps nothing": ("collect --prompts {in}/prompts.jsonl@nowhere --out {tmp}/out.jsonl "
+                                     "--model {in}/model", 1, "has no prompts with a source containing 'nowhere'"),
+    "collect out under a file": ("collect --prompts {in}/prompts.jsonl --out {file}/out.jsonl --model {in}/model", 1,
+                                 "cannot write in"),
+    "collect seed negative": ("collect --prompts {in}/prompts.jsonl --out {tmp}/o.jsonl --seed -5", 2, "'--seed'"),
+    # eval
+    "eval replay not UTF-8": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {bad_exchanges_bytes}",
+                              1, ":1: not UTF-8 text"),
+    "eval label true": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {label_true}", 1,
+                        ":1: label must be 0, 1, 2 or null, got True"),
+    "eval label fraction": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {label_fraction}", 1,
+                            ":1: label must be 0, 1, 2 or null, got 2.5"),
+    "eval response a list": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {response_list}", 1,
+                             ":1: 'response' must be a string, got list"),
+    "eval plot unknown type": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay "
+                               "{in}/exchanges.jsonl --plot {tmp}/p.xyz", 1, "unknown file type '.xyz'"),
+    "eval out under a file": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay "
+                              "{in}/exchanges.jsonl --out {file}/r.json", 1, "cannot write in"),
+    # probes
+    "train-probe out is a file": ("train-probe --model {in}/model --data {in}/exchanges.jsonl --out {file}", 2,
+                                  "is a file"),
+    "train-probe out under a file": ("train-probe --model {in}/model --data {in}/exchanges.jsonl --out {file}/p", 1,
+                                     "cannot write in"),
+    "train-probe data not UTF-8": ("train-probe --model {in}/model --data {bad_exchanges_bytes} --out {tmp}/probe",
+                                   1, ":1: not UTF-8 text"),
+    "sweep plot unknown type": ("sweep-layers --model {in}/model --data {in}/exchanges.jsonl --plot {tmp}/s.bmpx", 1,
+                                "unknown file type '.bmpx'"),
+    "headroom more folds than prompts": ("headroom --model {in}/model --probe {in}/probe --no-classifier --data "
+                                         "{in}/exchanges.jsonl --folds 1000", 1,
+                                         "1000 folds need at least 1000 distinct prompts; the data has 12"),
+    "headroom out under a file": ("headroom --model {in}/model --probe {in}/probe --no-classifier --data "
+                                  "{in}/exchanges.jsonl --out {file}/h.json", 1, "cannot write in"),
+    # classifiers
+    "train-classifier lr nan": ("train-classifier --data {in}/exchanges.jsonl --out {tmp}/c --lr nan", 2,
+                                "nan is not a finite number"),
+    "train-classifier epochs zero": ("train-classifier --data {in}/exchanges.jsonl --out {tmp}/c --epochs 0", 2,
+                                     "'--epochs'"),
+    "train-classifier out under a file": ("train-classifier --data {in}/exchanges.jsonl --out {file}/c", 1,
+                                          "cannot write in"),
+    "calibrate a bad config": ("calibrate-classifier {bad_classifier_labels} --data {in}/exchanges.jsonl", 1,
+                               "'labels' must be a list of strings"),
+    "export out under a file": ("export-classifier {in}/classifier {file}/onnx", 1, "cannot write in"),
+    "export tolerance nan": ("export-classifier {in}/classifier {tmp}/onnx --tolerance nan", 2,
+                             "nan is not a finite number"),
+    # bench
+    "bench out under a file": ("bench --model {in}/model --out {file}/b.json", 1, "cannot write in"),
+    "bench classifier not an export": ("bench --suite classifier --classifier {in}/probe", 1,
+                                       "is not a classifier export"),
+}
+
+SPOILED_FILES = {
+    "bad_prompts_jsonl": ("p.jsonl", NOT_UTF8),
+    "bad_prompts_txt": ("p.txt", b"caf\xe9\n"),
+    "number_prompt": ("n.jsonl", '{"prompt": 5}\n'),
+    "no_prompt_field": ("f.jsonl", '{"text": "w5"}\n'),
+    "bad_trace_bytes": ("t.jsonl", b"\xff\xfe\n"),
+    "bad_trace_score": ("t.jsonl", json.dumps({"sequence": 0, "index": 0, "score": "high", "ema": 0.1, "warn": 0.5,
+                                               "pause": 0.8}) + "\n"),
+    "bad_trace_events": ("t.jsonl", json.dumps({"sequence": 0, "index": 0, "score": 0.1, "ema": 0.1, "warn": 0.5,
+                                                "pause": 0.8, "events": "pause"}) + "\n"),
+    "bad_exchanges_bytes": ("e.jsonl", NOT_UTF8),
+    "label_true": ("e.jsonl", '{"prompt": "p", "response": "r", "label": true}\n'),
+    "label_fraction": ("e.jsonl", '{"prompt": "p", "response": "r", "label": 2.5}\n'),
+    "response_list": ("e.jsonl", '{"prompt": "p", "response": ["r"], "label": 2}\n'),
+}
+SPOILED_DIRS = {
+    "bad_probe_layers": ("probe", lambda c: c.update(layers="-2")),
+    "bad_probe_every": ("probe", lambda c: c.update(every=1.5)),
+    "bad_probe_chat": ("probe", lambda c: c.update(chat_template="false")),
+    "bad_probe_alpha": ("probe", lambda c: c.update(alpha="nan")),
+    "bad_probe_model": ("probe", lambda c: c.pop("model")),
+    "bad_classifier_labels": ("classifier", lambda c: c.update(labels="safe,unsafe")),
+    "bad_classifier_format": ("classifier", lambda c: c.update(input_format="User: {prompt}")),
+    "bad_classifier_length": ("classifier", lambda c: c.update(max_length=128.5)),
+    "bad_classifier_unsafe": ("classifier", lambda c: c.update(unsafe_label=7)),
+}
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch, name):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: the hub is unreachable
+    command, status, message = CASES[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "afile").write_text("a regular file")
+    values = {"in": str(inputs), "tmp": str(work / "case"), "file": str(work / "afile")}
+    (work / "case").mkdir()
+    for key in SPOILED_FILES:
+        if "{" + key + "}" in command:
+            values[key] = str(_file(tmp_path, *SPOILED_FILES[key]))
+    for key, (kind, edit) in SPOILED_DIRS.items():
+        if "{" + key + "}" in command:
+            values[key] = str(_spoil(inputs, tmp_path, kind, edit))
+    import shlex
+
+    args = [part.format(**values) for part in shlex.split(command)]
+    before, inputs_before = _snapshot(work), _snapshot(inputs)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == status, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    output = result.output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, output
+    assert message.format(**values) in errors[0], output
+    assert _snapshot(work) == before, "a failed command wrote or left something behind"
+    assert _snapshot(inputs) == inputs_before
+
+
+# -- any JSON value in any field ---------------------------------------------------------------
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40)
+                           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                       max_size=3),
+                           max_leaves=6)
+PROBE_FIELDS = ["model", "layers", "hidden_size", "alpha", "warn", "pause", "every", "chat_template", "metrics"]
+CLASSIFIER_FIELDS = ["labels", "unsafe_label", "allow_threshold", "block_threshold", "max_length", "input_format",
+                     "source_model"]
+SLOW_OK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SLOW_OK
+@given(field=st.sampled_from(PROBE_FIELDS + ["model.hidden_size", "model.weights_hash", "model.architecture"]),
+       value=json_values, drop=st.booleans())
+def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
+    from oc_engine.engine.probe import load_probe
+
+    def edit(config):
+        parent, _, key = field.rpartition(".")
+        target = config[parent] if parent else config
+        target.pop(key) if drop else target.__setitem__(key, value)
+
+    directory = tmp_path / "probe"
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.copytree(inputs / "probe", directory)
+    file = directory / "probe_config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    try:
+        probe = load_probe(directory)
+    except OcEngineError as exc:
+        assert "\n" not in str(exc)
+        return
+    c = probe.config
+    assert all(type(x) is int for x in c.layers) and type(c.every) is int and type(c.hidden_size) is int
+    assert all(type(x) is float for x in (c.alpha, c.warn, c.pause)) and type(c.chat_template) is bool
+    assert isinstance(c.metrics, dict) and type(c.model.hidden_size) is int and isinstance(c.model.weights_hash, str)
+
+
+@SLOW_OK
+@given(field=st.sampled_from(CLASSIFIER_FIELDS), value=json_values, drop=st.booleans())
+def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
+    from oc_engine.engine.classifier import load_classifier_config, render_exchange
+
+    directory = tmp_path / "classifier"
+    directory.mkdir(exist_ok=True)
+    config = json.loads((inputs / "classifier" / "classifier_config.json").read_text())
+    config.pop(field) if drop else config.__setitem__(field, value)
+    (directory / "classifier_config.json").write_text(json.dumps(config))
+    try:
+        loaded = load_classifier_config(directory)
+    except OcEngineError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert all(type(x) is str for x in loaded.labels) and len(set(loaded.labels)) == len(loaded.labels) >= 2
+    assert type(loaded.unsafe_label) is int and type(loaded.max_length) is int
+    assert 0 <= loaded.allow_threshold <= loaded.block_threshold <= 1
+    assert "RESPONSE" in render_exchange("p", "RESPONSE", loaded.input_format)
+    assert loaded.source_model is None or isinstance(loaded.source_model, str)
+
+
+@SLOW_OK
+@given(row=st.fixed_dictionaries({}, optional={"prompt": json_values, "response": json_values,
+                                               "label": json_values, "prompt_label": json_values,
+                                               "source": json_values}))
+def test_any_row_in_a_data_file_reads_or_fails_cleanly(tmp_path, row):
+    from oc_engine.data import read_exchanges
+    from oc_engine.engine.prompts import read_prompts_file
+    from oc_engine.plots import read_trace
+    from oc_engine.training.onpolicy import read_labelled_prompts
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    for read in (read_exchanges, read_prompts_file, read_labelled_prompts, read_trace):
+        try:
+            result = read(path)
+        except OcEngineError as exc:
+            assert "\n" not in str(exc)
+            continue
+        if read is read_exchanges:
+            for e in result[0]:
+                assert type(e.prompt) is str and type(e.response) is str and type(e.label) is int
+        elif read is read_prompts_file:
+            assert all(type(p) is str and p.strip() for p in result)
+        elif read is read_labelled_prompts:
+            assert all(type(r.prompt) is str for r in result)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.fixed_dictionaries({}, optional={k: json_values for k in
+                                               ("sequence", "index", "score", "ema", "warn", "pause", "events")}))
+def test_any_trace_row_plots_or_fails_cleanly(tmp_path, row):
+    from oc_engine.plots import plot_trace
+
+    path = tmp_path / "trace.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    try:
+        plot_trace(path, tmp_path / "risk.png", sequence=row.get("sequence", 0) if type(row.get("sequence")) is int
+                   else 0)
+    except OcEngineError as exc:
+        assert "\n" not in str(exc)
