@@ -104,16 +104,28 @@ def bench_mode(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: in
             elapsed, tokens = _timed(run, new_tokens, loaded.device)
             fulls.append(elapsed)
     first, full = statistics.median(firsts), statistics.median(fulls)
-    per_token = max(full - first, 1e-9) / (new_tokens - 1)
+    # The tokens made, not the tokens asked for: a run stops at the model's context.
+    per_token = max(full - first, 1e-9) / max(len(tokens) - 1, 1)
     return ModeResult(mode, 1 / per_token, per_token * 1000, first * 1000, tokens=tokens)
+
+
+def check_bench_length(loaded: LoadedModel, prompt_tokens: int, new_tokens: int) -> None:
+    """Every mode must make exactly `new_tokens` tokens: the prompt and they must fit the context."""
+    from oc_engine.errors import OcEngineError
+
+    context = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    if new_tokens < 2:
+        raise OcEngineError(f"new tokens must be >= 2, got {new_tokens}")
+    if context and prompt_tokens + new_tokens > context:
+        raise OcEngineError(f"{new_tokens} new tokens after the {prompt_tokens}-token bench prompt exceed the "
+                            f"model's context of {context} tokens")
 
 
 def run_decode_bench(loaded: LoadedModel, *, modes=MODES, new_tokens: int = 128, repeats: int = 3,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark `modes` on `loaded`; returns a JSON-ready dict (environment + one row per mode)."""
-    if new_tokens < 2:
-        raise ValueError("new_tokens must be >= 2")
     prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
+    check_bench_length(loaded, len(prompt), new_tokens)
     rows = []
     for mode in modes:
         if progress:

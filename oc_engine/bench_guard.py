@@ -33,7 +33,7 @@ from typing import Callable
 import onnxruntime
 import torch
 
-from oc_engine.bench import BENCH_PROMPT, package_version, quiet_probe
+from oc_engine.bench import BENCH_PROMPT, check_bench_length, package_version, quiet_probe
 from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.guard import GuardConfig
 from oc_engine.engine.guarded import GuardMonitor
@@ -128,6 +128,7 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
     """Benchmark the modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
     text_prompt = BENCH_PROMPT
     prompt = render_prompt(loaded.tokenizer, text_prompt)
+    check_bench_length(loaded, len(prompt), new_tokens)
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     plain = Engine(loaded, compile=True)
     probed = Engine(loaded, compile=True, probe=quiet_probe(loaded))

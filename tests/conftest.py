@@ -39,6 +39,28 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tiny, tmp_path_factory):
+    """tiny_model_dir(bias) -> a directory with the tiny Llama saved as a Hugging Face model and,
+    beside it, a probe for it with that bias (+20 always pauses, 0 sometimes); built once each."""
+    from oc_engine.engine.probe import save_probe
+    from probe_helpers import make_probe
+
+    built = {}
+
+    def get(bias: float):
+        if bias not in built:
+            root = tmp_path_factory.mktemp("tiny-model")
+            loaded = tiny("llama")
+            loaded.model.save_pretrained(root / "model")
+            loaded.tokenizer.save_pretrained(root / "model")
+            save_probe(make_probe(loaded.model, bias=bias), root / "probe")
+            built[bias] = root
+        return built[bias]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def embedded_fp32():
     """The embedded SmolLM2-135M-Instruct in fp32 (converted to the user cache on first use)."""
     from oc_engine.engine.loading import load_model

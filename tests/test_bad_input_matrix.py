@@ -23,17 +23,12 @@ NOT_UTF8 = b'{"prompt": "caf\xe9", "prompt_label": "benign", "response": "x", "l
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny, tiny_classifier, tmp_path_factory):
+def inputs(tiny_model_dir, tiny_classifier, tmp_path_factory):
     """Good inputs to spoil: a tiny model, a probe for it, a classifier export, data files."""
-    from oc_engine.engine.probe import save_probe
-    from probe_helpers import make_probe
-
     root = tmp_path_factory.mktemp("inputs")
-    loaded = tiny("llama")
-    loaded.model.save_pretrained(root / "model")
-    loaded.tokenizer.save_pretrained(root / "model")
-    save_probe(make_probe(loaded.model, bias=0.0), root / "probe")
+    shutil.copytree(tiny_model_dir(0.0), root, dirs_exist_ok=True)
     shutil.copytree(tiny_classifier[1], root / "classifier")
+    shutil.copytree(tiny_classifier[0], root / "hf-classifier")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"w{5 + i} w6", "prompt_label": label}) + "\n"
                                                 for i, label in enumerate(["harmful", "benign"])))
     (root / "exchanges.jsonl").write_text("".join(
@@ -157,6 +152,12 @@ CASES = {
                                 "nan is not a finite number"),
     "train-classifier epochs zero": ("train-classifier --data {in}/exchanges.jsonl --out {tmp}/c --epochs 0", 2,
                                      "'--epochs'"),
+    "train-classifier epochs beyond 100": ("train-classifier --data {in}/exchanges.jsonl --out {tmp}/c --epochs 1e300",
+                                           2, "'--epochs'"),
+    "train-probe steps beyond 100000": ("train-probe --data {in}/exchanges.jsonl --out {tmp}/p --steps 1000000000", 2,
+                                        "'--steps'"),
+    "export max length beyond positions": ("export-classifier {in}/hf-classifier {tmp}/onnx --max-length 100000", 1,
+                                           "max length 100000 is longer than the model's 512 positions"),
     "train-classifier out under a file": ("train-classifier --data {in}/exchanges.jsonl --out {file}/c", 1,
                                           "cannot write in"),
     "calibrate a bad config": ("calibrate-classifier {bad_classifier_labels} --data {in}/exchanges.jsonl", 1,
@@ -166,6 +167,8 @@ CASES = {
                              "nan is not a finite number"),
     # bench
     "bench out under a file": ("bench --model {in}/model --out {file}/b.json", 1, "cannot write in"),
+    "bench beyond the context": ("bench --model {in}/model --new-tokens 100000 --mode engine_eager --repeats 1", 1,
+                                 "exceed the model's context of 256 tokens"),
     "bench classifier not an export": ("bench --suite classifier --classifier {in}/probe", 1,
                                        "is not a classifier export"),
 }

@@ -58,3 +58,16 @@ def test_runtime_errors(tmp_path):
         ExchangeClassifier(tmp_path / "absent")
     with pytest.raises(OcEngineError, match="not a classifier export"):
         ExchangeClassifier(tmp_path)
+
+
+def test_urgent_and_background_sessions_give_the_same_probabilities(tiny_classifier):
+    """Whether a check is urgent (decoding waits: every core) or not (one thread) depends on
+    timing; its probability must not, or a verdict near a threshold could. Bit for bit."""
+    classifier = ExchangeClassifier(tiny_classifier[1])
+    prompts = ["How do I bake bread?", "Hack wifi", "w5 w6"] * 3
+    responses = ["Mix flour and water. " * 40, "Sure, first", "", "a", "b " * 200, "c", "d", "e " * 7, "f"]
+    for p, r in zip(prompts, responses):
+        background = classifier.probabilities([p], [r], urgent=False)
+        urgent = classifier.probabilities([p], [r], urgent=True)
+        assert np.array_equal(background, urgent)
+    classifier.close()

@@ -71,17 +71,9 @@ def test_bad_prompts_file_line_is_reported(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def guarded_setup(tiny, tiny_classifier, tmp_path_factory):
+def guarded_setup(tiny_model_dir, tiny_classifier):
     """A tiny model directory, a probe for it that always pauses, and a classifier export."""
-    from oc_engine.engine.probe import save_probe
-    from probe_helpers import make_probe
-
-    root = tmp_path_factory.mktemp("guarded")
-    loaded = tiny("llama")
-    loaded.model.save_pretrained(root / "model")
-    loaded.tokenizer.save_pretrained(root / "model")
-    save_probe(make_probe(loaded.model, bias=20.0), root / "probe")
-    return root, tiny_classifier[1]
+    return tiny_model_dir(20.0), tiny_classifier[1]
 
 
 def test_guarded_generate_json_trace_and_plot(guarded_setup):
@@ -184,3 +176,17 @@ def test_headroom_command(guarded_setup, tmp_path):
                                         str(root / "probe"), "--classifier-checkpoint", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "cannot read the classifier checkpoint" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_a_verdict_later_than_the_deadline_releases_nothing(guarded_setup):
+    """Through the CLI with the real ONNX classifier: every verdict takes longer than a
+    microsecond, so each counts as a timeout, whatever it says, and the refusal is all that shows."""
+    root, classifier = guarded_setup
+    result = CliRunner().invoke(main, ["generate", "--model", str(root / "model"), "--prompt", "w5 w6 w7",
+                                       "--no-chat-template", "--no-compile", "--dtype", "float32", "--max-new-tokens",
+                                       "6", "--probe", str(root / "probe"), "--classifier", str(classifier),
+                                       "--deadline", "0.000001", "--refusal", "NOPE", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert (row["status"], row["reason"], row["text"], row["token_ids"]) == ("blocked", "classifier timeout", "NOPE", [])
+    assert [v["verdict"] for v in row["verdicts"]] == ["timeout"]

@@ -86,7 +86,7 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
 @click.option("--backbone", default=None,
               help="Hugging Face encoder (default: ModernBERT-base if the hub answers, else the embedded MiniLM).")
 @click.option("--binary", is_flag=True, help="Two classes: unsafe_compliance vs the rest.")
-@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--epochs", type=FiniteFloat(min=0, max=100, min_open=True), default=1.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", "learning_rate", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=16), default=None,

@@ -46,7 +46,7 @@ def common_probe_options(fn):
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--max-exchanges", type=click.IntRange(min=1), default=None,
                      help="Sample at most this many exchanges per data file (time budget)."),
-        click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
+        click.option("--steps", type=click.IntRange(min=1, max=100_000), default=300, show_default=True,
                      help="Optimizer steps (full batch)."),
         click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-2, show_default=True),
         click.option("--seed", type=SEED, default=0, show_default=True),
@@ -251,7 +251,8 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
 @click.option("--benign-rate", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="safe_compliance share a stage may flag when counting unsafe answers caught.")
 @click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--classifier-epochs", type=FiniteFloat(min=0, min_open=True), default=3.0, show_default=True)
+@click.option("--classifier-epochs", type=FiniteFloat(min=0, max=100, min_open=True), default=3.0,
+              show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many exchanges per file.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True)

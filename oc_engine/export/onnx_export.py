@@ -93,6 +93,8 @@ def _export_into(src, out: Path, options: ExportOptions, samples, log) -> dict:
     labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
     unsafe = _unsafe_index(labels, options.unsafe_label)
     max_length = options.max_length or min(512, _positions(model))
+    if max_length > _positions(model):
+        raise OcEngineError(f"max length {max_length} is longer than the model's {_positions(model)} positions")
     texts = _parity_texts(samples, options.parity_samples, max_length, tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

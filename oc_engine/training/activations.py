@@ -105,7 +105,10 @@ def collect(model, tokenizer, exchanges: list[Exchange], spec: CollectSpec, *, b
     from tqdm.auto import tqdm
 
     encoded = [exchange_ids(tokenizer, e, spec) for e in exchanges]
-    width = 1 if spec.mode == "final" else spec.max_response_tokens
+    # Wide enough for the longest response kept, not for max_response_tokens itself: a huge limit
+    # must not allocate a huge buffer.
+    longest = max((len(ids) - prompt_len for ids, prompt_len in encoded), default=1)
+    width = 1 if spec.mode == "final" else max(1, min(spec.max_response_tokens, longest))
     hidden = model.config.get_text_config().hidden_size
     features = torch.zeros(len(exchanges), width, len(spec.layers), hidden, dtype=torch.bfloat16)
     mask = torch.zeros(len(exchanges), width, dtype=torch.bool)

@@ -12,8 +12,13 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
     from oc_engine.engine.defaults import require_probe, resolve_classifier
     from oc_engine.engine.loading import load_model
 
+    from oc_engine.training.probe_pipeline import read_specs
+
     if not replay_specs and not live_specs:
         raise OcEngineError("give --replay FILE and/or --live FILE")
+    # The data files are read (and any bad line reported) before the model loads.
+    exchanges = read_specs(replay_specs, limit, seed) if replay_specs else []
+    live_rows = _live_rows(live_specs, limit, seed) if live_specs else []
     loaded = load_model(model, progress=False)
     _, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = None if no_classifier else resolve_classifier(classifier_dir, str(loaded.device), log=log)
@@ -24,9 +29,7 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
     try:
         if replay_specs:
             from oc_engine.training.guard_eval import replay
-            from oc_engine.training.probe_pipeline import read_specs
 
-            exchanges = read_specs(replay_specs, limit, seed)
             report["replay"], outcomes = replay(loaded, probe, exchanges, classifier,
                                                 max_response_tokens=max_response_tokens,
                                                 batch_size=max(1, batch_size // 2), progress=progress)
@@ -34,25 +37,29 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
                 _plot(probe, [e.label for e in exchanges], [o["peak_ema"] for o in outcomes], plot)
                 report["plot"] = plot
         if live_specs:
-            report["live"] = _live(loaded, probe, classifier, live_specs, limit, max_new_tokens, batch_size, seed,
-                                   progress)
+            report["live"] = _live(loaded, probe, classifier, live_rows, max_new_tokens, batch_size, progress)
     finally:
         if classifier is not None:
             classifier.close()
     return report
 
 
-def _live(loaded, probe, classifier, specs, limit, max_new_tokens, batch_size, seed, progress) -> dict:
-    from oc_engine.engine.decode import Engine
-    from oc_engine.engine.guard import GuardConfig
-    from oc_engine.engine.guarded import GuardMonitor
-    from oc_engine.training.guard_eval import live
+def _live_rows(specs, limit, seed) -> list:
     from oc_engine.training.onpolicy import read_labelled_prompts
 
     rows = []
     for path, source in specs:
         found = read_labelled_prompts(path, source_filter=source)
         rows += random.Random(seed).sample(found, limit) if limit and len(found) > limit else found
+    return rows
+
+
+def _live(loaded, probe, classifier, rows, max_new_tokens, batch_size, progress) -> dict:
+    from oc_engine.engine.decode import Engine
+    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.engine.guarded import GuardMonitor
+    from oc_engine.training.guard_eval import live
+
     engine = Engine(loaded, probe=probe)
     config = GuardConfig(every=probe.config.every)
     return live(engine, lambda prompts: GuardMonitor(loaded.tokenizer, prompts, config, classifier), rows,

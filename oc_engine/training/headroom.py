@@ -83,10 +83,8 @@ def require_both_classes(exchanges: list[Exchange]) -> np.ndarray:
     return labels
 
 
-def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *, classifier=None,
-             checkpoint: str | Path | None = None, progress: bool = True, log=lambda m: None) -> dict:
-    """The report: per stage (`STAGES`; the classifier's only with `classifier` / `checkpoint`),
-    shipped and cross-validated. exchanges: labelled, both unsafe_compliance and safe_compliance."""
+def check_folds(exchanges: list[Exchange], config: "HeadroomConfig") -> tuple[np.ndarray, np.ndarray]:
+    """(labels, fold of each exchange); an error unless every fold's complement has both classes."""
     labels = require_both_classes(exchanges)
     prompts = len({e.prompt for e in exchanges})
     if prompts < config.folds:
@@ -97,6 +95,14 @@ def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *
             raise OcEngineError(f"too few exchanges for {config.folds} folds: without fold {fold + 1} no "
                                 "unsafe_compliance or no safe_compliance exchange is left to train on "
                                 "(fewer --folds or more data)")
+    return labels, folds
+
+
+def headroom(loaded, probe, exchanges: list[Exchange], config: HeadroomConfig, *, classifier=None,
+             checkpoint: str | Path | None = None, progress: bool = True, log=lambda m: None) -> dict:
+    """The report: per stage (`STAGES`; the classifier's only with `classifier` / `checkpoint`),
+    shipped and cross-validated. exchanges: labelled, both unsafe_compliance and safe_compliance."""
+    labels, folds = check_folds(exchanges, config)
     log(f"{len(exchanges)} exchanges ({int((labels == UNSAFE).sum())} unsafe_compliance, "
         f"{int((labels == 0).sum())} safe_compliance), {config.folds} folds grouped by prompt")
     acts = _activations(loaded, probe, exchanges, config, progress)
@@ -137,7 +143,7 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
     from oc_engine.training.probe_pipeline import read_specs
 
     exchanges = read_specs(specs, limit, config.seed)  # before loading anything: bad files fail at once
-    require_both_classes(exchanges)
+    check_folds(exchanges, config)
     if checkpoint is not None and not no_classifier:
         check_checkpoint(checkpoint)
     loaded = load_model(model, progress=False)
