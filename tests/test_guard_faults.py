@@ -136,17 +136,15 @@ def test_nothing_held_is_shown_whatever_the_classifier_does(tiny, scores, outcom
     released_ids = tokens[:guard.released]
     answer = tokenizer.decode(released_ids, skip_special_tokens=True)
     assert shown in (answer, answer + REFUSAL) and shown.startswith(answer)
-    # Every pause point below the released count was covered by a well-formed, in-time allow
-    # (of its own check, or of a later one: the final check covers the whole answer).
-    for point in guard.pause_points:
+    # Every shown pause point, and every shown token with a non-finite score (whatever the
+    # cadence), was covered by a well-formed, in-time allow (of its own check, or of a later one:
+    # the final check covers the whole answer).
+    must_be_covered = set(guard.pause_points) | {i for i, s in enumerate(scores) if not math.isfinite(s)}
+    for point in sorted(must_be_covered):
         if guard.released > point:
             covered = tokenizer.decode(tokens[:point + 1], skip_special_tokens=True)
             assert any(v == covered or v.startswith(covered + " ") for v in classifier.valid_allows), \
                 f"token {point} was shown without a valid allow covering it"
-    # A non-finite score is always a pause point (whatever the cadence) once it is streamed past.
-    for i, score in enumerate(scores[:guard.released]):
-        if not math.isfinite(score):
-            assert i in guard.pause_points
     # A fault the guard acted on is named in the status.
     faults = [v for v in summary["verdicts"] if v["verdict"] in ("error", "timeout")]
     if faults:
