@@ -317,3 +317,14 @@ def test_an_interruption_while_tokens_are_held_shows_nothing_held(tiny):
     guard = monitor.sequences[0].guard
     assert guard.pause_points[-1] == 1 and guard.released == 1  # the second check was for token 1
     assert "".join(shown) == loaded.tokenizer.decode(monitor.sequences[0].tokens[:1], skip_special_tokens=True)
+
+
+def test_a_trace_writes_non_finite_scores_as_null_json(tiny):
+    import json
+
+    monitor = GuardMonitor(tiny("llama").tokenizer, ["a"], GuardConfig(refusal=REFUSAL), None, record_trace=True)
+    monitor.on_token(0, 10, float("nan"), 0.2, 0)
+    (row,) = monitor.trace_rows(include_held=True)
+    assert row["score"] is None and row["ema"] == 0.2 and row["flags"] & NONFINITE
+    assert monitor.summary(0)["status"] == "blocked"  # paused, no classifier: fail closed
+    json.dumps(row, allow_nan=False)  # strict JSON, readable by any tool

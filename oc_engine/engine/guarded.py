@@ -68,7 +68,8 @@ class GuardMonitor:
         self._apply(index, seq.guard.on_token(flags))
         if self.record_trace:
             # This token's events, and those since the previous token (verdicts arrive between tokens).
-            seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": score, "ema": ema,
+            seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": _finite_or_none(score),
+                              "ema": _finite_or_none(ema),
                               "flags": flags, "state": seq.guard.state, "events": self._new_events(seq)})
 
     def on_finish(self, index: int) -> None:
@@ -187,6 +188,11 @@ class GuardMonitor:
             self.sequences[index].text += piece
             if self.on_text is not None:
                 self.on_text(index, piece)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """A trace is JSON: NaN and inf (a non-finite score, which paused) are written as null."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def _parse_verdict(result) -> tuple[str, dict]:
