@@ -13,7 +13,8 @@ import click
 from oc_engine.errors import OcEngineError
 
 
-from oc_engine.commands.common import PLOT_SUFFIXES, SEED, FiniteFloat, check_output_file, write_json, write_text_file  # noqa: E402
+from oc_engine.commands.common import (PLOT_SUFFIXES, SEED, FiniteFloat, check_output_file,  # noqa: E402
+                                       write_json, write_text_file)
 from oc_engine.commands.common import user_errors as _user_errors  # noqa: E402
 from oc_engine.engine.defaults import resolve_classifier, resolve_classifier_dir, resolve_probe_dir  # noqa: E402
 from oc_engine.engine.guard import MAX_DEADLINE_S  # noqa: E402
@@ -87,8 +88,8 @@ MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
 @_user_errors
 def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strings, temperature, top_k, top_p,
              seed, dtype, device, no_compile, no_chat_template, trust_remote_code, as_json,
-             probe_dir, no_guard, classifier_dir, final_check, warn, pause, every, alpha, refusal, uncertain, on_failure,
-             deadline, max_held, trace_file, trace_held):
+             probe_dir, no_guard, classifier_dir, final_check, warn, pause, every, alpha, refusal, uncertain,
+             on_failure, deadline, max_held, trace_file, trace_held):
     """Generate text for one prompt or a batch, streaming it as it is produced.
 
     \b
@@ -144,12 +145,14 @@ def generate(model, prompt, prompts_file, max_new_tokens, ignore_eos, stop_strin
         if probe is not None:
             from oc_engine.engine.guarded import GuardMonitor
 
-            monitor = GuardMonitor(loaded.tokenizer, prompts, guard_config, classifier, stop_strings=tuple(stop_strings),
-                                   on_text=on_text, record_trace=trace_file is not None)
+            monitor = GuardMonitor(loaded.tokenizer, prompts, guard_config, classifier,
+                                   stop_strings=tuple(stop_strings), on_text=on_text,
+                                   record_trace=trace_file is not None)
         results = engine.generate(token_ids, config, on_text=None if monitor else on_text, monitor=monitor)
         if trace_file:
-            write_text_file(trace_file, "".join(json.dumps({**row, "warn": probe.config.warn, "pause": probe.config.pause})
-                                                + "\n" for row in monitor.trace_rows(include_held=trace_held)))
+            thresholds = {"warn": probe.config.warn, "pause": probe.config.pause}
+            write_text_file(trace_file, "".join(json.dumps({**row, **thresholds}) + "\n"
+                                                for row in monitor.trace_rows(include_held=trace_held)))
 
         for r in results:
             guard = monitor.summary(r.index) if monitor else None

@@ -73,7 +73,8 @@ CASES = {
     "empty prompt": (GENERATE + " --prompt ''", 1, "prompt 1 is empty"),
     "tap-layer is gone": (GENERATE + " --prompt w5 --tap-layer -4", 2, "No such option '--tap-layer'"),
     "catch-up is gone": (GENERATE + " --prompt w5 --catch-up wait", 2, "No such option '--catch-up'"),
-    "trace under a file": (GENERATE + " --prompt w5 --trace {file}/t.jsonl", 1, "--trace {file}/t.jsonl: cannot write in"),
+    "trace under a file": (GENERATE + " --prompt w5 --trace {file}/t.jsonl", 1,
+                           "--trace {file}/t.jsonl: cannot write in"),
     "trace is a directory": (GENERATE + " --prompt w5 --trace {tmp}", 2, "is a directory"),
     "trace-held without trace": (GENERATE + " --prompt w5 --trace-held", 1, "--trace-held needs --trace"),
     "unknown device": (GENERATE + " --prompt w5 --device tpu", 1, "unknown device 'tpu'"),
@@ -121,8 +122,8 @@ CASES = {
                                  "cannot write in"),
     "collect seed negative": ("collect --prompts {in}/prompts.jsonl --out {tmp}/o.jsonl --seed -5", 2, "'--seed'"),
     # eval
-    "eval replay not UTF-8": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {bad_exchanges_bytes}",
-                              1, ":1: not UTF-8 text"),
+    "eval replay not UTF-8": ("eval --model {in}/model --probe {in}/probe --no-classifier "
+                              "--replay {bad_exchanges_bytes}", 1, ":1: not UTF-8 text"),
     "eval label true": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {label_true}", 1,
                         ":1: label must be 0, 1, 2 or null, got True"),
     "eval label fraction": ("eval --model {in}/model --probe {in}/probe --no-classifier --replay {label_fraction}", 1,

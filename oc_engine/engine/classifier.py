@@ -101,7 +101,8 @@ def load_classifier_config(path: Path) -> ClassifierConfig:
     try:
         return ClassifierConfig(labels=fields.strings("labels"), unsafe_label=fields.integer("unsafe_label"),
                                 allow_threshold=fields.number("allow_threshold"),
-                                block_threshold=fields.number("block_threshold"), max_length=fields.integer("max_length"),
+                                block_threshold=fields.number("block_threshold"),
+                                max_length=fields.integer("max_length"),
                                 input_format=fields.string("input_format", EXCHANGE_FORMAT),
                                 source_model=fields.string("source_model", None))
     except OcEngineError as exc:

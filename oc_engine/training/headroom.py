@@ -88,7 +88,8 @@ def check_folds(exchanges: list[Exchange], config: "HeadroomConfig") -> tuple[np
     labels = require_both_classes(exchanges)
     prompts = len({e.prompt for e in exchanges})
     if prompts < config.folds:
-        raise OcEngineError(f"{config.folds} folds need at least {config.folds} distinct prompts; the data has {prompts}")
+        raise OcEngineError(f"{config.folds} folds need at least {config.folds} distinct prompts; "
+                            f"the data has {prompts}")
     folds = assign_folds(exchanges, config.folds, config.seed)
     for fold in np.unique(folds):
         if not _both_classes(labels[folds != fold]):
