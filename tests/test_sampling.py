@@ -1,5 +1,7 @@
 """Sampling: the exponential race draws from the right distribution; seeds reproduce."""
 
+import time
+
 import pytest
 import torch
 
@@ -63,3 +65,50 @@ def test_top_k_one_is_greedy(tiny):
     greedy = engine.generate([PROMPT], GenerationConfig(max_new_tokens=10, ignore_eos=True))[0].token_ids
     top1 = GenerationConfig(max_new_tokens=10, ignore_eos=True, seed=5, sampling=SamplingConfig(1.5, top_k=1))
     assert engine.generate([PROMPT], top1)[0].token_ids == greedy
+
+
+def test_each_row_samples_from_its_own_stream():
+    """A row's draw depends on its key and position only, not on the rows beside it."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
+    keys, positions = torch.arange(100, 106), torch.arange(6) * 7
+    config = SamplingConfig(temperature=1.0, top_p=0.9)
+    together = sample(logits, config, keys, positions)
+    alone = torch.cat([sample(logits[i:i + 1], config, keys[i:i + 1], positions[i:i + 1]) for i in range(6)])
+    assert torch.equal(together, alone)
+    assert not torch.equal(sample(logits, config, keys + 1000, positions), together)  # other keys: other draws
+    assert not torch.equal(sample(logits, config, keys, positions + 1), together)  # other positions too
+
+
+def test_uniforms_look_uniform_and_independent():
+    from oc_engine.engine.sampling import uniforms
+
+    u = uniforms(torch.arange(2000), torch.zeros(2000, dtype=torch.long), 256)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.std()) - 12 ** -0.5) < 0.002
+    histogram = torch.histc(u, bins=32, min=0, max=1) / u.numel() * 32
+    assert float((histogram - 1).abs().max()) < 0.03
+    shifted = uniforms(torch.arange(2000), torch.ones(2000, dtype=torch.long), 256)  # the next position
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), shifted.flatten()]))[0, 1])) < 0.01
+
+
+def test_sampled_tokens_do_not_depend_on_verdict_latency(tiny):
+    """Every token pauses and each sequence may hold one token only, so each row waits for
+    every verdict while the other decodes: with slow or fast verdicts, the same sampled tokens
+    and the same decisions (one random stream per sequence; a shared one would differ)."""
+    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.engine.guarded import GuardMonitor
+    from probe_helpers import FakeClassifier, make_probe
+
+    loaded = tiny("llama")
+    engine = Engine(loaded, compile=False, probe=make_probe(loaded.model, bias=20.0))
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True, seed=7, sampling=SamplingConfig(temperature=1.0))
+    prompts = [PROMPT, [2, 5, 6, 7, 8, 9]]
+    outcomes = []
+    for delays in ((0.0, 0.0), (0.02, 0.0), (0.0, 0.03)):
+        classifier = FakeClassifier("allow")
+        classifier.delays = iter(delays * 20)
+        classifier._run = lambda c=classifier: (time.sleep(next(c.delays)), {"verdict": "allow", "p_unsafe": 0.1})[1]
+        monitor = GuardMonitor(loaded.tokenizer, ["a", "b"], GuardConfig(max_held=1), classifier)
+        results = engine.generate(prompts, config, monitor=monitor)
+        outcomes.append([(r.token_ids, monitor.summary(r.index)["released_text"]) for r in results])
+    assert outcomes[0] == outcomes[1] == outcomes[2]

@@ -15,6 +15,7 @@ Read top-down: `GenerationConfig` (validated), `SequenceResult`, then `Engine.ge
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.probe import Probe
 from oc_engine.engine.probe_runtime import ProbeRuntime
 from oc_engine.engine.runners import build_runner
-from oc_engine.engine.sampling import SamplingConfig, sample
+from oc_engine.engine.sampling import SamplingConfig, sample, sequence_keys
 from oc_engine.engine.text_stream import TextStream
 from oc_engine.errors import OcEngineError
 
@@ -121,10 +122,12 @@ class Engine:
         if not prompts:
             return []
         limits = self._limits(prompts, config.max_new_tokens)
-        if config.seed is not None:
-            torch.manual_seed(config.seed)
-        start = time.perf_counter()
         batch = len(prompts)
+        # Each sequence samples from its own random stream (see `sampling`): its tokens do not
+        # depend on its neighbours, nor on how long its decoding waited for a verdict.
+        seed = config.seed if config.seed is not None else random.SystemRandom().getrandbits(64)
+        keys = sequence_keys(seed, batch, self.device)
+        start = time.perf_counter()
         # + output_lag: with a lagged read, a row may run that many steps past its last token
         # before the host sees it finish; those writes must stay inside the cache.
         cache = self._cache_for(batch, max(len(p) + n for p, n in zip(prompts, limits)) + self.output_lag)
@@ -154,7 +157,7 @@ class Engine:
                 ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
                 prompt_pos = torch.arange(len(prompt), device=self.device)[None]
                 logits, tapped = self.runner(ids, prompt_pos, cache.rows(b, b + 1), self.taps)
-                first = sample(logits, config.sampling)
+                first = sample(logits, config.sampling, keys[b:b + 1], prompt_pos[:, -1])
                 tokens[b, 0] = first[0]
                 pos[b, 0] = len(prompt)
                 token = int(first[0])
@@ -187,7 +190,7 @@ class Engine:
                 launch = bool(active) and not all_wait
                 if launch:
                     advanced = [not waiting[b] for b in range(batch)]  # rows this step moves forward
-                    next_tokens, tapped, score, ema, flags = step(tokens, pos, cache.all_rows(), probe)
+                    next_tokens, tapped, score, ema, flags = step(tokens, pos, cache.all_rows(), probe, keys)
                     pos += advance
                     tokens.copy_(torch.where(advance.bool(), next_tokens[:, None], tokens))
                     outputs = [next_tokens] + ([score, ema, flags] if probe is not None else [])
@@ -216,13 +219,14 @@ class Engine:
         return results
 
     def decode_one_token(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows, sampling: SamplingConfig,
-                         probe: ProbeRuntime | None):
-        """tokens [B, 1], pos [B, 1] -> (next [B], tapped [L, B, H] | None, score, ema, flags [B] | None).
+                         probe: ProbeRuntime | None, keys: torch.Tensor | None = None):
+        """tokens [B, 1], pos [B, 1], keys [B] (each sequence's random stream) ->
+        (next [B], tapped [L, B, H] | None, score, ema, flags [B] | None).
 
         No host sync: sampling, the probe score and the EMA update all stay on the device.
         """
         logits, tapped = self.runner(tokens, pos, cache_rows, self.taps)
-        next_tokens = sample(logits, sampling)
+        next_tokens = sample(logits, sampling, keys, pos[:, 0])
         if probe is None:
             return next_tokens, tapped, None, None, None
         score, ema, flags = probe.score(tapped)
@@ -298,11 +302,12 @@ class Engine:
 
     def _step(self, sampling: SamplingConfig, max_len: int, batch: int) -> Callable:
         if not self.compile:
-            return lambda tokens, pos, rows, probe: self.decode_one_token(tokens, pos, rows, sampling, probe)
+            return lambda tokens, pos, rows, probe, keys: self.decode_one_token(tokens, pos, rows, sampling, probe,
+                                                                                keys)
         key = (sampling, max_len, batch)
         if key not in self._steps:
-            def step(tokens, pos, rows, probe, _sampling=sampling):
-                return self.decode_one_token(tokens, pos, rows, _sampling, probe)
+            def step(tokens, pos, rows, probe, keys, _sampling=sampling):
+                return self.decode_one_token(tokens, pos, rows, _sampling, probe, keys)
             self._steps[key] = accel.compile_step(step, self.device)
         return self._steps[key]
 
