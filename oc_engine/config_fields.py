@@ -20,64 +20,49 @@ class Fields:
             raise OcEngineError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         self.raw, self.where = raw, where
 
-    def _get(self, key: str, default):
+    def _read(self, key: str, default, accepts, expected: str, convert=lambda v: v):
+        """The field's value if `accepts(value)`, else a one-line error; `default` when it is
+        missing (or null, for an optional field); REQUIRED makes a missing field an error."""
         if key not in self.raw or (self.raw[key] is None and default is not REQUIRED):
             if default is REQUIRED:
                 raise OcEngineError(f"{self.where}: missing field {key!r}")
             return default
-        return self.raw[key]
-
-    def _fail(self, key: str, expected: str):
-        raise OcEngineError(f"{self.where}: {key!r} must be {expected}, got {self.raw[key]!r}")
+        value = self.raw[key]
+        if not accepts(value):
+            raise OcEngineError(f"{self.where}: {key!r} must be {expected}, got {value!r}")
+        return convert(value)
 
     def integer(self, key: str, default=REQUIRED) -> int:
-        value = self._get(key, default)
-        if value is not default and (isinstance(value, bool) or not isinstance(value, int)):
-            self._fail(key, "an integer")
-        return value
+        return self._read(key, default, _is_int, "an integer")
 
     def number(self, key: str, default=REQUIRED) -> float:
-        value = self._get(key, default)
-        if value is default:
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self._fail(key, "a finite number")
-        return float(value)
+        return self._read(key, default, lambda v: _is_number(v) and math.isfinite(v), "a finite number", float)
 
     def boolean(self, key: str, default=REQUIRED) -> bool:
-        value = self._get(key, default)
-        if value is not default and not isinstance(value, bool):
-            self._fail(key, "true or false")
-        return value
+        return self._read(key, default, lambda v: isinstance(v, bool), "true or false")
 
     def string(self, key: str, default=REQUIRED) -> str | None:
-        value = self._get(key, default)
-        if value is not default and not isinstance(value, str):
-            self._fail(key, "a string")
-        return value
+        return self._read(key, default, lambda v: isinstance(v, str), "a string")
 
     def integers(self, key: str, default=REQUIRED) -> tuple[int, ...]:
-        value = self._get(key, default)
-        if value is default:
-            return value
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            self._fail(key, "a list of integers")
-        return tuple(value)
+        return self._read(key, default, lambda v: isinstance(v, list) and all(map(_is_int, v)),
+                          "a list of integers", tuple)
 
     def strings(self, key: str, default=REQUIRED) -> tuple[str, ...]:
-        value = self._get(key, default)
-        if value is default:
-            return value
-        if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
-            self._fail(key, "a list of strings")
-        return tuple(value)
+        return self._read(key, default, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                          "a list of strings", tuple)
 
     def mapping(self, key: str, default=REQUIRED) -> dict:
-        value = self._get(key, default)
-        if value is not default and not isinstance(value, dict):
-            self._fail(key, "an object")
-        return value
+        return self._read(key, default, lambda v: isinstance(v, dict), "an object")
 
     def child(self, key: str) -> "Fields":
         self.mapping(key)
         return Fields(self.raw[key], f"{self.where}: {key}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

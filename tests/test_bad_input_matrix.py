@@ -42,6 +42,7 @@ def inputs(tiny_model_dir, tiny_classifier, tmp_path_factory):
 def _spoil(inputs, tmp_path, name, edit):
     """A copy of the probe or classifier directory with its config edited."""
     target = tmp_path / f"bad-{name}"
+    shutil.rmtree(target, ignore_errors=True)  # hypothesis reuses tmp_path across examples
     shutil.copytree(inputs / name, target)
     file = target / ("probe_config.json" if name == "probe" else "classifier_config.json")
     config = json.loads(file.read_text())
@@ -240,6 +241,16 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch,
 
 
 # -- any JSON value in any field ---------------------------------------------------------------
+def _loaded_or_one_line_error(load, path):
+    """load(path), or None after checking that it failed with a one-line OcEngineError (any
+    other exception fails the test)."""
+    try:
+        return load(path)
+    except OcEngineError as exc:
+        assert "\n" not in str(exc)
+        return None
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40)
                            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
@@ -262,17 +273,8 @@ def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_pa
         target = config[parent] if parent else config
         target.pop(key) if drop else target.__setitem__(key, value)
 
-    directory = tmp_path / "probe"
-    shutil.rmtree(directory, ignore_errors=True)
-    shutil.copytree(inputs / "probe", directory)
-    file = directory / "probe_config.json"
-    config = json.loads(file.read_text())
-    edit(config)
-    file.write_text(json.dumps(config))
-    try:
-        probe = load_probe(directory)
-    except OcEngineError as exc:
-        assert "\n" not in str(exc)
+    probe = _loaded_or_one_line_error(load_probe, _spoil(inputs, tmp_path, "probe", edit))
+    if probe is None:
         return
     c = probe.config
     assert all(type(x) is int for x in c.layers) and type(c.every) is int and type(c.hidden_size) is int
@@ -285,15 +287,11 @@ def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_pa
 def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
     from oc_engine.engine.classifier import load_classifier_config, render_exchange
 
-    directory = tmp_path / "classifier"
-    directory.mkdir(exist_ok=True)
-    config = json.loads((inputs / "classifier" / "classifier_config.json").read_text())
-    config.pop(field) if drop else config.__setitem__(field, value)
-    (directory / "classifier_config.json").write_text(json.dumps(config))
-    try:
-        loaded = load_classifier_config(directory)
-    except OcEngineError as exc:
-        assert "\n" not in str(exc)
+    def edit(config):
+        config.pop(field) if drop else config.__setitem__(field, value)
+
+    loaded = _loaded_or_one_line_error(load_classifier_config, _spoil(inputs, tmp_path, "classifier", edit))
+    if loaded is None:
         return
     assert all(type(x) is str for x in loaded.labels) and len(set(loaded.labels)) == len(loaded.labels) >= 2
     assert type(loaded.unsafe_label) is int and type(loaded.max_length) is int
@@ -315,10 +313,8 @@ def test_any_row_in_a_data_file_reads_or_fails_cleanly(tmp_path, row):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(row) + "\n")
     for read in (read_exchanges, read_prompts_file, read_labelled_prompts, read_trace):
-        try:
-            result = read(path)
-        except OcEngineError as exc:
-            assert "\n" not in str(exc)
+        result = _loaded_or_one_line_error(read, path)
+        if result is None:
             continue
         if read is read_exchanges:
             for e in result[0]:
@@ -337,8 +333,5 @@ def test_any_trace_row_plots_or_fails_cleanly(tmp_path, row):
 
     path = tmp_path / "trace.jsonl"
     path.write_text(json.dumps(row) + "\n")
-    try:
-        plot_trace(path, tmp_path / "risk.png", sequence=row.get("sequence", 0) if type(row.get("sequence")) is int
-                   else 0)
-    except OcEngineError as exc:
-        assert "\n" not in str(exc)
+    sequence = row["sequence"] if type(row.get("sequence")) is int else 0
+    _loaded_or_one_line_error(lambda trace: plot_trace(trace, tmp_path / "risk.png", sequence=sequence), path)

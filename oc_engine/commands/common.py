@@ -68,11 +68,7 @@ def check_output_file(path: str | None, option: str, suffixes: tuple[str, ...] |
         raise OcEngineError(f"{option} {path} is a directory")
     if target.exists() and not os.access(target, os.W_OK):
         raise OcEngineError(f"{option} {path} is not writable")
-    parent = target.parent
-    while not parent.exists():  # write_json makes missing directories: the first existing one decides
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OcEngineError(f"{option} {path}: cannot write in {parent}")
+    _check_can_create_in(target.parent, option, path)
 
 
 def check_output_dir(path: str | None, option: str) -> None:
@@ -84,11 +80,15 @@ def check_output_dir(path: str | None, option: str) -> None:
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise OcEngineError(f"{option} {path} exists and is not a directory")
-    parent = target if target.exists() else target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OcEngineError(f"{option} {path}: cannot write in {parent}")
+    _check_can_create_in(target if target.exists() else target.parent, option, path)
+
+
+def _check_can_create_in(directory: Path, option: str, path: str) -> None:
+    """Missing directories are made when the output is written: the first existing one decides."""
+    while not directory.exists():
+        directory = directory.parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise OcEngineError(f"{option} {path}: cannot write in {directory}")
 
 
 def write_text_file(path: str | Path, text: str) -> None:
