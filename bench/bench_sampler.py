@@ -13,15 +13,16 @@ import sys
 
 import torch
 
-import oc_engine.engine.decode as decode
+import oc_engine.engine.model_runner as model_runner
 from oc_engine.engine.loading import load_model
 from oc_engine.engine.prompts import render_prompt
-from oc_engine.engine.sampling import SamplingConfig
+from oc_engine.llm import LLM
+from oc_engine.params import SamplingParams
 
 
-def shared_stream_sample(logits, config, keys=None, positions=None):
+def shared_stream_sample(logits, rows, keys=None, positions=None):
     """The earlier sampler (temperature only): one draw per token from torch's generator."""
-    probs = (logits / config.temperature).softmax(dim=-1)
+    probs = (logits / rows.temperature[:, None]).softmax(dim=-1)
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
@@ -29,15 +30,14 @@ def main(mode: str) -> None:
     if mode not in ("keyed", "shared"):
         raise SystemExit("usage: bench_sampler.py keyed|shared")
     if mode == "shared":
-        decode.sample = shared_stream_sample
+        model_runner.sample_rows = shared_stream_sample
     loaded = load_model(None, dtype="bfloat16", progress=False)
-    engine = decode.Engine(loaded, compile=True)
     prompt = render_prompt(loaded.tokenizer, "Write a story about a lighthouse keeper.")
-    config = decode.GenerationConfig(max_new_tokens=128, ignore_eos=True, seed=1,
-                                     sampling=SamplingConfig(temperature=0.8))
-    with torch.inference_mode():
-        engine.generate([prompt], config)  # warm-up: compilation
-        rates = [engine.generate([prompt], config)[0].decode_tokens_per_s for _ in range(7)]
+    params = SamplingParams(max_tokens=128, ignore_eos=True, seed=1, temperature=0.8)
+    llm = LLM(loaded, probe=None, max_num_seqs=1)
+    llm.fit([prompt], params)
+    llm.generate([prompt], params)  # warm-up: compilation
+    rates = [llm.generate([prompt], params)[0].timings.decode_tokens_per_s for _ in range(7)]
     print(f"{mode}: median {statistics.median(rates):.1f} tokens/s; runs {[round(r, 1) for r in rates]}")
 
 

@@ -3,7 +3,7 @@
     uv run pytest bench/test_bench_classifier.py --benchmark-enable
 
 Speed does not depend on weight values, so the embedded all-MiniLM-L6-v2 with a fresh
-three-class head stands in for a trained classifier. `oc-engine bench --suite classifier`
+three-class head stands in for a trained classifier. `oc-engine bench classifier`
 measures a real export the same way and writes JSON.
 """
 

@@ -3,7 +3,7 @@
     uv run pytest bench/test_bench_guard.py --benchmark-enable
 
 The classifier is the embedded all-MiniLM-L6-v2 with a fresh head (speed does not depend on
-weights) and its verdicts are forced to allow. `oc-engine bench --suite guard` reports the
+weights) and its verdicts are forced to allow. `oc-engine bench guard` reports the
 same modes with inter-token gaps.
 """
 

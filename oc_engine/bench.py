@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 
 from oc_engine.engine import accel
-from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
 
@@ -57,11 +56,25 @@ def _no_kv_cache(loaded: LoadedModel, prompt: list[int]) -> Callable[[int], list
     return run
 
 
-def _engine(loaded: LoadedModel, prompt: list[int], compile: bool, probe=None) -> Callable[[int], list[int]]:
-    engine = Engine(loaded, compile=compile, probe=probe)
+def bench_llm(loaded: LoadedModel, prompt: list[int], new_tokens: int, *, compile: bool = True, probe=None,
+              guard=None, slots: int = 1):
+    """An `LLM` over `loaded` with its cache sized to this prompt and `new_tokens`."""
+    from oc_engine.llm import LLM
+    from oc_engine.params import SamplingParams
+
+    llm = LLM(loaded, probe=probe, classifier=None, guard=guard, compile=compile, max_num_seqs=slots)
+    llm.fit([prompt], SamplingParams(max_tokens=new_tokens))
+    return llm
+
+
+def _engine(loaded: LoadedModel, prompt: list[int], new_tokens: int, compile: bool,
+            probe=None) -> Callable[[int], list[int]]:
+    from oc_engine.params import SamplingParams
+
+    llm = bench_llm(loaded, prompt, new_tokens, compile=compile, probe=probe)
 
     def run(n: int) -> list[int]:
-        return engine.generate([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))[0].token_ids
+        return list(llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids)
     return run
 
 
@@ -76,13 +89,14 @@ def quiet_probe(loaded: LoadedModel):
     return Probe(config=config, weight=weight, bias=torch.tensor([-20.0]))
 
 
-def mode_runner(mode: str, loaded: LoadedModel, prompt: list[int]) -> Callable[[int], list[int]]:
+def mode_runner(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: int) -> Callable[[int], list[int]]:
     """run(n) -> the n greedy tokens that `mode` produces for `prompt` (EOS ignored)."""
     runs = {"hf_generate": lambda: _hf_generate(loaded, prompt),
             "no_kv_cache": lambda: _no_kv_cache(loaded, prompt),
-            "engine_eager": lambda: _engine(loaded, prompt, compile=False),
-            "engine_compiled": lambda: _engine(loaded, prompt, compile=True),
-            "engine_compiled_probe": lambda: _engine(loaded, prompt, compile=True, probe=quiet_probe(loaded))}
+            "engine_eager": lambda: _engine(loaded, prompt, new_tokens, compile=False),
+            "engine_compiled": lambda: _engine(loaded, prompt, new_tokens, compile=True),
+            "engine_compiled_probe": lambda: _engine(loaded, prompt, new_tokens, compile=True,
+                                                     probe=quiet_probe(loaded))}
     return runs[mode]()
 
 
@@ -95,7 +109,7 @@ def _timed(run: Callable[[int], list[int]], n: int, device: torch.device) -> tup
 
 
 def bench_mode(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: int, repeats: int) -> ModeResult:
-    run = mode_runner(mode, loaded, prompt)
+    run = mode_runner(mode, loaded, prompt, new_tokens)
     with torch.inference_mode():
         run(new_tokens)  # warm-up: compilation, allocator, caches
         firsts, fulls, tokens = [], [], None

@@ -33,12 +33,11 @@ from typing import Callable
 import onnxruntime
 import torch
 
-from oc_engine.bench import BENCH_PROMPT, check_bench_length, package_version, quiet_probe
-from oc_engine.engine.decode import Engine, GenerationConfig
+from oc_engine.bench import BENCH_PROMPT, bench_llm, check_bench_length, package_version, quiet_probe
 from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.engine.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
+from oc_engine.params import SamplingParams
 
 GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "blocking")
 GUARDED_MODES = ("escalating", "blocking")
@@ -63,41 +62,6 @@ class TimedClassifier:
         return future
 
 
-class ArrivalClock:
-    """A monitor that timestamps every token, then hands it to the real monitor (if any)."""
-
-    def __init__(self, inner: GuardMonitor | None, clock: Callable[[], float] = time.perf_counter):
-        self.inner, self.clock = inner, clock
-        self.arrivals: list[float] = []
-
-    def on_token(self, index, token, score, ema, flags):
-        self.arrivals.append(self.clock())
-        if self.inner is not None:
-            self.inner.on_token(index, token, score, ema, flags)
-
-    def on_finish(self, index):
-        if self.inner is not None:
-            self.inner.on_finish(index)
-
-    def wants_tokens(self, index):
-        return True if self.inner is None else self.inner.wants_tokens(index)
-
-    def waiting(self, index):
-        return False if self.inner is None else self.inner.waiting(index)
-
-    def poll(self):
-        if self.inner is not None:
-            self.inner.poll()
-
-    def wait(self):
-        if self.inner is not None:
-            self.inner.wait()
-
-    def drain(self):
-        if self.inner is not None:
-            self.inner.drain()
-
-
 def gap_stats(arrivals: list[float], checks: list[tuple[float, float]]) -> dict:
     """Inter-token gaps (ms): median, max, and max of the gaps overlapping a check."""
     gaps = [(b - a, a, b) for a, b in zip(arrivals, arrivals[1:])]
@@ -108,15 +72,15 @@ def gap_stats(arrivals: list[float], checks: list[tuple[float, float]]) -> dict:
             "gaps_during_checks": len(during)}
 
 
-def escalating_probe(loaded: LoadedModel, engine: Engine, prompt: list[int], new_tokens: int, quantile: float):
+def escalating_probe(loaded: LoadedModel, llm, prompt: list[int], new_tokens: int, quantile: float):
     """The quiet probe with bias 0 and its pause threshold at `quantile` of this answer's EMA."""
     from oc_engine.engine.probe import Probe
 
     base = quiet_probe(loaded)
     scoring = Probe(config=dataclasses.replace(base.config, warn=1.0, pause=1.0), weight=base.weight,
                     bias=torch.zeros(1))
-    engine.probe = scoring
-    emas = engine.generate([prompt], GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))[0].emas
+    llm.set_probe(scoring)
+    emas = llm.run([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))[0].emas
     threshold = statistics.quantiles(emas, n=100)[int(quantile * 100) - 1]
     config = dataclasses.replace(base.config, warn=threshold, pause=threshold)
     return Probe(config=config, weight=base.weight, bias=torch.zeros(1))
@@ -126,37 +90,35 @@ def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, r
                     quantile: float = 0.9, max_held: int = 64,
                     progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark the modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
-    text_prompt = BENCH_PROMPT
-    prompt = render_prompt(loaded.tokenizer, text_prompt)
+    prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
     check_bench_length(loaded, len(prompt), new_tokens)
-    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    plain = Engine(loaded, compile=True)
-    probed = Engine(loaded, compile=True, probe=quiet_probe(loaded))
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    quiet = quiet_probe(loaded)
+    plain = bench_llm(loaded, prompt, new_tokens)
+    probed = bench_llm(loaded, prompt, new_tokens, probe=quiet, guard=GuardConfig(max_held=max_held))
     escalating = escalating_probe(loaded, probed, prompt, new_tokens, quantile)
     forced = dataclasses.replace(classifier.config, allow_threshold=1.0, block_threshold=1.0)
     classifier.config = forced  # every verdict is allow: the answer runs to its end
 
     def run(mode: str) -> dict:
-        engine = plain if mode == "unguarded" else probed
-        monitor, timed = None, None
+        llm, timed = (plain if mode == "unguarded" else probed), None
         if mode in GUARDED_MODES:
-            engine.probe = escalating
             timed = TimedClassifier(classifier, blocking=mode == "blocking")
-            guard = GuardConfig(max_held=max_held)
-            monitor = GuardMonitor(loaded.tokenizer, [text_prompt], guard, timed)
+            probed.set_probe(escalating)
+            probed.classifier = timed
         elif mode == "probe_only":
-            engine.probe = quiet_probe(loaded)
-        clock = ArrivalClock(monitor)
-        engine.generate([prompt], config, monitor=clock)
-        arrivals = clock.arrivals
+            probed.set_probe(quiet)
+            probed.classifier = None
+        # Each token's arrival: when the engine handed it to the guard (or, unguarded, released it).
+        seq = llm.run([prompt], params)[0]
+        arrivals = seq.token_times
         row = {"tokens_per_s": (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]),
                **gap_stats(arrivals, timed.intervals if timed else [])}
-        if monitor is not None:
-            summary = monitor.summary(0)
-            row.update(pauses=len(summary["pause_points"]), checks=len(summary["verdicts"]),
-                       check_ms=statistics.median(v["latency_ms"] for v in summary["verdicts"])
-                       if summary["verdicts"] else None,
-                       status=summary["status"])
+        if timed is not None:
+            guard = seq.completion.guard
+            row.update(pauses=len(guard.pause_points), checks=len(guard.verdicts),
+                       check_ms=statistics.median(v.latency_ms for v in guard.verdicts) if guard.verdicts else None,
+                       status=guard.status)
         return row
 
     runs: dict[str, list[dict]] = {mode: [] for mode in GUARD_BENCH_MODES}

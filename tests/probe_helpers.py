@@ -33,3 +33,47 @@ class FakeClassifier:
         if self.error is not None:
             raise self.error
         return {"verdict": self.verdict, "p_unsafe": 0.9 if self.verdict == "block" else 0.1}
+
+
+def plain_llm(loaded, compile=False, **kwargs):
+    """An unguarded LLM over a loaded (tiny) model."""
+    from oc_engine.llm import LLM
+
+    kwargs.setdefault("max_num_seqs", 4)
+    kwargs.setdefault("max_model_len", 128)
+    return LLM(loaded, probe=None, compile=compile, **kwargs)
+
+
+def fixed(max_tokens: int, **params):
+    from oc_engine.params import SamplingParams
+
+    params.setdefault("ignore_eos", True)
+    return SamplingParams(max_tokens=max_tokens, **params)
+
+
+def guarded_run(loaded, probe, classifier, prompts, params, *, compile=False, output_lag=None, collect_taps=False,
+                max_num_seqs=4, **guard):
+    """Generate through an LLM guarded by `probe` and `classifier`; returns (sequences, shown):
+    shown[i] is what the user of request i saw, in order (released text, then any refusal)."""
+    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.llm import LLM
+    from oc_engine.outputs import Refused, TextReleased
+
+    llm = LLM(loaded, probe=probe, classifier=classifier, guard=GuardConfig(**guard), compile=compile,
+              max_num_seqs=max_num_seqs, max_model_len=128, output_lag=output_lag)
+    shown: dict[str, str] = {}
+
+    def on_event(event):
+        if isinstance(event, (TextReleased, Refused)):
+            shown[event.request_id] = shown.get(event.request_id, "") + event.text
+
+    seqs = llm.run(prompts, params, collect_taps=collect_taps, on_event=on_event)
+    return seqs, [shown.get(s.request_id, "") for s in seqs]
+
+
+def summary(monitor) -> dict:
+    """A SequenceMonitor's outcome as plain values: released_text is what the user saw (the
+    released text, then the refusal if any)."""
+    report = monitor.report()
+    return {"status": report.status, "reason": report.reason, "released_text": monitor.text + (monitor.refusal or ""),
+            "pause_points": list(report.pause_points), "verdicts": [vars(v) for v in report.verdicts]}

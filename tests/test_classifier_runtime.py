@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from oc_engine.engine.classifier import ExchangeClassifier
-from oc_engine.engine.decode import Engine, GenerationConfig
-from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.errors import OcEngineError
-from probe_helpers import make_probe
+from oc_engine.params import SamplingParams
+from probe_helpers import guarded_run, make_probe
+
 
 def test_onnx_runtime_matches_pytorch(tiny_classifier):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -45,12 +44,15 @@ def test_guarded_generation_blocks_with_the_real_runtime(tiny, tiny_classifier, 
     config.update(allow_threshold=0.0, block_threshold=0.0)  # every answer blocks
     (blocking / "classifier_config.json").write_text(json.dumps(config))
     loaded = tiny("llama")
-    engine = Engine(loaded, compile=False, probe=make_probe(loaded.model, bias=20.0))
-    monitor = GuardMonitor(loaded.tokenizer, ["w5 w6"], GuardConfig(refusal="NO"), ExchangeClassifier(blocking))
-    engine.generate([[2, 5, 6]], GenerationConfig(max_new_tokens=10), monitor=monitor)
-    summary = monitor.summary(0)
-    assert summary["status"] == "blocked" and summary["released_text"] == "NO"
-    assert summary["verdicts"][0]["verdict"] == "block" and summary["verdicts"][0]["latency_ms"] > 0
+    classifier = ExchangeClassifier(blocking)
+    try:
+        (seq,), (shown,) = guarded_run(loaded, make_probe(loaded.model, bias=20.0), classifier, [[2, 5, 6]],
+                                       SamplingParams(max_tokens=10), refusal="NO")
+    finally:
+        classifier.close()
+    report = seq.completion.guard
+    assert report.status == "blocked" and shown == "NO" and seq.completion.refusal == "NO"
+    assert report.verdicts[0].verdict == "block" and report.verdicts[0].latency_ms > 0
 
 
 def test_runtime_errors(tmp_path):

@@ -106,6 +106,24 @@ def test_guarded_generate_json_trace_and_plot(guarded_setup):
     assert refused.exit_code == 0 and refused.stdout.strip() == "NOPE"
 
 
+def test_a_refusal_after_released_text_starts_on_its_own_line(guarded_setup):
+    """--every 3: tokens 0 and 1 are released before the pause at token 2, then (no classifier)
+    the answer is blocked: the refusal follows on a new line, and --json keeps the two apart."""
+    root, _ = guarded_setup
+    base = ["generate", "--model", str(root / "model"), "--prompt", "w5 w6 w7", "--no-chat-template",
+            "--no-compile", "--dtype", "float32", "--max-new-tokens", "6", "--probe", str(root / "probe"),
+            "--every", "3", "--refusal", "NOPE"]
+    row = json.loads(CliRunner().invoke(main, [*base, "--json"]).stdout)
+    assert row["status"] == "blocked" and row["pause_points"] == [2] and row["refusal"] == "NOPE"
+    assert row["text"] and "NOPE" not in row["text"] and len(row["token_ids"]) == 2
+    streamed = CliRunner().invoke(main, base)
+    assert streamed.exit_code == 0 and streamed.stdout == f"{row['text']}\nNOPE\n"
+    two = root.parent / "two-prompts.txt"
+    two.write_text("w5 w6 w7\nw8 w9\n")
+    batch = CliRunner().invoke(main, [*base[:3], *base[5:], "--prompts-file", str(two)])
+    assert f"{row['text']}\nNOPE" in batch.stdout
+
+
 def test_trace_keeps_withheld_tokens_out_unless_asked(guarded_setup, tmp_path):
     """No classifier: the probe pauses at the first token and the answer is blocked, so every
     token was withheld. The trace has their scores but not their ids, unless --trace-held."""
@@ -188,6 +206,7 @@ def test_a_verdict_later_than_the_deadline_releases_nothing(guarded_setup):
                                        "--deadline", "0.000001", "--refusal", "NOPE", "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.splitlines()[-1])
-    assert (row["status"], row["reason"], row["text"]) == ("blocked", "classifier timeout", "NOPE")
+    assert (row["status"], row["reason"], row["text"]) == ("blocked", "classifier timeout", "")
+    assert row["refusal"] == "NOPE"
     assert row["token_ids"] == []
     assert [v["verdict"] for v in row["verdicts"]] == ["timeout"]

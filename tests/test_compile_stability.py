@@ -1,10 +1,11 @@
-"""After warm-up the compiled step never recompiles, and the full graph has no breaks."""
+"""After warm-up the compiled step never recompiles, and the full graph has no breaks:
+not for other prompt lengths, nor for requests joining and leaving, nor for other sampling
+parameters (they are per-slot tensors)."""
 
 import pytest
 import torch
 
-from oc_engine.engine.decode import Engine, GenerationConfig
-from oc_engine.engine.sampling import SamplingConfig
+from probe_helpers import fixed, plain_llm
 
 PROMPT = [2, 17, 99, 45, 300, 12, 7, 8, 9, 10, 11, 13, 200, 201]
 
@@ -13,13 +14,24 @@ PROMPT = [2, 17, 99, 45, 300, 12, 7, 8, 9, 10, 11, 13, 200, 201]
 def test_no_recompile_after_warmup(tiny, family):
     # fullgraph=True already turns any graph break into an error; this checks recompiles.
     torch._dynamo.reset()
-    engine = Engine(tiny(family), compile=True, tap=-2)
-    sampling = SamplingConfig(temperature=0.9, top_k=50, top_p=0.9)
-    engine.generate([PROMPT], GenerationConfig(max_new_tokens=2, sampling=sampling, seed=0))  # one compiled step
+    llm = plain_llm(tiny(family), compile=True, max_num_seqs=3, tap=-2)
+    llm.generate([PROMPT, PROMPT[:6]], [fixed(2), fixed(2, temperature=0.9, top_k=50, top_p=0.9, seed=0)])  # warm-up
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finished = {}
+
+    def step(times=1):
+        for _ in range(times):
+            finished.update((e.request_id, e.completion) for e in llm.step() if type(e).__name__ == "Finished")
+
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for prompt in (PROMPT, PROMPT[:5], PROMPT + [5, 6, 7]):  # other lengths, same cache bucket
-            results = engine.generate([prompt], GenerationConfig(max_new_tokens=20, ignore_eos=True,
-                                                                 sampling=sampling, seed=1))
-            assert len(results[0].token_ids) == 20
+        first = llm.add_request(PROMPT, fixed(20, temperature=0.7, seed=1))
+        step(3)
+        short = llm.add_request(PROMPT[:5], fixed(4))  # joins while the first decodes, leaves early
+        step(6)
+        last = llm.add_request(PROMPT + [5, 6, 7], fixed(12, top_k=3, temperature=1.2, seed=2))  # a freed slot
+        assert llm.cancel(first)
+        while llm.has_unfinished():
+            step()
+    assert [finished[r].finish_reason for r in (first, short, last)] == ["cancelled", "length", "length"]
+    assert [len(finished[r].token_ids) for r in (short, last)] == [4, 12]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before

@@ -16,10 +16,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.guard import NONFINITE, PAUSE, WARN, GuardConfig
-from oc_engine.engine.guarded import GuardMonitor
-from probe_helpers import FakeClassifier, make_probe
+from oc_engine.engine.guarded import SequenceMonitor
+from oc_engine.outputs import Refused, TextReleased
+from probe_helpers import FakeClassifier, fixed, guarded_run, make_probe, plain_llm
+from probe_helpers import summary as summarize
 
 REFUSAL = "REFUSED"
 DEADLINE = 2.0  # fake seconds; the driver's clock ticks 1 per token
@@ -90,30 +91,29 @@ class ScriptedClassifier:
 
 
 def drive(tokenizer, tokens, scores, outcomes, config):
-    """Feed one sequence token by token into a GuardMonitor on a fake clock; returns
-    (monitor, classifier, shown text)."""
+    """Feed one sequence token by token into a SequenceMonitor on a fake clock; returns
+    (monitor, classifier, shown text: the released text and any refusal, as the user saw them)."""
     clock = FakeClock()
     classifier = ScriptedClassifier(outcomes, clock)
-    shown = []
-    monitor = GuardMonitor(tokenizer, ["a prompt"], config, classifier, on_text=lambda _i, piece: shown.append(piece),
-                           clock=clock)
+    monitor = SequenceMonitor(tokenizer, "a prompt", config, classifier, clock=clock)
     fed = 0
     for _ in range(10 * len(tokens) + 100):
         clock.now += 1.0
         classifier.resolve_due()
         monitor.poll()
-        if fed < len(tokens) and monitor.wants_tokens(0) and not monitor.waiting(0):
+        if fed < len(tokens) and monitor.wants_tokens and not monitor.must_wait:
             score = scores[fed]
             flags = (WARN | PAUSE) if score >= 0.5 else 0
-            monitor.on_token(0, tokens[fed], score, score, flags)
+            monitor.on_token(tokens[fed], score, score, flags)
             fed += 1
             if fed == len(tokens):
-                monitor.on_finish(0)
-        elif monitor.sequences[0].pending is None and (fed == len(tokens) or not monitor.wants_tokens(0)):
+                monitor.on_finish()
+        elif monitor.pending is None and (fed == len(tokens) or not monitor.wants_tokens):
             break
-    assert monitor.sequences[0].pending is None, "a check was left unanswered"
-    monitor.drain()
-    return monitor, classifier, "".join(shown)
+    assert monitor.pending is None, "a check was left unanswered"
+    monitor.finish()
+    shown = "".join(e.text for e in monitor.take_events() if isinstance(e, (TextReleased, Refused)))
+    return monitor, classifier, shown
 
 
 scores = st.lists(st.sampled_from([0.1, 0.1, 0.1, 0.7, float("nan"), float("inf")]), min_size=1, max_size=24)
@@ -129,9 +129,9 @@ def test_nothing_held_is_shown_whatever_the_classifier_does(tiny, scores, outcom
     tokenizer = tiny("llama").tokenizer
     tokens = [10 + i for i in range(len(scores))]
     monitor, classifier, shown = drive(tokenizer, tokens, scores, outcomes, config)
-    seq = monitor.sequences[0]
+    seq = monitor
     guard = seq.guard
-    summary = monitor.summary(0)
+    summary = summarize(monitor)
     assert shown == summary["released_text"]
     released_ids = tokens[:guard.released]
     answer = tokenizer.decode(released_ids, skip_special_tokens=True)
@@ -167,7 +167,7 @@ def test_each_fault_fails_closed_and_says_why(tiny, kind, reason, detail):
     tokenizer = tiny("llama").tokenizer
     monitor, _, shown = drive(tokenizer, [10, 11, 12, 13, 14], [0.1, 0.7, 0.1, 0.1, 0.1], [kind],
                               GuardConfig(deadline_s=DEADLINE, refusal=REFUSAL))
-    summary = monitor.summary(0)
+    summary = summarize(monitor)
     assert summary["status"] == "blocked" and summary["reason"] == reason
     assert shown == tokenizer.decode([10]) + REFUSAL  # the pause point (token 1) and after: never shown
     if detail:
@@ -180,14 +180,14 @@ def test_a_late_allow_is_a_timeout_even_when_read_before_the_deadline_check(tiny
     tokenizer = tiny("llama").tokenizer
     monitor, _, shown = drive(tokenizer, [10, 11, 12], [0.7, 0.1, 0.1], ["late_allow"],
                               GuardConfig(deadline_s=DEADLINE, refusal=REFUSAL, on_failure="stop"))
-    (verdict,) = monitor.summary(0)["verdicts"]
+    (verdict,) = summarize(monitor)["verdicts"]
     assert verdict["verdict"] == "timeout" and verdict["latency_ms"] == 2500.0
-    assert shown == "" and monitor.summary(0)["status"] == "held"
+    assert shown == "" and summarize(monitor)["status"] == "held"
 
 
 # -- through the engine: real threads, real decode steps --------------------------------------
 PROMPTS = [[2, 17, 99, 45, 300, 12, 7], [2, 5, 6, 7, 8, 9]]
-CONFIG = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+CONFIG = fixed(10)
 
 
 class HangingClassifier:
@@ -213,16 +213,8 @@ class ValueClassifier(FakeClassifier):
 
 
 def _guarded(loaded, probe, classifier, compile=False, **guard):
-    engine = Engine(loaded, compile=compile, probe=probe)
-    shown = {0: "", 1: ""}
-
-    def on_text(index, piece):
-        shown[index] += piece
-
-    monitor = GuardMonitor(loaded.tokenizer, ["a", "b"], GuardConfig(refusal=REFUSAL, **guard), classifier,
-                           on_text=on_text)
-    results = engine.generate(PROMPTS, CONFIG, monitor=monitor)
-    return results, monitor, shown
+    seqs, shown = guarded_run(loaded, probe, classifier, PROMPTS, CONFIG, compile=compile, refusal=REFUSAL, **guard)
+    return seqs, [s.guard for s in seqs], shown
 
 
 @pytest.mark.parametrize("classifier,reason", [
@@ -239,7 +231,7 @@ def test_engine_fails_closed_on_classifier_faults(tiny, classifier, reason):
         if isinstance(classifier, HangingClassifier):
             classifier.release.set()
     for i in range(2):
-        summary = monitor.summary(i)
+        summary = summarize(monitor[i])
         assert (summary["status"], summary["reason"]) == ("blocked", reason)
         assert shown[i] == summary["released_text"] == REFUSAL  # paused at the first token
 
@@ -251,7 +243,7 @@ def test_non_finite_hidden_states_pause_through_the_step(tiny, compile):
     pauses there. No classifier: nothing from that token on is shown."""
     loaded = tiny("llama")
     probe = make_probe(loaded.model, bias=-20.0)  # never pauses on finite scores
-    plain = Engine(loaded, compile=False).generate(PROMPTS[:1], CONFIG)[0].token_ids
+    plain = list(plain_llm(loaded).generate(PROMPTS[:1], CONFIG)[0].token_ids)
     poison = next(t for t in plain[2:] if t not in PROMPTS[0] and t not in plain[:2])
     at = plain.index(poison)  # the step fed this token scores the next one
     weight = loaded.model.get_input_embeddings().weight
@@ -260,20 +252,18 @@ def test_non_finite_hidden_states_pause_through_the_step(tiny, compile):
     try:
         weight.data[poison] = torch.where(saved < 0, torch.full_like(saved, -float("inf")),
                                           torch.full_like(saved, float("inf")))
-        engine = Engine(loaded, compile=compile, probe=probe)
-        shown = []
-        monitor = GuardMonitor(loaded.tokenizer, ["a"], GuardConfig(refusal=REFUSAL), None,
-                               on_text=lambda _i, piece: shown.append(piece))
-        result = engine.generate(PROMPTS[:1], CONFIG, monitor=monitor)[0]
+        (result,), (shown,) = guarded_run(loaded, probe, None, PROMPTS[:1], CONFIG, compile=compile,
+                                          refusal=REFUSAL)
     finally:
         weight.data[poison] = saved
+    monitor = result.guard
     assert result.token_ids[:at + 1] == plain[:at + 1]
     assert all(math.isfinite(s) for s in result.scores[:at + 1])
     assert math.isnan(result.scores[at + 1])
-    summary = monitor.summary(0)
+    summary = summarize(monitor)
     assert summary["pause_points"] == [at + 1] and summary["reason"] == "no classifier configured"
-    assert "".join(shown) == loaded.tokenizer.decode(plain[:at + 1], skip_special_tokens=True) + REFUSAL
-    assert any(e.get("nonfinite") for e in monitor.sequences[0].guard.events)
+    assert shown == loaded.tokenizer.decode(plain[:at + 1], skip_special_tokens=True) + REFUSAL
+    assert any(e.get("nonfinite") for e in monitor.guard.events)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -288,7 +278,7 @@ def test_a_non_finite_probe_pauses_every_token_through_the_step(tiny, compile, b
     classifier = FakeClassifier("allow")
     results, monitor, shown = _guarded(loaded, probe, classifier, compile=compile)
     for i, r in enumerate(results):
-        summary = monitor.summary(i)
+        summary = summarize(monitor[i])
         assert all(math.isnan(s) for s in r.scores) and all(e == -1.0 for e in r.emas)
         assert summary["pause_points"] == list(range(len(r.token_ids)))
         assert [v["covers"] for v in summary["verdicts"]] == list(range(1, len(r.token_ids) + 1))
@@ -296,8 +286,8 @@ def test_a_non_finite_probe_pauses_every_token_through_the_step(tiny, compile, b
 
 
 def test_an_interruption_while_tokens_are_held_shows_nothing_held(tiny):
-    """Ctrl-C (KeyboardInterrupt) while a check is pending: generate stops, and what was
-    shown stops before the pause point."""
+    """Ctrl-C (KeyboardInterrupt) while a check is pending: the stream stops, its request is
+    cancelled, and what was shown stops before the pause point."""
     loaded = tiny("llama")
 
     class Interrupting(FakeClassifier):
@@ -307,24 +297,28 @@ def test_an_interruption_while_tokens_are_held_shows_nothing_held(tiny):
                 raise KeyboardInterrupt
             return future
 
-    probe = make_probe(loaded.model, bias=20.0)
-    engine = Engine(loaded, compile=False, probe=probe)
-    shown = []
-    monitor = GuardMonitor(loaded.tokenizer, ["a"], GuardConfig(refusal=REFUSAL), Interrupting("allow", delay=0.05),
-                           on_text=lambda _i, piece: shown.append(piece))
+    from oc_engine.llm import LLM
+    from oc_engine.outputs import TextReleased
+
+    llm = LLM(loaded, probe=make_probe(loaded.model, bias=20.0), classifier=Interrupting("allow", delay=0.05),
+              guard=GuardConfig(refusal=REFUSAL), compile=False, max_num_seqs=1, max_model_len=64)
+    shown, events = [], llm.stream(PROMPTS[0], CONFIG)
     with pytest.raises(KeyboardInterrupt):
-        engine.generate(PROMPTS[:1], CONFIG, monitor=monitor)
-    guard = monitor.sequences[0].guard
-    assert guard.pause_points[-1] == 1 and guard.released == 1  # the second check was for token 1
-    assert "".join(shown) == loaded.tokenizer.decode(monitor.sequences[0].tokens[:1], skip_special_tokens=True)
+        for event in events:
+            if isinstance(event, TextReleased):
+                shown.append(event.text)
+    assert not llm.has_unfinished()  # the interrupted request was cancelled, its slot freed
+    first = loaded.tokenizer.decode(list(plain_llm(loaded).generate([PROMPTS[0]], fixed(1))[0].token_ids),
+                                    skip_special_tokens=True)
+    assert "".join(shown) in ("", first)  # at most token 0, which an allow covered; never the pause point 1
 
 
 def test_a_trace_writes_non_finite_scores_as_null_json(tiny):
     import json
 
-    monitor = GuardMonitor(tiny("llama").tokenizer, ["a"], GuardConfig(refusal=REFUSAL), None, record_trace=True)
-    monitor.on_token(0, 10, float("nan"), 0.2, 0)
+    monitor = SequenceMonitor(tiny("llama").tokenizer, "a", GuardConfig(refusal=REFUSAL), None, record_trace=True)
+    monitor.on_token(10, float("nan"), 0.2, 0)
     (row,) = monitor.trace_rows(include_held=True)
     assert row["score"] is None and row["ema"] == 0.2 and row["flags"] & NONFINITE
-    assert monitor.summary(0)["status"] == "blocked"  # paused, no classifier: fail closed
+    assert summarize(monitor)["status"] == "blocked"  # paused, no classifier: fail closed
     json.dumps(row, allow_nan=False)  # strict JSON, readable by any tool

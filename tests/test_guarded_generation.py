@@ -3,23 +3,28 @@
 import pytest
 import torch
 
-from oc_engine.engine.decode import Engine, GenerationConfig
-from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.guarded import GuardMonitor
 from oc_engine.kernels.probe_ema import probe_ema_reference
-from probe_helpers import FakeClassifier, make_probe
+from probe_helpers import FakeClassifier, fixed, guarded_run, make_probe, plain_llm, summary
 
 PROMPTS = [[2, 17, 99, 45, 300, 12, 7], [2, 5, 6, 7, 8, 9]]
-CONFIG = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+CONFIG = fixed(12)
 REFUSAL = "REFUSED"
 
 
-def _run(loaded, probe, classifier, compile=False, **guard):
-    engine = Engine(loaded, compile=compile, probe=probe)
-    prompts_text = [loaded.tokenizer.decode(p) for p in PROMPTS]
-    monitor = GuardMonitor(loaded.tokenizer, prompts_text, GuardConfig(refusal=REFUSAL, **guard), classifier)
-    results = engine.generate(PROMPTS, CONFIG, monitor=monitor, collect_taps=True)
-    return engine, results, monitor
+class _Monitors:
+    """The guards of one run, read by request index."""
+
+    def __init__(self, seqs):
+        self.seqs = seqs
+
+    def summary(self, i):
+        return summary(self.seqs[i].guard)
+
+
+def _run(loaded, probe, classifier, compile=False, output_lag=None, **guard):
+    seqs, _ = guarded_run(loaded, probe, classifier, PROMPTS, CONFIG, compile=compile, output_lag=output_lag,
+                          collect_taps=True, refusal=REFUSAL, **guard)
+    return None, seqs, _Monitors(seqs)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -38,24 +43,24 @@ def test_scores_in_the_step_equal_the_reference_on_the_taps(tiny, compile):
 
 def test_a_quiet_probe_changes_nothing(tiny):
     loaded = tiny("gemma4")
-    plain = Engine(loaded, compile=False).generate(PROMPTS, CONFIG)
+    plain = plain_llm(loaded).generate(PROMPTS, CONFIG)
     _, results, monitor = _run(loaded, make_probe(loaded.model, bias=-20.0), None)
     for i, (p, r) in enumerate(zip(plain, results)):
-        assert r.token_ids == p.token_ids
+        assert r.token_ids == list(p.token_ids)
         assert monitor.summary(i)["status"] == "completed"
         assert monitor.summary(i)["released_text"] == p.text
 
 
 def test_allowed_escalations_release_the_same_text(tiny):
     loaded = tiny("llama")
-    plain = Engine(loaded, compile=False).generate(PROMPTS, CONFIG)
+    plain = plain_llm(loaded).generate(PROMPTS, CONFIG)
     classifier = FakeClassifier("allow", delay=0.01)
     _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, max_held=3)
     for i, p in enumerate(plain):
         summary = monitor.summary(i)
         assert summary["status"] == "completed" and summary["pause_points"]
         assert summary["released_text"] == p.text
-        assert results[i].token_ids == p.token_ids  # waiting rows resume exactly where they stopped
+        assert results[i].token_ids == list(p.token_ids)  # waiting rows resume exactly where they stopped
     assert classifier.calls
 
 
@@ -74,6 +79,7 @@ def test_fail_closed_and_block_show_only_the_refusal(tiny, classifier, reason):
         assert summary["released_text"] == REFUSAL  # paused at the first token: nothing else shown
         if reason != "classifier timeout":  # the others stop decoding at once; a timeout may come after the end
             assert r.finish_reason == "guard" and len(r.token_ids) < 12
+        assert r.completion.refusal == REFUSAL and r.completion.text == ""  # the refusal is kept apart
 
 
 def test_fail_closed_stop_mode_shows_nothing(tiny):
@@ -88,17 +94,19 @@ def test_probe_for_another_model_is_refused(tiny):
 
     probe = make_probe(tiny("qwen3").model, bias=0.0)
     with pytest.raises(OcEngineError, match="trained for another model"):
-        Engine(tiny("llama"), compile=False, probe=probe)
+        guarded_run(tiny("llama"), probe, None, PROMPTS, CONFIG)
 
 
 def test_compiled_guarded_step_does_not_recompile(tiny):
     loaded = tiny("llama")
     torch._dynamo.reset()
-    engine = Engine(loaded, compile=True, probe=make_probe(loaded.model, bias=0.0, layers=(-2, 1)))
-    engine.generate(PROMPTS, GenerationConfig(max_new_tokens=2))
+    from oc_engine.llm import LLM
+
+    llm = LLM(loaded, probe=make_probe(loaded.model, bias=0.0, layers=(-2, 1)), classifier=FakeClassifier("allow"),
+              compile=True, max_num_seqs=2, max_model_len=128)
+    llm.generate(PROMPTS, fixed(2))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        monitor = GuardMonitor(loaded.tokenizer, ["a", "b"], GuardConfig(), FakeClassifier("allow"))
-        results = engine.generate(PROMPTS, CONFIG, monitor=monitor)
+        results = llm.run(PROMPTS, CONFIG)
     assert all(len(r.scores) == 12 for r in results)
 
 
@@ -107,13 +115,9 @@ def test_reading_flags_a_step_late_holds_the_same_tokens(tiny, verdict):
     """CUDA reads the probe flags one step behind the device; the guard must decide the same."""
     loaded = tiny("llama")
     probe = make_probe(loaded.model, bias=20.0)
-    prompts_text = [loaded.tokenizer.decode(p) for p in PROMPTS]
     outcomes = []
     for lag in (0, 1):
-        engine = Engine(loaded, compile=False, probe=probe, output_lag=lag)
-        monitor = GuardMonitor(loaded.tokenizer, prompts_text, GuardConfig(refusal=REFUSAL, max_held=3),
-                               FakeClassifier(verdict, delay=0.01))
-        engine.generate(PROMPTS, CONFIG, monitor=monitor)
+        _, _, monitor = _run(loaded, probe, FakeClassifier(verdict, delay=0.01), output_lag=lag, max_held=3)
         outcomes.append([(s["status"], s["released_text"], s["pause_points"][:1])
                          for s in map(monitor.summary, range(len(PROMPTS)))])
     assert outcomes[0] == outcomes[1]
@@ -125,7 +129,7 @@ def test_replay_never_waits_and_shows_the_whole_answer(tiny):
     below max_held) and the answer is shown whole."""
     loaded = tiny("llama")
     classifier = FakeClassifier("allow", delay=0.05)
-    plain = Engine(loaded, compile=False).generate(PROMPTS, CONFIG)
+    plain = plain_llm(loaded).generate(PROMPTS, CONFIG)
     _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, max_held=64)
     assert classifier.urgent and not any(classifier.urgent)
     for i, r in enumerate(plain):

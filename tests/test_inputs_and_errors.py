@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.loading import load_model, resolve_dtype, resolve_model_source
 from oc_engine.engine.prompts import read_prompts_file
 from oc_engine.errors import OcEngineError
@@ -45,14 +44,20 @@ def test_empty_or_missing_prompts_file(tmp_path):
 
 
 def test_prompt_longer_than_the_context(tiny):
-    engine = Engine(tiny("llama"), compile=False)  # context 256
-    with pytest.raises(OcEngineError, match="300 tokens, longer than the model's context of 256"):
-        engine.generate([[2] * 300], GenerationConfig(max_new_tokens=4))
+    from probe_helpers import fixed, plain_llm
+
+    llm = plain_llm(tiny("llama"), max_model_len=None)  # the model's context: 256
+    with pytest.raises(OcEngineError, match="prompt 2 has 300 tokens, too long for max_model_len 256"):
+        llm.generate([[2, 3], [2] * 300], fixed(4))
+    assert not llm.has_unfinished()  # the good prompt was not queued either: nothing took a slot
+    with pytest.raises(OcEngineError, match=r"max_model_len must be an integer in \[2, 256\]"):
+        plain_llm(tiny("llama"), max_model_len=300)
 
 
 def test_generation_stops_at_the_context(tiny):
-    engine = Engine(tiny("llama"), compile=False)
-    result = engine.generate([[2] * 250], GenerationConfig(max_new_tokens=50, ignore_eos=True))[0]
+    from probe_helpers import fixed, plain_llm
+
+    result = plain_llm(tiny("llama"), max_model_len=None).generate([[2] * 250], fixed(50))[0]
     assert len(result.token_ids) == 6 and result.finish_reason == "length"
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from oc_engine.data import Exchange
-from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.errors import OcEngineError
+from oc_engine.llm import LLM
 from oc_engine.training.activations import Activations, CollectSpec, collect
 from oc_engine.training.probe_calibration import calibrate_probe, replay_pauses
+from probe_helpers import fixed, plain_llm
 from oc_engine.training.probe_training import ProbeTrainConfig, auroc, ema_traces, exchange_scores, fit_probe
 
 
@@ -20,12 +21,12 @@ def test_collected_states_are_the_ones_generation_scores(embedded_fp32):
     from oc_engine.engine.prompts import render_prompt
 
     loaded = embedded_fp32
-    engine = Engine(loaded, compile=False, tap=(-4, 10))
+    llm = plain_llm(loaded, tap=(-4, 10))
     prompts = ["What is the capital of France?", "Name three colours."]
     ids = [render_prompt(loaded.tokenizer, p) for p in prompts]
-    results = engine.generate(ids, GenerationConfig(max_new_tokens=6, ignore_eos=True), collect_taps=True)
+    results = llm.run(ids, fixed(6), collect_taps=True)
     exchanges = [Exchange(p, loaded.tokenizer.decode(r.token_ids), 0) for p, r in zip(prompts, results)]
-    spec = CollectSpec(layers=engine.taps, mode="tokens", max_response_tokens=6)
+    spec = CollectSpec(layers=llm.runner.taps, mode="tokens", max_response_tokens=6)
     acts = collect(loaded.model, loaded.tokenizer, exchanges, spec, batch_size=2, cache=False, progress=False)
     for row, result in enumerate(results):
         assert acts.mask[row].sum() == 6
@@ -141,7 +142,7 @@ def test_train_probe_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     assert probe.config.pause == pytest.approx(report["calibration"]["pause"])
     assert list((tmp_path / "cache" / "activations").iterdir())  # cached for the next run
     with pytest.raises(OcEngineError, match="trained for another model"):
-        Engine(tiny("qwen3"), compile=False, probe=probe)
+        LLM(tiny("qwen3"), probe=probe, classifier=None, compile=False)
 
 
 def test_prompt_files_need_a_prompt_label(tmp_path):

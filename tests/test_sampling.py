@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from oc_engine.engine.decode import Engine, GenerationConfig
 from oc_engine.engine.sampling import SamplingConfig, sample
 from oc_engine.errors import OcEngineError
+from probe_helpers import fixed, plain_llm
 
 PROMPT = [2, 17, 99, 45, 300, 12, 7]
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -51,20 +51,29 @@ def test_invalid_sampling_settings_are_rejected(bad):
 
 
 def test_seeded_sampling_is_reproducible(tiny):
-    engine = Engine(tiny("llama"), compile=False)
-    config = GenerationConfig(max_new_tokens=16, ignore_eos=True, seed=123,
-                              sampling=SamplingConfig(temperature=1.0, top_p=0.95))
-    first = engine.generate([PROMPT], config)[0].token_ids
-    assert engine.generate([PROMPT], config)[0].token_ids == first
-    other = GenerationConfig(max_new_tokens=16, ignore_eos=True, seed=124, sampling=config.sampling)
-    assert engine.generate([PROMPT], other)[0].token_ids != first
+    llm = plain_llm(tiny("llama"))
+    params = fixed(16, seed=123, temperature=1.0, top_p=0.95)
+    first = llm.generate([PROMPT], params)[0].token_ids
+    assert llm.generate([PROMPT], params)[0].token_ids == first
+    assert llm.generate([PROMPT], fixed(16, seed=124, temperature=1.0, top_p=0.95))[0].token_ids != first
 
 
 def test_top_k_one_is_greedy(tiny):
-    engine = Engine(tiny("llama"), compile=False)
-    greedy = engine.generate([PROMPT], GenerationConfig(max_new_tokens=10, ignore_eos=True))[0].token_ids
-    top1 = GenerationConfig(max_new_tokens=10, ignore_eos=True, seed=5, sampling=SamplingConfig(1.5, top_k=1))
-    assert engine.generate([PROMPT], top1)[0].token_ids == greedy
+    llm = plain_llm(tiny("llama"))
+    greedy = llm.generate([PROMPT], fixed(10))[0].token_ids
+    assert llm.generate([PROMPT], fixed(10, seed=5, temperature=1.5, top_k=1))[0].token_ids == greedy
+
+
+def test_rows_with_other_parameters_share_a_step_and_keep_their_tokens(tiny):
+    """Greedy and sampled requests decoded together get the tokens they get alone."""
+    llm = plain_llm(tiny("llama"))
+    params = [fixed(12), fixed(12, seed=3, temperature=1.0, top_k=20), fixed(12, seed=4, temperature=0.8, top_p=0.9)]
+    prompts = [PROMPT, [2, 5, 6, 7], [2, 9, 8]]
+    together = llm.generate(prompts, params)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        # a seeded request's stream is keyed by its seed and its index in the call
+        alone = llm.generate([[2]] * i + [prompt], [fixed(1)] * i + [p])[i]
+        assert alone.token_ids == together[i].token_ids
 
 
 def test_each_row_samples_from_its_own_stream():
@@ -95,20 +104,17 @@ def test_sampled_tokens_do_not_depend_on_verdict_latency(tiny):
     """Every token pauses and each sequence may hold one token only, so each row waits for
     every verdict while the other decodes: with slow or fast verdicts, the same sampled tokens
     and the same decisions (one random stream per sequence; a shared one would differ)."""
-    from oc_engine.engine.guard import GuardConfig
-    from oc_engine.engine.guarded import GuardMonitor
-    from probe_helpers import FakeClassifier, make_probe
+    from probe_helpers import FakeClassifier, guarded_run, make_probe
 
     loaded = tiny("llama")
-    engine = Engine(loaded, compile=False, probe=make_probe(loaded.model, bias=20.0))
-    config = GenerationConfig(max_new_tokens=8, ignore_eos=True, seed=7, sampling=SamplingConfig(temperature=1.0))
+    probe = make_probe(loaded.model, bias=20.0)
+    params = fixed(8, seed=7, temperature=1.0)
     prompts = [PROMPT, [2, 5, 6, 7, 8, 9]]
     outcomes = []
     for delays in ((0.0, 0.0), (0.02, 0.0), (0.0, 0.03)):
         classifier = FakeClassifier("allow")
         classifier.delays = iter(delays * 20)
         classifier._run = lambda c=classifier: (time.sleep(next(c.delays)), {"verdict": "allow", "p_unsafe": 0.1})[1]
-        monitor = GuardMonitor(loaded.tokenizer, ["a", "b"], GuardConfig(max_held=1), classifier)
-        results = engine.generate(prompts, config, monitor=monitor)
-        outcomes.append([(r.token_ids, monitor.summary(r.index)["released_text"]) for r in results])
+        seqs, shown = guarded_run(loaded, probe, classifier, prompts, params, max_held=1)
+        outcomes.append([(s.token_ids, text) for s, text in zip(seqs, shown)])
     assert outcomes[0] == outcomes[1] == outcomes[2]

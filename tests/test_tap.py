@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from oc_engine.engine.decode import Engine, GenerationConfig
+from probe_helpers import fixed, plain_llm
 
 PROMPT = [2, 17, 99, 45, 300, 12, 7, 8, 9, 10, 11, 13]
 
 
 def _check_taps(loaded, tap, compile):
-    engine = Engine(loaded, compile=compile, tap=tap)
-    result = engine.generate([PROMPT], GenerationConfig(max_new_tokens=6, ignore_eos=True), collect_taps=True)[0]
+    result = plain_llm(loaded, compile=compile, tap=tap).run([PROMPT], fixed(6), collect_taps=True)[0]
     assert len(result.taps) == len(result.token_ids) == 6
     sequence = PROMPT + result.token_ids[:-1]
     with torch.inference_mode():
@@ -33,10 +32,9 @@ def test_tap_out_of_range_is_a_clear_error(tiny):
     from oc_engine.errors import OcEngineError
 
     with pytest.raises(OcEngineError, match="out of range"):
-        Engine(tiny("llama"), compile=False, tap=7)
+        plain_llm(tiny("llama"), tap=7)
 
 
 def test_no_tap_returns_nothing(tiny):
-    engine = Engine(tiny("llama"), compile=False)
-    result = engine.generate([PROMPT], GenerationConfig(max_new_tokens=3), collect_taps=True)[0]
+    result = plain_llm(tiny("llama")).run([PROMPT], fixed(3), collect_taps=True)[0]
     assert result.taps == []

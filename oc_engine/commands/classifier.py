@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from oc_engine.commands.common import SEED, FiniteFloat, check_output_dir, markdown_rows, progress_log, user_errors
+from oc_engine.commands.common import (FiniteFloat, check_output_dir, json_option, markdown_rows, progress_log,
+                                       seed_option, user_errors)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
@@ -99,7 +100,7 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
               help="Cap on training rows after augmentation (time budget) [default: all; 10000 with --default].")
 @click.option("--target-safe-block-rate", type=FiniteFloat(0, 1), default=0.01, show_default=True,
               help="Calibration: the most safe_compliance answers the block threshold may block.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@seed_option(0)
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
 @user_errors
 def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_default, force, backbone, binary, epochs,
@@ -140,7 +141,7 @@ def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_defaul
               help="Labelled JSONL exchanges to calibrate on (repeatable).")
 @click.option("--target-safe-block-rate", type=FiniteFloat(0, 1), default=0.01, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Report the threshold without writing it.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("Print the report as JSON.")
 @user_errors
 def calibrate_classifier(classifier_dir, data_specs, target_safe_block_rate, dry_run, as_json):
     """Recalibrate an exported classifier's block threshold on labelled exchanges.

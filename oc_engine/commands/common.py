@@ -27,6 +27,35 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value} is not a finite number", param, ctx)
         return value
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
+              "Default: the embedded SmolLM2-135M-Instruct.")
+
+
+# -- options shared by several commands, declared once -----------------------------------
+def model_option(fn):
+    return click.option("--model", default=None, help=MODEL_HELP)(fn)
+
+
+def dtype_option(fn):
+    return click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                        help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")(fn)
+
+
+def device_option(fn):
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+def seed_option(default: int | None = 0, help: str | None = None):
+    return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
+
+
+def json_option(help: str = "Print JSON instead of text."):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def out_option(help: str = "Also write the JSON report here.", **kwargs):
+    return click.option("--out", type=click.Path(dir_okay=False), default=None, help=help, **kwargs)
 
 
 def user_errors(fn):

@@ -7,11 +7,10 @@ import json
 
 import click
 
-from oc_engine.commands.common import (PLOT_SUFFIXES, SEED, FiniteFloat, check_output_dir, check_output_file,
-                                       progress_log, user_errors, write_json)
+from oc_engine.commands.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
+                                       dtype_option, json_option, model_option, out_option, progress_log, seed_option,
+                                       user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec
-
-MODEL_HELP = "Hub id, local directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."
 
 
 def _load(model, dtype):
@@ -30,9 +29,8 @@ def _job(layers, mode, max_response_tokens, validation, target, batch_size, max_
 
 def common_probe_options(fn):
     for option in reversed([
-        click.option("--model", default=None, help=MODEL_HELP),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-                     help="Collect in the dtype generation uses."),
+        model_option,
+        dtype_option,
         click.option("--data", "data_specs", multiple=True, metavar="FILE[@SOURCE]",
                      help="Labelled JSONL exchanges (repeatable); @SOURCE keeps rows of that source."),
         click.option("--mode", type=click.Choice(["tokens", "final"]), default="tokens", show_default=True,
@@ -49,8 +47,8 @@ def common_probe_options(fn):
         click.option("--steps", type=click.IntRange(min=1, max=100_000), default=300, show_default=True,
                      help="Optimizer steps (full batch)."),
         click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-2, show_default=True),
-        click.option("--seed", type=SEED, default=0, show_default=True),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        seed_option(0),
+        json_option("Print the report as JSON."),
     ]):
         fn = option(fn)
     return fn
@@ -60,13 +58,13 @@ def common_probe_options(fn):
 @click.option("--prompts", "prompt_specs", multiple=True, required=True, metavar="FILE[@SOURCE]",
               help="Prompt files with prompt_label (repeatable); @SOURCE keeps rows whose source contains it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL of labelled exchanges to write.")
-@click.option("--model", default=None, help=MODEL_HELP)
+@model_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Sample at most this many prompts per file.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
               help="Relabel harmful answers that don't refuse by this classifier's verdict.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@seed_option(0)
 @user_errors
 def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classifier_dir, seed):
     """Run the target on prompt files and write its own answers, labelled (on-policy data).
@@ -77,7 +75,6 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
     Example:
       oc-engine collect --prompts ../shared/data/train/advbench.jsonl --limit 200 --out advbench-smollm2.jsonl
     """
-    from oc_engine.engine.decode import Engine
     from oc_engine.training.onpolicy import collect_onpolicy, read_labelled_prompts, sample_prompts
 
     check_output_file(out, "--out")
@@ -91,7 +88,7 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
         from oc_engine.engine.classifier import ExchangeClassifier
 
         classifier = ExchangeClassifier(classifier_dir)
-    report = collect_onpolicy(Engine(loaded), loaded.tokenizer, rows, out, max_new_tokens=max_new_tokens,
+    report = collect_onpolicy(loaded, rows, out, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, classifier=classifier)
     click.echo(json.dumps(report, indent=2))
 
@@ -190,7 +187,7 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 
 
 @click.command("eval")
-@click.option("--model", default=None, help=MODEL_HELP)
+@model_option
 @click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False),
               help="Probe directory (default: the shipped probe, with the embedded model).")
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
@@ -205,11 +202,11 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 @click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Replay: response tokens per exchange.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@out_option()
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Replay: write the distributions of per-exchange max EMA by label (PNG).")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@json_option("Print the report as JSON.")
+@seed_option(0)
 @user_errors
 def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
                  max_response_tokens, batch_size, out, plot, as_json, seed):
@@ -238,7 +235,7 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
 @click.command("headroom")
 @click.option("--data", "data_specs", multiple=True, required=True, metavar="FILE[@SOURCE]",
               help="Labelled exchanges to measure on (repeatable), e.g. the target's own answers from `collect`.")
-@click.option("--model", default=None, help=MODEL_HELP)
+@model_option
 @click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False),
               help="Probe whose layers, alpha and objective are retrained (default: the shipped probe).")
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
@@ -254,9 +251,9 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
 @click.option("--classifier-epochs", type=FiniteFloat(min=0, max=100, min_open=True), default=3.0,
               show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many exchanges per file.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@out_option()
+@json_option("Print the report as JSON.")
+@seed_option(0)
 @user_errors
 def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, no_classifier, folds, benign_rate,
                      max_response_tokens, classifier_epochs, limit, out, as_json, seed):

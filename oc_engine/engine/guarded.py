@@ -1,13 +1,15 @@
-"""Guarded generation: the engine's loop, a `SequenceGuard` per sequence, and the classifier.
+"""Guarded generation for one sequence: its `SequenceGuard`, its classifier calls, its events.
 
-`GuardMonitor` is what `Engine.generate(monitor=...)` calls after every token. It feeds the
-probe flags to each sequence's guard (a non-finite score or EMA counts as a pause), carries out
-the guard's actions (release text, submit a check, refuse, stop), polls the classifier's
-futures without blocking decoding, and applies the deadline by arrival time: a verdict that
-arrives later than `deadline_s` after its check was submitted counts as "timeout" (fail
-closed) whatever it says, and so does a malformed answer ("error"). With `record_trace` it
-keeps a per-token trace; `trace_rows` leaves out the ids of tokens never shown unless asked.
-Only released text reaches `on_text`.
+`SequenceMonitor` is what the engine calls after each of its sequence's tokens. It feeds the
+probe flags to the guard (a non-finite score or EMA counts as a pause), carries out the guard's
+actions (release text, submit a check, refuse, stop), polls the classifier's future without
+blocking decoding, and applies the deadline by arrival time: a verdict that arrives later than
+`deadline_s` after its check was submitted counts as "timeout" (fail closed) whatever it says,
+and so does a malformed answer ("error"). What the user may see leaves only as events
+(`TextReleased`, `Paused`, `VerdictReceived`, `Refused`), taken with `take_events`. With
+`record_trace` it keeps a per-token trace; `trace_rows` leaves out the ids of tokens never
+shown unless asked. Nothing here knows about other sequences: a verdict, a wait at `max_held`
+or a block touches only this one.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
 
 from oc_engine.engine.guard import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
 from oc_engine.engine.text_stream import TextStream
+from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, Verdict, VerdictReceived
 
 
 class Classifier(Protocol):
@@ -37,157 +40,164 @@ class PendingCheck:
     arrived: float | None = None  # when the future finished (set from the classifier's thread)
 
 
-@dataclass
-class GuardedSequence:
-    prompt: str
-    guard: SequenceGuard
-    stream: TextStream
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # released text (and the refusal, if blocked)
-    pending: PendingCheck | None = None
-    verdicts: list[dict] = field(default_factory=list)
-    trace: list[dict] = field(default_factory=list)
-    traced_events: int = 0  # guard events already written to the trace
-
-
-class GuardMonitor:
-    def __init__(self, tokenizer, prompts: list[str], config: GuardConfig, classifier: Classifier | None,
-                 *, stop_strings: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
-                 record_trace: bool = False, clock: Callable[[], float] = time.perf_counter):
-        self.tokenizer, self.config, self.classifier = tokenizer, config, classifier
-        self.record_trace = record_trace
-        self.on_text, self.clock = on_text, clock
-        self.sequences = [GuardedSequence(p, SequenceGuard(config), TextStream(tokenizer, stop_strings))
-                          for p in prompts]
+class SequenceMonitor:
+    def __init__(self, tokenizer, prompt: str, config: GuardConfig, classifier: Classifier | None, *,
+                 request_id: str = "0", stop_strings: tuple[str, ...] = (), record_trace: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.tokenizer, self.prompt, self.config, self.classifier = tokenizer, prompt, config, classifier
+        self.request_id, self.record_trace, self.clock = request_id, record_trace, clock
+        self.guard = SequenceGuard(config)
+        self.stream = TextStream(tokenizer, stop_strings)  # the released text, stop strings honoured
+        self.tokens: list[int] = []
+        self.text = ""  # released text
+        self.refusal: str | None = None
+        self.pending: PendingCheck | None = None
+        self.verdicts: list[Verdict] = []
+        self.trace: list[dict] = []
+        self._events: list = []
+        self._traced_events = 0  # guard events already written to the trace
+        self._pauses_seen = 0
 
     # -- the engine's hooks -------------------------------------------------------------
-    def on_token(self, index: int, token: int, score: float | None, ema: float | None, flags: int) -> None:
-        seq = self.sequences[index]
-        seq.tokens.append(token)
+    def on_token(self, token: int, score: float | None, ema: float | None, flags: int) -> None:
+        self.tokens.append(token)
         flags = token_flags(flags, score, ema)
-        self._apply(index, seq.guard.on_token(flags))
+        self._apply(self.guard.on_token(flags))
         if self.record_trace:
             # This token's events, and those since the previous token (verdicts arrive between tokens).
-            seq.trace.append({"token": token, "index": len(seq.tokens) - 1, "score": _finite_or_none(score),
-                              "ema": _finite_or_none(ema),
-                              "flags": flags, "state": seq.guard.state, "events": self._new_events(seq)})
+            self.trace.append({"token": token, "index": len(self.tokens) - 1, "score": _finite_or_none(score),
+                               "ema": _finite_or_none(ema), "flags": flags, "state": self.guard.state,
+                               "events": self._new_trace_events()})
 
-    def on_finish(self, index: int) -> None:
-        self._apply(index, self.sequences[index].guard.on_finish())
+    def on_finish(self) -> None:
+        self._apply(self.guard.on_finish())
 
-    def wants_tokens(self, index: int) -> bool:
-        return self.sequences[index].guard.wants_tokens
+    @property
+    def wants_tokens(self) -> bool:
+        return self.guard.wants_tokens
 
-    def waiting(self, index: int) -> bool:
-        return self.sequences[index].guard.must_wait
+    @property
+    def must_wait(self) -> bool:
+        return self.guard.must_wait
 
     def poll(self) -> None:
-        """Deliver finished verdicts and expired deadlines; never blocks. A verdict is judged by
+        """Deliver a finished verdict or an expired deadline; never blocks. A verdict is judged by
         when it arrived, not when it is read: one later than the deadline is a timeout."""
+        pending = self.pending
+        if pending is None:
+            return
         now = self.clock()
-        for index, seq in enumerate(self.sequences):
-            pending = seq.pending
-            if pending is None:
-                continue
-            arrived = pending.arrived if pending.future.done() else None
-            if arrived is None and pending.future.done():
-                arrived = now  # done but its callback has not run yet: it arrives now
-            late_by = (arrived if arrived is not None else now) - pending.submitted
-            if late_by > self.config.deadline_s:
-                seq.pending = None
-                pending.future.cancel()
-                self._verdict(index, pending.check, "timeout", {"latency_ms": round(late_by * 1000, 3)})
-            elif arrived is not None:
-                seq.pending = None
-                self._deliver(index, pending.check, pending.future, late_by)
+        arrived = pending.arrived if pending.future.done() else None
+        if arrived is None and pending.future.done():
+            arrived = now  # done but its callback has not run yet: it arrives now
+        late_by = (arrived if arrived is not None else now) - pending.submitted
+        if late_by > self.config.deadline_s:
+            self.pending = None
+            pending.future.cancel()
+            self._verdict(pending.check, "timeout", {"latency_ms": round(late_by * 1000, 3)})
+        elif arrived is not None:
+            self.pending = None
+            self._deliver(pending.check, pending.future, late_by)
 
-    def wait(self) -> None:
-        """Block until some pending verdict arrives or its deadline passes, then poll."""
-        pending = [s.pending for s in self.sequences if s.pending is not None]
-        if pending:
-            now = self.clock()
-            timeout = max(0.0, min(p.submitted + self.config.deadline_s - now for p in pending))
-            cf.wait([p.future for p in pending], timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
-        self.poll()
+    def finish(self) -> None:
+        """The sequence is over and no verdict is pending: release the text the stream still held
+        back (a possible stop-string prefix) if the answer completed."""
+        if self.guard.status == "completed":
+            self._emit(self.stream.finish())
+        if self.record_trace and self.trace:
+            self.trace[-1]["events"] += self._new_trace_events()  # the verdicts after the last token
 
-    def drain(self) -> None:
-        """After decoding: wait for the last verdicts (final checks), then flush completed text."""
-        while any(s.pending is not None for s in self.sequences):
-            self.wait()
-        for index, seq in enumerate(self.sequences):
-            if seq.guard.status == "completed":
-                self._emit(index, seq.stream.finish())
-            if self.record_trace and seq.trace:
-                seq.trace[-1]["events"] += self._new_events(seq)  # the verdicts after the last token
+    def cancel(self) -> None:
+        """The request was cancelled: drop the check in flight; nothing more is released."""
+        if self.pending is not None:
+            self.pending.future.cancel()
+            self.pending = None
+
+    def take_events(self) -> list:
+        events, self._events = self._events, []
+        return events
 
     # -- results ------------------------------------------------------------------------
-    def summary(self, index: int) -> dict:
-        seq = self.sequences[index]
-        return {"status": seq.guard.status, "reason": seq.guard.reason, "released_text": seq.text,
-                "released_tokens": seq.guard.released, "pause_points": list(seq.guard.pause_points),
-                "verdicts": seq.verdicts}
+    def report(self) -> GuardReport:
+        return GuardReport(status=self.guard.status, reason=self.guard.reason,
+                           pause_points=tuple(self.guard.pause_points), verdicts=tuple(self.verdicts),
+                           released_tokens=self.guard.released)
 
     def trace_rows(self, include_held: bool = False) -> list[dict]:
-        """Every sequence's per-token trace. Tokens never shown (held, then blocked or stopped)
-        appear with `token` null and `withheld` true unless `include_held`: a trace file must not
-        leak the text the guard kept back."""
+        """The per-token trace. Tokens never shown (held, then blocked or stopped) appear with
+        `token` null and `withheld` true unless `include_held`: a trace file must not leak the
+        text the guard kept back."""
         rows = []
-        for i, seq in enumerate(self.sequences):
-            for row in seq.trace:
-                row = {"sequence": i, **row}
-                if not include_held and row["index"] >= seq.guard.released:
-                    row.update(token=None, withheld=True)
-                rows.append(row)
+        for row in self.trace:
+            row = dict(row)
+            if not include_held and row["index"] >= self.guard.released:
+                row.update(token=None, withheld=True)
+            rows.append(row)
         return rows
 
     # -- internals ----------------------------------------------------------------------
-    def _apply(self, index: int, actions: list) -> None:
-        seq = self.sequences[index]
+    def _apply(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, Release):
-                self._emit(index, "".join(seq.stream.push(t) for t in seq.tokens[action.start:action.stop]))
+                self._emit("".join(self.stream.push(t) for t in self.tokens[action.start:action.stop]))
             elif isinstance(action, Check):
                 if self.classifier is None:
-                    self._apply(index, seq.guard.on_no_classifier())
+                    self._apply(self.guard.on_no_classifier())
                     continue
-                response = self.tokenizer.decode(seq.tokens[:action.covers], skip_special_tokens=True)
-                submitted = self.clock()
-                try:
-                    future = self.classifier.submit(seq.prompt, response, urgent=seq.guard.must_wait)
-                    if not isinstance(future, cf.Future):
-                        raise TypeError(f"submit returned {type(future).__name__}, not a future")
-                except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
-                    future = cf.Future()
-                    future.set_exception(exc)
-                pending = seq.pending = PendingCheck(action, future, submitted)
-                future.add_done_callback(lambda _f, p=pending: setattr(p, "arrived", self.clock()))
+                self._submit(action)
             elif isinstance(action, Refuse):
-                self._emit(index, action.text)
+                self.refusal = action.text
+                self._events.append(Refused(self.request_id, action.text))
+        while self._pauses_seen < len(self.guard.pause_points):
+            self._events.append(Paused(self.request_id, self.guard.pause_points[self._pauses_seen]))
+            self._pauses_seen += 1
 
-    def _deliver(self, index: int, check: Check, future: cf.Future, latency: float) -> None:
+    def _submit(self, check: Check) -> None:
+        response = self.tokenizer.decode(self.tokens[:check.covers], skip_special_tokens=True)
+        submitted = self.clock()
+        try:
+            future = self.classifier.submit(self.prompt, response, urgent=self.guard.must_wait)
+            if not isinstance(future, cf.Future):
+                raise TypeError(f"submit returned {type(future).__name__}, not a future")
+        except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
+            future = cf.Future()
+            future.set_exception(exc)
+        pending = self.pending = PendingCheck(check, future, submitted)
+        future.add_done_callback(lambda _f, p=pending: setattr(p, "arrived", self.clock()))
+
+    def _deliver(self, check: Check, future: cf.Future, latency: float) -> None:
         detail = {"latency_ms": round(latency * 1000, 3)}
         try:
             verdict, extra = _parse_verdict(future.result())
             detail.update(extra)
         except Exception as exc:  # noqa: BLE001 - a classifier failure is a verdict: error
             verdict, detail["error"] = "error", f"{type(exc).__name__}: {exc}"
-        self._verdict(index, check, verdict, detail)
+        self._verdict(check, verdict, detail)
 
-    def _verdict(self, index: int, check: Check, verdict: str, detail: dict) -> None:
-        seq = self.sequences[index]
-        seq.verdicts.append({"verdict": verdict, "covers": check.covers, "final": check.final, **detail})
-        self._apply(index, seq.guard.on_verdict(check, verdict, detail))
+    def _verdict(self, check: Check, verdict: str, detail: dict) -> None:
+        record = Verdict(verdict=verdict, covers=check.covers, final=check.final, p_unsafe=detail.get("p_unsafe"),
+                         latency_ms=detail.get("latency_ms"), error=detail.get("error"))
+        self.verdicts.append(record)
+        self._events.append(VerdictReceived(self.request_id, record))
+        self._apply(self.guard.on_verdict(check, verdict, detail))
 
-    @staticmethod
-    def _new_events(seq: GuardedSequence) -> list[dict]:
-        events, seq.traced_events = seq.guard.events[seq.traced_events:], len(seq.guard.events)
+    def _new_trace_events(self) -> list[dict]:
+        events, self._traced_events = self.guard.events[self._traced_events:], len(self.guard.events)
         return events
 
-    def _emit(self, index: int, piece: str) -> None:
+    def _emit(self, piece: str) -> None:
         if piece:
-            self.sequences[index].text += piece
-            if self.on_text is not None:
-                self.on_text(index, piece)
+            self.text += piece
+            self._events.append(TextReleased(self.request_id, piece))
+
+
+def wait_for_verdicts(monitors: Iterable[SequenceMonitor]) -> None:
+    """Block until one pending verdict arrives or the nearest deadline passes (every live
+    sequence waits for a verdict, so there is nothing to decode meanwhile)."""
+    pending = [(m.pending, m.config.deadline_s, m.clock) for m in monitors if m.pending is not None]
+    if pending:
+        timeout = max(0.0, min(p.submitted + deadline - clock() for p, deadline, clock in pending))
+        cf.wait([p.future for p, _, _ in pending], timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
 
 
 def _finite_or_none(value: float | None) -> float | None:

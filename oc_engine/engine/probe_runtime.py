@@ -1,4 +1,4 @@
-"""Device-side probe state for one generate call, used inside the compiled step."""
+"""Device-side probe state for the engine's slots, used inside the compiled step."""
 
 from __future__ import annotations
 
@@ -16,11 +16,22 @@ class ProbeRuntime:
 
     def __init__(self, probe: Probe, batch: int, device: torch.device):
         cfg = probe.config
-        self.weight = probe.weight.to(device)  # [L, H] fp32
-        self.bias = probe.bias.to(device)  # [1]
+        self.weight = probe.weight.to(device, copy=True)  # [L, H] fp32; `load` writes into it
+        self.bias = probe.bias.to(device, copy=True)  # [1]
         self.thresholds = torch.tensor([cfg.alpha, cfg.warn, cfg.pause], device=device)
         self.ema = torch.full((batch,), -1.0, device=device)  # -1: no score yet
         self.active = torch.ones(batch, dtype=torch.bool, device=device)  # False: row is frozen this step
+
+    def load(self, probe: Probe) -> None:
+        """Another probe of the same shape: copied in place, so the compiled step is reused."""
+        cfg = probe.config
+        self.weight.copy_(probe.weight)
+        self.bias.copy_(probe.bias)
+        self.thresholds.copy_(torch.tensor([cfg.alpha, cfg.warn, cfg.pause]))
+
+    def reset(self, row: int) -> None:
+        """A new sequence takes this row: no score yet."""
+        self.ema[row] = -1.0
 
     def score(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [L, B, H] -> (score [B], ema [B], flags [B] int32), updating the EMA of active rows."""

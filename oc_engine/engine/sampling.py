@@ -13,32 +13,9 @@ and so the guard's checks, would depend on how long the verdict took. The hash i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from oc_engine.errors import OcEngineError
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 means greedy; top_k and top_p restrict the candidates when sampling."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise OcEngineError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise OcEngineError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise OcEngineError(f"top-p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from oc_engine.params import SamplingConfig  # noqa: F401  (re-exported: the step's sampling config)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -75,27 +52,55 @@ def uniforms(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.T
 
 def sample(logits: torch.Tensor, config: SamplingConfig, keys: torch.Tensor | None = None,
            positions: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] fp32 -> token ids [B] (int64).
+    """logits [B, V] fp32 -> token ids [B] (int64), every row with the same `config`.
 
     keys [B] and positions [B] (int64) choose each row's random numbers (see the module
     docstring); without them, fresh keys are drawn from torch's generator."""
     if config.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
-    if config.top_k is not None and config.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p is not None and config.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) > config.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    batch, vocab = logits.shape
     if keys is None:
-        keys = torch.randint(0, 2 ** 32, (logits.shape[0],), dtype=torch.int64, device=logits.device)
+        keys = torch.randint(0, 2 ** 32, (batch,), dtype=torch.int64, device=logits.device)
     if positions is None:
         positions = torch.zeros_like(keys)
-    race = -torch.log(uniforms(keys, positions, logits.shape[-1]))  # Exp(1)
-    return (probs / race).argmax(dim=-1)
+    rows = RowSampling.filled(batch, logits.device, vocab)
+    rows.set(slice(None), config, vocab)
+    return sample_rows(logits, rows, keys, positions)
+
+
+class RowSampling:
+    """Per-row sampling parameters as device tensors, so rows with different parameters share one
+    compiled step and changing them never recompiles: temperature [B] (0 = greedy), top_k [B]
+    (the vocabulary size = no limit), top_p [B] (1 = no limit)."""
+
+    def __init__(self, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    @classmethod
+    def filled(cls, batch: int, device, vocab: int) -> "RowSampling":
+        return cls(torch.zeros(batch, device=device), torch.full((batch,), vocab, dtype=torch.int64, device=device),
+                   torch.ones(batch, device=device))
+
+    def set(self, rows, config: SamplingConfig, vocab: int) -> None:
+        self.temperature[rows] = config.temperature
+        self.top_k[rows] = min(config.top_k or vocab, vocab)
+        self.top_p[rows] = 1.0 if config.top_p is None else config.top_p
+
+
+def sample_rows(logits: torch.Tensor, rows: RowSampling, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B]: each row by its own parameters (greedy where its
+    temperature is 0). One sort serves top-k and top-p: the k-th largest value is read from it,
+    and masking below it keeps the order."""
+    greedy = logits.argmax(dim=-1)
+    sampled = rows.temperature > 0
+    scaled = logits / torch.where(sampled, rows.temperature, 1.0)[:, None]
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    kth = sorted_logits.gather(-1, (rows.top_k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already hold top_p of the mass.
+    drop = ((sorted_probs.cumsum(dim=-1) - sorted_probs) > rows.top_p[:, None]) & (rows.top_p < 1)[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    race = -torch.log(uniforms(keys, positions, logits.shape[-1])).gather(-1, order)  # Exp(1), in sorted order
+    choice = order.gather(-1, (probs / race).argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(sampled, choice, greedy)

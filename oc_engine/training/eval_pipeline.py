@@ -55,15 +55,14 @@ def _live_rows(specs, limit, seed) -> list:
 
 
 def _live(loaded, probe, classifier, rows, max_new_tokens, batch_size, progress) -> dict:
-    from oc_engine.engine.decode import Engine
-    from oc_engine.engine.guard import GuardConfig
-    from oc_engine.engine.guarded import GuardMonitor
+    from oc_engine.llm import LLM
+    from oc_engine.params import SamplingParams
     from oc_engine.training.guard_eval import live
 
-    engine = Engine(loaded, probe=probe)
-    config = GuardConfig(every=probe.config.every)
-    return live(engine, lambda prompts: GuardMonitor(loaded.tokenizer, prompts, config, classifier), rows,
-                max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    # The same LLM and guard defaults as `generate` (the guard's policy from the probe's cadence).
+    llm = LLM(loaded, probe=probe, classifier=classifier, max_num_seqs=max(1, min(batch_size, len(rows))))
+    llm.fit([r.prompt for r in rows], SamplingParams(max_tokens=max_new_tokens))
+    return live(llm, rows, max_new_tokens=max_new_tokens, progress=progress)
 
 
 def _plot(probe, labels: list[int], peaks: list[float], path) -> None:

@@ -91,30 +91,23 @@ def summarize(exchanges: list[Exchange], outcomes: list[dict]) -> dict:
             "median_tokens_to_pause_unsafe": float(np.median(firsts)) if firsts else None}
 
 
-def live(engine, monitor_factory, rows, *, max_new_tokens: int = 96, batch_size: int = 16,
-         progress: bool = True) -> dict:
-    """rows: PromptRow list. monitor_factory(prompts) -> GuardMonitor. Returns rates per (source, label)."""
+def live(llm, rows, *, max_new_tokens: int = 96, progress: bool = True) -> dict:
+    """rows: PromptRow list, answered through `llm` (an `LLM` with its guard). Returns rates per
+    (source, label) and every answer."""
     from tqdm.auto import tqdm
 
-    from oc_engine.engine.decode import GenerationConfig
-    from oc_engine.engine.prompts import render_prompt
+    from oc_engine.params import SamplingParams
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
-    answers = []
+    params = SamplingParams(max_tokens=max_new_tokens)
     with tqdm(total=len(rows), desc="eval live", unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if start else chunk  # reuse the compiled step
-            monitor = monitor_factory([r.prompt for r in padded])
-            engine.generate([render_prompt(engine.tokenizer, r.prompt) for r in padded], config, monitor=monitor)
-            for i, row in enumerate(chunk):
-                summary = monitor.summary(i)
-                refused = summary["status"] != "blocked" and is_refusal(summary["released_text"])
-                answers.append({"prompt": row.prompt, "prompt_label": row.prompt_label, "source": row.source,
-                                "status": summary["status"], "reason": summary["reason"], "refused": refused,
-                                "verdicts": [v.get("verdict") for v in summary["verdicts"]],
-                                "text": summary["released_text"], "pause_points": summary["pause_points"]})
-            bar.update(len(chunk))
+        completions = llm.generate([r.prompt for r in rows], params, progress=lambda _c: bar.update(1))
+    answers = []
+    for row, c in zip(rows, completions):
+        refused = c.guard.status != "blocked" and is_refusal(c.text)
+        answers.append({"prompt": row.prompt, "prompt_label": row.prompt_label, "source": row.source,
+                        "status": c.guard.status, "reason": c.guard.reason, "refused": refused,
+                        "verdicts": [v.verdict for v in c.guard.verdicts], "text": c.text,
+                        "refusal": c.refusal, "pause_points": list(c.guard.pause_points)})
     groups = {}
     for a in answers:
         key = f"{a['source']} ({a['prompt_label']})"

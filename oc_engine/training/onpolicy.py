@@ -71,43 +71,40 @@ def sample_prompts(rows: list[PromptRow], limit: int | None, seed: int = 0) -> l
     return random.Random(seed).sample(rows, limit)
 
 
-def collect_onpolicy(engine, tokenizer, rows: list[PromptRow], out: str | Path, *, max_new_tokens: int = 96,
+def collect_onpolicy(loaded, rows: list[PromptRow], out: str | Path, *, max_new_tokens: int = 96,
                      batch_size: int = 16, classifier=None, progress: bool = True) -> dict:
-    """Generate greedy answers for `rows` in batches and write labelled JSONL to `out` (atomically)."""
+    """Generate greedy answers for `rows` (`batch_size` decoded together) and write labelled
+    JSONL to `out` (atomically)."""
     import os
 
     from tqdm.auto import tqdm
 
-    from oc_engine.engine.decode import GenerationConfig
-    from oc_engine.engine.prompts import render_prompt
+    from oc_engine.llm import LLM
+    from oc_engine.params import SamplingParams
 
     out = Path(out)
     if out.exists():
         raise OcEngineError(f"output {out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    params = SamplingParams(max_tokens=max_new_tokens)
+    llm = LLM(loaded, probe=None, max_num_seqs=max(1, min(batch_size, len(rows))))
+    llm.fit([r.prompt for r in rows], params)
+    with tqdm(total=len(rows), desc="collect", unit="prompt", disable=not progress) as bar:
+        completions = llm.generate([r.prompt for r in rows], params, progress=lambda _c: bar.update(1))
     counts = {"harmful": {0: 0, 1: 0, 2: 0}, "benign": {0: 0, 1: 0, 2: 0}}
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle, tqdm(total=len(rows), desc="collect", unit="prompt",
-                                                          disable=not progress) as bar:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            # A short last batch is padded with its last prompt: the compiled step for this
-            # batch size is reused instead of compiling another one.
-            padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if start else chunk
-            results = engine.generate([render_prompt(tokenizer, r.prompt) for r in padded], config)[:len(chunk)]
-            for row, result in zip(chunk, results):
-                response = result.text
-                label, rule = rule_label(row.prompt_label, response), "refusal_strmatch"
-                if classifier is not None and row.prompt_label == "harmful" and label == 2:
-                    verdict = classifier.judge(row.prompt, response)
-                    label, rule = (2 if verdict["verdict"] == "block" else 0), f"classifier={verdict['p_unsafe']}"
-                counts[row.prompt_label][label] += 1
-                handle.write(json.dumps({"prompt": row.prompt, "response": response, "label": label,
-                                         "prompt_label": row.prompt_label, "source": f"onpolicy:{row.source}",
-                                         "category": row.category,
-                                         "orig_label": f"rule={rule}; finish={result.finish_reason}"}) + "\n")
-            bar.update(len(chunk))
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row, completion in zip(rows, completions):
+            response = completion.text
+            label, rule = rule_label(row.prompt_label, response), "refusal_strmatch"
+            if classifier is not None and row.prompt_label == "harmful" and label == 2:
+                verdict = classifier.judge(row.prompt, response)
+                label, rule = (2 if verdict["verdict"] == "block" else 0), f"classifier={verdict['p_unsafe']}"
+            counts[row.prompt_label][label] += 1
+            handle.write(json.dumps({"prompt": row.prompt, "response": response, "label": label,
+                                     "prompt_label": row.prompt_label, "source": f"onpolicy:{row.source}",
+                                     "category": row.category,
+                                     "orig_label": f"rule={rule}; finish={completion.finish_reason}"}) + "\n")
     os.replace(tmp, out)
     return {"out": str(out), "prompts": len(rows),
             "labels": {k: {str(label): n for label, n in v.items()} for k, v in counts.items()}}

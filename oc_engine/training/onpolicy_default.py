@@ -64,7 +64,6 @@ def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path
 
 
 def _collect_once(loaded, out: Path, prompts, log, progress: bool) -> None:
-    from oc_engine.engine.decode import Engine
     from oc_engine.training.onpolicy import collect_onpolicy
 
     if out.is_file():
@@ -72,7 +71,7 @@ def _collect_once(loaded, out: Path, prompts, log, progress: bool) -> None:
         return
     rows = prompts()
     log(f"collecting the embedded model's own answers to {len(rows)} prompts into {out}")
-    collect_onpolicy(Engine(loaded), loaded.tokenizer, rows, out, max_new_tokens=ONPOLICY_TOKENS, progress=progress)
+    collect_onpolicy(loaded, rows, out, max_new_tokens=ONPOLICY_TOKENS, progress=progress)
 
 
 def _sampled_prompts(root: Path) -> list:

@@ -1,0 +1,139 @@
+"""`oc-engine bench decode|guard|classifier|continuous`: measure, print a table or JSON, save."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from oc_engine.commands.common import (FiniteFloat, check_output_file, device_option, dtype_option, json_option,
+                                       model_option, out_option, seed_option, user_errors, write_json)
+
+
+@click.group()
+def bench():
+    """Benchmarks (not timed tests): decode speed, the guard's cost, the classifier, batching.
+
+    \b
+    Examples:
+      oc-engine bench decode --dtype bfloat16 --out bench/results/cpu-decode-bf16.json
+      oc-engine bench guard --repeats 5
+      oc-engine bench continuous --requests 32 --slots 8
+    """
+
+
+def _report(report: dict, table: str, out: str | None, as_json: bool) -> None:
+    write_json(out, report)
+    click.echo(json.dumps(report, indent=2) if as_json else table)
+
+
+def _progress(name: str):
+    return lambda step: click.echo(f"oc-engine bench {name}: {step} ...", err=True)
+
+
+def _load(model, device, dtype):
+    from oc_engine.engine.loading import load_model
+
+    return load_model(model, device=device, dtype=dtype)
+
+
+@bench.command("decode")
+@model_option
+@dtype_option
+@device_option
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Median of this many runs.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["hf_generate", "no_kv_cache", "engine_eager",
+                                                                   "engine_compiled", "engine_compiled_probe"]),
+              help="Modes to run (repeatable). Default: the first four. engine_compiled_probe adds a "
+                   "probe (scored every token, never pausing) to the compiled step.")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def decode(model, dtype, device, new_tokens, repeats, modes, out, as_json):
+    """Decode speed at batch 1: Hugging Face generate vs a no-KV-cache loop vs the engine.
+
+    Each mode is warmed up (compilation is not timed), then timed from outside: time to
+    first token from a 1-token run, tokens/s from a fixed-length run (EOS ignored).
+    """
+    from oc_engine.bench import MODES, markdown_table, run_decode_bench
+
+    check_output_file(out, "--out")
+    report = run_decode_bench(_load(model, device, dtype), modes=modes or MODES, new_tokens=new_tokens,
+                              repeats=repeats, progress=_progress("decode"))
+    _report(report, markdown_table(report), out, as_json)
+
+
+@bench.command("guard")
+@model_option
+@dtype_option
+@device_option
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Rounds (round-robin).")
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
+              help="The classifier export (default: the built default classifier).")
+@click.option("--pause-quantile", type=FiniteFloat(0.5, 0.99), default=0.9, show_default=True,
+              help="Pause when the EMA reaches this quantile of the answer's own EMA.")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quantile, out, as_json):
+    """The guard's cost: unguarded vs probe only vs escalating (several pauses, classifier
+    overlapped) vs blocking (decoding stops for each check), round-robin, with inter-token gaps."""
+    from oc_engine.bench_guard import guard_markdown_table, run_guard_bench
+    from oc_engine.engine.defaults import resolve_classifier
+
+    check_output_file(out, "--out")
+    loaded = _load(model, device, dtype)
+    classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True)
+    try:
+        report = run_guard_bench(loaded, classifier, new_tokens=new_tokens, repeats=repeats,
+                                 quantile=pause_quantile, progress=_progress("guard"))
+    finally:
+        classifier.close()
+    _report(report, guard_markdown_table(report), out, as_json)
+
+
+@bench.command("classifier")
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
+              help="The classifier export (default: the built default classifier).")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Calls per case.")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def classifier(classifier_dir, repeats, out, as_json):
+    """The classifier's latency per call: ONNX Runtime fp32/int8 vs PyTorch, 128 and 512 tokens."""
+    from oc_engine.bench_classifier import classifier_markdown_table, run_classifier_bench
+    from oc_engine.engine.defaults import resolve_classifier_dir
+
+    check_output_file(out, "--out")
+    directory = resolve_classifier_dir(classifier_dir, required=True)
+    report = run_classifier_bench(directory, repeats=repeats, progress=_progress("classifier"))
+    _report(report, classifier_markdown_table(report), out, as_json)
+
+
+@bench.command("continuous")
+@model_option
+@dtype_option
+@device_option
+@click.option("--requests", type=click.IntRange(min=2, max=10_000), default=32, show_default=True)
+@click.option("--slots", type=click.IntRange(min=1, max=256), default=8, show_default=True,
+              help="Cache slots (requests decoded together), the static batch size too.")
+@click.option("--arrival-gap", type=FiniteFloat(0, 60, min_open=True), default=0.25, show_default=True,
+              help="Mean seconds between arrivals (exponential gaps).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Rounds; the median is kept.")
+@click.option("--no-compile", is_flag=True, help="Eager decode step.")
+@seed_option(0, "Seed of the arrivals, prompts and answer lengths.")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_compile, seed, out, as_json):
+    """Continuous batching vs static batches: the same seeded requests (mixed prompt and answer
+    lengths, random arrivals) through one LLM; tokens/s, time to first token p50/p99, recompiles."""
+    from oc_engine.bench_continuous import continuous_markdown_table, run_continuous_bench
+
+    check_output_file(out, "--out")
+    report = run_continuous_bench(_load(model, device, dtype), requests=requests, slots=slots, seed=seed,
+                                  arrival_gap_s=arrival_gap, repeats=repeats, compile=not no_compile,
+                                  progress=_progress("continuous"))
+    _report(report, continuous_markdown_table(report), out, as_json)

@@ -1,0 +1,187 @@
+"""`oc-engine generate`: options build `SamplingParams`, `GuardConfig` and an `LLM`; it prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import click
+
+from oc_engine.commands.common import (FiniteFloat, check_output_file, device_option, dtype_option, json_option,
+                                       model_option, seed_option, user_errors, write_text_file)
+from oc_engine.engine.guard import MAX_DEADLINE_S
+from oc_engine.errors import OcEngineError
+
+
+@click.command()
+@model_option
+@click.option("--prompt", default=None, help="One prompt (the user turn of the chat template).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False), default=None,
+              help="Several prompts, decoded together: JSONL with a 'prompt' field, or one per line.")
+@click.option("--max-new-tokens", "max_tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence (fixed-length runs for benchmarks).")
+@click.option("--stop", "stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="0 = greedy; above 0 samples.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
+              help="Sample from the smallest set holding this much probability.")
+@seed_option(None, "Seed for sampling (reproducible runs).")
+@dtype_option
+@device_option
+@click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up).")
+@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts decoded together (continuous batching: one starts as another ends).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
+@json_option("Print one JSON object per prompt instead of text.")
+@click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
+              help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with the "
+                   "embedded model: the probe shipped for it.")
+@click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier.")
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
+              help="Exchange classifier export asked when the probe pauses. Default: the built default "
+                   "classifier, if any. Without one, a pause blocks.")
+@click.option("--final-check", is_flag=True, help="The classifier judges the whole answer before it ends.")
+@click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold.")
+@click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold.")
+@click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens.")
+@click.option("--alpha", type=FiniteFloat(0, 1, min_open=True), default=None, help="Override the EMA alpha.")
+@click.option("--refusal", default=None, help="Text shown in place of a blocked answer.")
+@click.option("--uncertain", type=click.Choice(["final", "block"]), default="final", show_default=True,
+              help="An uncertain verdict keeps holding until the final check, or blocks.")
+@click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
+              help="Classifier error or missed deadline: show the refusal, or just stop. Held text is never shown.")
+@click.option("--deadline", "deadline_s", type=FiniteFloat(min=0, max=MAX_DEADLINE_S, min_open=True), default=5.0,
+              show_default=True, help="Seconds a verdict may take, from its check's submission to its arrival; "
+                                      "a later one counts as a failure (fail closed), whatever it says.")
+@click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Held tokens past which that sequence's decoding waits for its verdict.")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
+              help="Write per-token JSONL: token id, score, EMA, guard state, events. Tokens never shown "
+                   "(held, then blocked or stopped) are written with a null token id unless --trace-held.")
+@click.option("--trace-held", is_flag=True, help="With --trace: also write the ids of tokens the guard never showed.")
+@user_errors
+def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_template, max_num_seqs,
+             trust_remote_code, as_json, probe_dir, no_guard, classifier_dir, warn, pause, every, alpha,
+             trace_file, trace_held, **fields):
+    """Generate text for one prompt or several, streaming it as the guard releases it.
+
+    \b
+    Examples:
+      oc-engine generate --prompt "Explain SQL injection at a high level"
+      oc-engine generate --prompt "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 1
+      oc-engine generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
+    """
+    from oc_engine.engine.guard import DEFAULT_REFUSAL, GuardConfig
+    from oc_engine.engine.prompts import read_prompts_file
+    from oc_engine.llm import DEFAULT, LLM
+    from oc_engine.params import SamplingParams
+
+    if (prompt is None) == (prompts_file is None):
+        raise OcEngineError("give exactly one of --prompt or --prompts-file")
+    if trace_held and not trace_file:
+        raise OcEngineError("--trace-held needs --trace FILE")
+    if no_guard and (probe_dir or classifier_dir):
+        raise OcEngineError("--no-guard excludes --probe and --classifier")
+    check_output_file(trace_file, "--trace")
+    prompts = [prompt] if prompt is not None else read_prompts_file(prompts_file)
+    params = SamplingParams(**_pick(fields, SamplingParams))
+    announce = (lambda message: None) if as_json else (lambda message: click.echo(f"oc-engine: {message}", err=True))
+
+    from oc_engine.engine.defaults import resolve_probe_dir
+    from oc_engine.engine.probe import load_probe
+
+    probe_path = None if no_guard else resolve_probe_dir(probe_dir, model is None, announce)
+    guard_fields = _pick(fields, GuardConfig)
+    if probe_path is None:
+        if classifier_dir or guard_fields["final_check"] or trace_file:
+            raise OcEngineError("--classifier, --final-check and --trace need --probe")
+        probe, guard = None, None
+    else:
+        probe = load_probe(probe_path)
+        probe = dataclasses.replace(probe, config=probe.config.with_overrides(warn=warn, pause=pause, every=every,
+                                                                             alpha=alpha))
+        guard_fields["refusal"] = guard_fields["refusal"] if guard_fields["refusal"] is not None else DEFAULT_REFUSAL
+        guard = GuardConfig(every=probe.config.every, **guard_fields)
+    with LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
+             compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
+             chat_template=not no_chat_template, trust_remote_code=trust_remote_code,
+             record_trace=trace_file is not None, log=announce) as llm:
+        llm.fit(prompts, params)
+        if llm.runner.compile and not as_json:
+            announce("the decode step compiles before the second token (tens of seconds on CPU the first "
+                     "time, cached after; --no-compile skips it)")
+        streaming = len(prompts) == 1 and not as_json
+        sequences = llm.run(prompts, params, on_event=_Printer().event if streaming else None)
+        if trace_file:
+            thresholds = {"warn": probe.config.warn, "pause": probe.config.pause}
+            rows = [{"sequence": i, **row, **thresholds}
+                    for i, seq in enumerate(sequences) for row in seq.guard.trace_rows(include_held=trace_held)]
+            write_text_file(trace_file, "".join(json.dumps(row) + "\n" for row in rows))
+        for i, seq in enumerate(sequences):
+            c = seq.completion
+            if as_json:
+                click.echo(json.dumps(_json_row(i, prompts[i], c, llm), ensure_ascii=False))
+            elif streaming:
+                if c.guard is not None and c.guard.status != "completed":
+                    click.echo(f"[{c.guard.status}: {c.guard.reason}]", err=True)
+            else:
+                status = f", {c.guard.status}" if c.guard else ""
+                click.echo(f"=== [{i}] {c.finish_reason}{status}, {c.generated_tokens} tokens ===")
+                click.echo(_shown(c.text, c.refusal))
+
+
+class _Printer:
+    """Streams one request's released text to stdout; a refusal starts on its own line."""
+
+    def __init__(self):
+        self.last = "\n"
+
+    def event(self, event) -> None:
+        from oc_engine.outputs import Finished, Refused, TextReleased
+
+        if isinstance(event, TextReleased):
+            self._write(event.text)
+        elif isinstance(event, Refused):
+            self._write(("" if self.last == "\n" else "\n") + event.text)
+        elif isinstance(event, Finished) and self.last != "\n":
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.last = text[-1]
+
+
+def _shown(text: str, refusal: str | None) -> str:
+    """What the user saw: the released text, then the refusal on a line of its own."""
+    if refusal is None:
+        return text
+    return f"{text}\n{refusal}" if text and not text.endswith("\n") else text + refusal
+
+
+def _pick(fields: dict, cls) -> dict:
+    """The options named like the dataclass's fields (the CLI maps options onto fields by name)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: (tuple(value) if isinstance(value, list) else value) for name, value in fields.items()
+            if name in names}
+
+
+def _json_row(index: int, prompt: str, c, llm) -> dict:
+    t = c.timings
+    row = {"index": index, "model": llm.loaded.source, "prompt": prompt, "text": c.text, "refusal": c.refusal,
+           "token_ids": list(c.token_ids), "prompt_tokens": len(c.prompt_token_ids),
+           "generated_tokens": c.generated_tokens, "finish_reason": c.finish_reason,
+           "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "ttft_ms": t.ttft_ms,
+           "decode_tokens_per_s": t.decode_tokens_per_s, "compile_ms": llm.compile_ms,
+           "dtype": str(llm.loaded.dtype).removeprefix("torch."), "device": str(llm.loaded.device),
+           "compiled": llm.runner.compile}
+    if c.guard is not None:
+        row.update(status=c.guard.status, reason=c.guard.reason, pause_points=list(c.guard.pause_points),
+                   verdicts=[{k: v for k, v in dataclasses.asdict(v).items() if v is not None}
+                             for v in c.guard.verdicts])
+    return row
+

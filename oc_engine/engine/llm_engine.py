@@ -1,0 +1,199 @@
+"""The engine loop: admit waiting requests into free slots, decode one step, hand out tokens.
+
+One `step()`:
+1. deliver the verdicts that arrived (never blocking); a sequence its guard stopped leaves at once;
+2. prefill waiting requests into free slots (first come, first served), each sampling its
+   first token;
+3. run the compiled step over all slots, with the slots whose guard holds `max_held` tokens
+   frozen, and read the new tokens (on CUDA one step behind the device, see `accel.StepReader`);
+4. a sequence that ends (EOS, stop string, length, guard, cancel) frees its slot at once; one
+   whose guard still awaits a verdict (a final check) drains without a slot.
+If every running sequence waits for a verdict, the step blocks until one arrives or its deadline
+passes. Events (released text, pauses, verdicts, refusals, the finish) go to each sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+from oc_engine.engine.guarded import wait_for_verdicts
+from oc_engine.engine.model_runner import ModelRunner
+from oc_engine.engine.scheduler import Scheduler
+from oc_engine.engine.sequence import DRAINING, FINISHED, RUNNING, WAITING, Sequence
+from oc_engine.outputs import Completion, Finished, TextReleased, Timings
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, eos_ids: set[int], clock: Callable[[], float] = time.perf_counter):
+        self.runner, self.eos_ids, self.clock = runner, eos_ids, clock
+        self.scheduler = Scheduler(runner.num_slots)
+        self.requests: dict[str, Sequence] = {}  # every unfinished request
+        self.draining: list[Sequence] = []
+        self.inflight: deque = deque()  # launched steps whose outputs the host has not read yet
+        self._decoding: dict[int, bool] = {}  # slot -> advancing, as last written to the runner
+
+    # -- requests -----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.arrival = self.clock()
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now; nothing it holds is released. False if it is unknown or finished."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return False
+        if seq.status == RUNNING:
+            self._flush()  # tokens already decoded are the sequence's own; it may even finish now
+            if seq.status == FINISHED:
+                return False
+        if seq.status == WAITING:
+            self.scheduler.remove_waiting(seq)
+        if seq.guard is not None:
+            seq.guard.cancel()
+        if not seq.decoding_done:
+            seq.finish_reason = "cancelled"
+        if seq.status == RUNNING:
+            self._leave_slot(seq)
+        self._finalize(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop -----------------------------------------------------------------------
+    def step(self) -> None:
+        self._poll_guards()
+        if self.scheduler.waiting and self.scheduler.free_slots:
+            self._flush()  # a freed slot may still have a lagged step in flight
+            for seq in self.scheduler.admit():
+                self._prefill(seq)
+        decoding = []
+        for slot, seq in self.scheduler.running.items():
+            go = seq.guard is None or not seq.guard.must_wait
+            if self._decoding.get(slot) != go:
+                self._decoding[slot] = go
+                self.runner.set_decoding(slot, go)
+            if go:
+                decoding.append(seq)
+        if decoding:
+            sampled = any(not s.params.greedy for s in decoding)
+            handle, taps = self.runner.launch(sampled, keep_taps=any(s.collect_taps for s in decoding))
+            self.inflight.append((handle, {s.slot: s for s in decoding}, taps))
+            if len(self.inflight) > self.runner.output_lag:
+                self._read_oldest()
+        elif self.inflight:
+            self._read_oldest()
+        else:
+            waiting = [s.guard for s in (*self.scheduler.running.values(), *self.draining) if s.guard is not None]
+            if waiting:
+                wait_for_verdicts(waiting)  # every live sequence waits for a verdict
+                self._poll_guards()
+
+    # -- internals ----------------------------------------------------------------------
+    def _prefill(self, seq: Sequence) -> None:
+        seq.prefill_start = self.clock()
+        token, score, ema, flags, tapped = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling,
+                                                               seq.key)
+        self._decoding[seq.slot] = True
+        self._accept(seq, token, score, ema, flags, tapped)
+
+    def _read_oldest(self) -> None:
+        handle, slots, taps = self.inflight.popleft()
+        host = self.runner.read(handle)
+        probed = len(host) > 1
+        for slot, seq in slots.items():
+            if seq.status != RUNNING or seq.decoding_done:
+                continue  # it ended (or was cancelled) after this step was launched
+            score, ema, flags = (host[1][slot], host[2][slot], host[3][slot]) if probed else (None, None, None)
+            self._accept(seq, host[0][slot], score, ema, flags, None if taps is None else taps[:, slot])
+
+    def _flush(self) -> None:
+        while self.inflight:
+            self._read_oldest()
+
+    def _accept(self, seq: Sequence, token: int, score, ema, flags, tapped) -> None:
+        now = self.clock()
+        seq.token_times.append(now)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        piece = seq.append_token(token, token in self.eos_ids)
+        if seq.collect_taps and tapped is not None:
+            seq.taps.append((tapped[0] if tapped.shape[0] == 1 else tapped).float().cpu().clone())
+        if score is not None:
+            seq.scores.append(score)
+            seq.emas.append(ema)
+        if seq.guard is None:
+            if piece:
+                seq.emit([TextReleased(seq.request_id, piece)])
+        else:
+            seq.guard.on_token(token, score, ema, flags)
+            if seq.decoding_done:
+                seq.guard.on_finish()
+            elif not seq.guard.wants_tokens:
+                seq.finish_reason = "guard"
+            seq.emit(seq.guard.take_events())
+        if seq.decoding_done:
+            self._end_decoding(seq)
+
+    def _poll_guards(self) -> None:
+        for seq in (*self.scheduler.running.values(), *self.draining):
+            if seq.guard is None:
+                continue
+            seq.guard.poll()
+            seq.emit(seq.guard.take_events())
+            if seq.status == RUNNING and not seq.guard.wants_tokens:
+                seq.finish_reason = seq.finish_reason or "guard"
+                self._end_decoding(seq)
+            elif seq.status == DRAINING and seq.guard.pending is None:
+                self._finalize(seq)
+
+    def _end_decoding(self, seq: Sequence) -> None:
+        seq.decode_end = self.clock()
+        if seq.status == RUNNING:
+            self._leave_slot(seq)
+        if seq.guard is not None and seq.guard.pending is not None:
+            seq.status = DRAINING
+            self.draining.append(seq)
+        else:
+            self._finalize(seq)
+
+    def _leave_slot(self, seq: Sequence) -> None:
+        self.runner.set_decoding(seq.slot, False)
+        self._decoding[seq.slot] = False
+        self.scheduler.free(seq)
+
+    def _finalize(self, seq: Sequence) -> None:
+        if seq.status == FINISHED:
+            return
+        if seq.guard is not None:
+            seq.guard.finish()
+            seq.emit(seq.guard.take_events())
+        seq.status, seq.finished_at = FINISHED, self.clock()
+        if seq in self.draining:
+            self.draining.remove(seq)
+        self.requests.pop(seq.request_id, None)
+        seq.completion = self._completion(seq)
+        seq.emit([Finished(seq.request_id, seq.completion)])
+
+    def _completion(self, seq: Sequence) -> Completion:
+        guard = seq.guard
+        report = guard.report() if guard is not None else None
+        released = seq.token_ids[:report.released_tokens] if report is not None else seq.token_ids
+        ms = lambda t: round(((t if t is not None else seq.finished_at) - seq.arrival) * 1000, 3)  # noqa: E731
+        start = seq.prefill_start if seq.prefill_start is not None else seq.finished_at
+        rate = None
+        if len(seq.token_ids) > 1 and seq.first_token_at is not None:
+            end = seq.decode_end if seq.decode_end is not None else seq.finished_at
+            compiling = sum(max(0.0, min(b, end) - max(a, seq.first_token_at))
+                            for a, b in self.runner.compile_intervals)
+            rate = round((len(seq.token_ids) - 1) / max(end - seq.first_token_at - compiling, 1e-9), 3)
+        timings = Timings(queued_ms=ms(start), prefill_ms=round(((seq.first_token_at or start) - start) * 1000, 3),
+                          ttft_ms=ms(seq.first_token_at), decode_tokens_per_s=rate, total_ms=ms(seq.finished_at))
+        return Completion(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=tuple(seq.prompt_ids),
+                          text=guard.text if guard is not None else seq.text, token_ids=tuple(released),
+                          finish_reason=seq.finish_reason or "cancelled",
+                          refusal=guard.refusal if guard is not None else None, guard=report, timings=timings,
+                          generated_tokens=len(seq.token_ids))

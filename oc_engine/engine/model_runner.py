@@ -1,0 +1,170 @@
+"""The model side of the engine: a static cache of fixed slots and the compiled decode step.
+
+The step runs over every slot at once; per-slot state lives in device tensors that keep their
+shape and address (tokens, positions, an `advance` mask, random keys, sampling parameters, the
+probe's EMA), so a request joining (prefilled eagerly into a free slot), leaving, or waiting
+for a verdict changes values, never shapes: nothing recompiles and no new CUDA graph is
+captured. A slot that is free, finished or waiting has `advance` 0: it recomputes its last
+position (same token, same cache entry) and its outputs are ignored. Two variants of the step
+exist, compiled on first use: greedy only, and per-slot sampling (any running request samples).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from oc_engine.engine import accel
+from oc_engine.engine.kv_cache import StaticKVCache
+from oc_engine.engine.loading import LoadedModel
+from oc_engine.engine.probe import Probe
+from oc_engine.engine.probe_runtime import ProbeRuntime
+from oc_engine.engine.runners import build_runner
+from oc_engine.engine.sampling import RowSampling, SamplingConfig, sample_rows
+from oc_engine.errors import OcEngineError
+
+
+class ModelRunner:
+    """tap: which entries of Hugging Face's `output_hidden_states` the step returns (an int or
+    several; 0 = embeddings, -1 = after the final norm). A probe sets them to its layers.
+    output_lag: steps the host reads behind the device (default: 1 on CUDA, 0 on CPU)."""
+
+    def __init__(self, loaded: LoadedModel, *, num_slots: int, max_model_len: int, compile: bool = True,
+                 probe: Probe | None = None, tap: int | Seq[int] | None = None, prefer_fused: bool = True,
+                 output_lag: int | None = None):
+        self.model = loaded.model
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.runner = build_runner(self.model, prefer_fused=prefer_fused)
+        self.num_layers = self.runner.num_layers
+        self.compile = compile
+        self.output_lag = accel.default_output_lag(self.device) if output_lag is None else output_lag
+        if probe is not None:
+            probe.check_model(self.model)
+            tap = probe.config.layers
+        self.taps = normalize_taps(tap, self.num_layers)
+        self.num_slots, self.max_model_len = num_slots, max_model_len
+        self.vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        # + output_lag: with a lagged read, a slot may run that many steps past its last token
+        # before the host sees it finish; those writes must stay inside the cache.
+        self.cache = StaticKVCache(num_slots, max_model_len + self.output_lag, self.device, self.dtype)
+        slots, device = num_slots, self.device
+        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.advance = torch.zeros(slots, 1, dtype=torch.long, device=device)  # 1: the slot decodes
+        self.keys = torch.zeros(slots, dtype=torch.long, device=device)
+        self.sampling = RowSampling.filled(slots, device, self.vocab)
+        self.probe = ProbeRuntime(probe, slots, device) if probe is not None else None
+        if self.probe is not None:
+            self.probe.active.fill_(False)
+        self.reader = accel.StepReader(device, self.output_lag)
+        self._steps: dict[bool, Callable] = {}  # sampled? -> step
+        self._compiled: set[bool] = set()  # steps whose first (compiling) call has run
+        self.compile_s = 0.0  # wall time spent compiling steps (their first calls)
+        self.compile_intervals: list[tuple[float, float]] = []
+
+    def resize(self, max_model_len: int) -> None:
+        """Another cache length, before anything ran (attention reads the whole cache every step,
+        so a cache sized to the job decodes faster)."""
+        if self._compiled or self.cache.keys:
+            raise OcEngineError("the cache can be resized only before the first request")
+        self.max_model_len = max_model_len
+        self.cache = StaticKVCache(self.num_slots, max_model_len + self.output_lag, self.device, self.dtype)
+
+    # -- slots --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt_ids: list[int], sampling: SamplingConfig, key: int):
+        """Run a prompt into `slot` and sample its first token.
+
+        Returns (token, score, ema, flags, tapped [L, H] | None); score/ema/flags are None
+        without a probe. The slot then decodes (`advance` 1) until `set_decoding` stops it."""
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        prompt_pos = torch.arange(len(prompt_ids), device=self.device)[None]
+        logits, tapped = self.runner(ids, prompt_pos, self.cache.rows(slot, slot + 1), self.taps)
+        self.keys[slot] = key
+        self.sampling.set(slot, sampling, self.vocab)
+        first = sample_rows(logits, _row(self.sampling, slot), self.keys[slot:slot + 1], prompt_pos[:, -1])
+        self.tokens[slot, 0] = first[0]
+        self.pos[slot, 0] = len(prompt_ids)
+        self.set_decoding(slot, True)
+        score = ema = flags = None
+        if self.probe is not None:
+            self.probe.reset(slot)
+            s, e, f = self.probe.score_row(tapped, slot)
+            score, ema, flags = float(s[0]), float(e[0]), int(f[0])
+        return int(first[0]), score, ema, flags, None if tapped is None else tapped[:, 0]
+
+    def set_decoding(self, slot: int, decoding: bool) -> None:
+        """A slot stops advancing (finished, freed, or waiting for a verdict) or resumes; a
+        stopped slot keeps its EMA."""
+        self.advance[slot, 0] = int(decoding)
+        if self.probe is not None:
+            self.probe.active[slot] = decoding
+
+    # -- the step -----------------------------------------------------------------------
+    def launch(self, sampled: bool, keep_taps: bool = False):
+        """Queue one decode step over all slots; returns a handle for `read` (outputs for the
+        slots that advanced: token ids, and the probe's score, EMA and flags)."""
+        step = self._step(sampled)
+        first_call = self.compile and sampled not in self._compiled
+        start = time.perf_counter()
+        with torch.inference_mode():
+            next_tokens, tapped, score, ema, flags = step(self.tokens, self.pos, self.cache.all_rows(), self.probe,
+                                                          self.keys, self.sampling)
+            self.pos += self.advance
+            self.tokens.copy_(torch.where(self.advance.bool(), next_tokens[:, None], self.tokens))
+            outputs = [next_tokens] + ([score, ema, flags] if self.probe is not None else [])
+            handle = self.reader.stage(outputs)
+            kept = tapped.clone() if keep_taps and tapped is not None else None
+        if first_call:  # the first call of a compiled step traces and compiles it
+            accel.synchronize(self.device)
+            end = time.perf_counter()
+            self._compiled.add(sampled)
+            self.compile_s += end - start
+            self.compile_intervals.append((start, end))
+        return handle, kept
+
+    def read(self, handle) -> list[list]:
+        """The host's one wait per step (`output_lag` steps behind the device)."""
+        return self.reader.read(handle)
+
+    def decode_one_token(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows, probe: ProbeRuntime | None,
+                         keys: torch.Tensor, sampling: RowSampling | None):
+        """tokens [S, 1], pos [S, 1], keys [S] (each slot's random stream) -> (next [S],
+        tapped [L, S, H] | None, score, ema, flags [S] | None). sampling None: greedy.
+
+        No host sync: sampling, the probe score and the EMA update all stay on the device."""
+        logits, tapped = self.runner(tokens, pos, cache_rows, self.taps)
+        if sampling is None:
+            next_tokens = logits.argmax(dim=-1)
+        else:
+            next_tokens = sample_rows(logits, sampling, keys, pos[:, 0])
+        if probe is None:
+            return next_tokens, tapped, None, None, None
+        score, ema, flags = probe.score(tapped)
+        return next_tokens, tapped, score, ema, flags
+
+    def _step(self, sampled: bool) -> Callable:
+        if sampled not in self._steps:
+            def step(tokens, pos, rows, probe, keys, sampling, _sampled=sampled):
+                return self.decode_one_token(tokens, pos, rows, probe, keys, sampling if _sampled else None)
+            self._steps[sampled] = accel.compile_step(step, self.device) if self.compile else step
+        return self._steps[sampled]
+
+
+def _row(sampling: RowSampling, slot: int) -> RowSampling:
+    return RowSampling(sampling.temperature[slot:slot + 1], sampling.top_k[slot:slot + 1],
+                       sampling.top_p[slot:slot + 1])
+
+
+def normalize_taps(tap: int | Seq[int] | None, num_layers: int) -> tuple[int, ...]:
+    if tap is None:
+        return ()
+    points = num_layers + 1
+    taps = (tap,) if isinstance(tap, int) else tuple(tap)
+    for t in taps:
+        if not -points <= t < points:
+            raise OcEngineError(f"tap layer {t} is out of range for a model with {num_layers} layers "
+                                f"(hidden states 0..{num_layers}, or negative from the end)")
+    return tuple(t % points for t in taps)

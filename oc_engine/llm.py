@@ -1,0 +1,308 @@
+"""The public API: one `LLM` loads a model (and its guard) once and serves requests.
+
+    from oc_engine import LLM, SamplingParams
+
+    llm = LLM()                                   # the embedded model with its default guard
+    for c in llm.generate(["Write a haiku", "Explain DNS"], SamplingParams(max_tokens=64)):
+        print(c.text, c.finish_reason, c.guard.status)
+    for event in llm.stream("Explain SQL injection"):   # TextReleased, Paused, VerdictReceived, ...
+        ...
+
+Requests are decoded together with continuous batching: `max_num_seqs` cache slots, a
+request joining a free slot between decode steps and leaving it the moment it ends. Callers
+that drive the loop themselves use `add_request`, `step` and `cancel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence as Seq
+
+from oc_engine.engine.guard import GuardConfig
+from oc_engine.engine.sequence import FINISHED, Sequence
+from oc_engine.errors import OcEngineError
+from oc_engine.outputs import Completion, Event, Finished
+from oc_engine.params import SamplingParams
+
+DEFAULT = "default"
+DEFAULT_MAX_MODEL_LEN = 2048  # attention runs over the whole cache: longer costs every step
+CACHE_BUCKET = 128  # `fit` rounds cache lengths up to this, so nearby jobs share compiled steps
+Prompt = str | list[int]
+
+
+class LLM:
+    """model: a hub id, a local Hugging Face directory, a .gguf file, or None for the embedded
+    SmolLM2-135M-Instruct (a `LoadedModel` is accepted too).
+    probe: "default" (the probe shipped for the embedded model; none for other models), a probe
+    directory, a `Probe`, or None for unguarded generation.
+    classifier: "default" (the built default classifier, if built), an export directory, an
+    object with `submit(prompt, response, urgent)` returning a future, or None (a pause blocks).
+    guard: the guard policy; default `GuardConfig(every=<the probe's cadence>)`.
+    max_num_seqs: cache slots (requests decoded together); each costs compute every step.
+    max_model_len: prompt plus answer, in tokens (default: the model's, at most 2048).
+    log: called with one-line notices (which defaults were chosen)."""
+
+    def __init__(self, model=None, *, probe=DEFAULT, classifier=DEFAULT, guard: GuardConfig | None = None,
+                 dtype: str = "auto", device: str = "auto", compile: bool = True, max_num_seqs: int = 8,
+                 max_model_len: int | None = None, chat_template: bool = True, trust_remote_code: bool = False,
+                 record_trace: bool = False, tap=None, prefer_fused: bool = True, output_lag: int | None = None,
+                 log: Callable[[str], None] | None = None):
+        from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
+        from oc_engine.engine.loading import LoadedModel, load_model, resolve_device
+        from oc_engine.engine.model_runner import ModelRunner
+        from oc_engine.engine.probe import Probe, load_probe
+
+        self.log = log or (lambda message: None)
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise OcEngineError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        embedded = model is None
+        if probe == DEFAULT:
+            probe = resolve_probe_dir(None, embedded, self.log)
+        if probe is not None and not isinstance(probe, Probe):
+            probe = load_probe(probe)
+        self.probe = probe
+        if probe is None and guard is not None:
+            raise OcEngineError("a guard policy needs a probe")
+        self.guard_config = (guard or GuardConfig(every=probe.config.every)) if probe is not None else None
+        self.record_trace = record_trace
+        self._owns_classifier = False
+        self.classifier = None
+        if probe is not None:
+            # Resolved before the model loads: a bad classifier export fails in a second.
+            if classifier == DEFAULT or isinstance(classifier, (str, Path)):
+                target = None if classifier == DEFAULT else classifier
+                device_name = str(resolve_device(device)) if not isinstance(model, LoadedModel) else str(model.device)
+                self.classifier = resolve_classifier(target, device_name, log=self.log)
+                self._owns_classifier = self.classifier is not None
+                if self.classifier is None:
+                    self.log("no classifier: a pause blocks the answer (build one: oc-engine train-classifier "
+                             "--default)")
+            else:
+                self.classifier = classifier
+        try:
+            self.loaded = model if isinstance(model, LoadedModel) else load_model(
+                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.tokenizer = self.loaded.tokenizer
+            config = self.loaded.model.config.get_text_config()
+            self.context = int(getattr(config, "max_position_embeddings", 0) or 2 ** 31)
+            if max_model_len is None:
+                max_model_len = min(self.context, DEFAULT_MAX_MODEL_LEN)
+            if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) \
+                    or not 2 <= max_model_len <= self.context:
+                raise OcEngineError(f"max_model_len must be an integer in [2, {self.context}] (the model's "
+                                    f"context), got {max_model_len!r}")
+            self.max_model_len = max_model_len
+            self.chat_template = chat_template
+            self.runner = ModelRunner(self.loaded, num_slots=max_num_seqs, max_model_len=max_model_len,
+                                      compile=compile, probe=probe, tap=tap, prefer_fused=prefer_fused,
+                                      output_lag=output_lag)
+        except BaseException:
+            self.close()
+            raise
+        from oc_engine.engine.llm_engine import LLMEngine
+
+        self.engine = LLMEngine(self.runner, eos_token_ids(self.loaded.model, self.tokenizer))
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._driven: dict[str, Sequence] = {}  # requests from add_request, whose events step() returns
+
+    # -- generation ---------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, progress: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Generate for each prompt (text, rendered with the chat template, or token ids); the
+        completions come back in the prompts' order. `progress` is called as each one finishes."""
+        return [seq.completion for seq in self.run(prompts, params, progress=progress)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Event]:
+        """The events of one request as they happen: `TextReleased`, `Paused`, `VerdictReceived`,
+        `Refused`, and last `Finished` (with the Completion). Other requests keep decoding
+        meanwhile; leaving the loop early cancels the request."""
+        (seq,) = self._sequences([prompt], params, keep_events=True)
+        with self._lock:
+            self.engine.add(seq)
+        try:
+            while True:
+                with self._lock:
+                    if not seq.events and seq.status != FINISHED:
+                        self.engine.step()
+                    events = seq.take_events()
+                yield from events
+                if any(isinstance(e, Finished) for e in events):
+                    return
+        finally:
+            if seq.status != FINISHED:
+                self.cancel(seq.request_id)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> str:
+        """Queue a request for `step()` to decode; returns its id."""
+        (seq,) = self._sequences([prompt], params, keep_events=True, request_id=request_id)
+        with self._lock:
+            if seq.request_id in self.engine.requests:
+                raise OcEngineError(f"request id {seq.request_id!r} is already in use")
+            self.engine.add(seq)
+            self._driven[seq.request_id] = seq
+        return seq.request_id
+
+    def step(self) -> list[Event]:
+        """Run the engine once (admit, decode one token, deliver verdicts); returns the events of
+        the requests queued with `add_request` since the last call."""
+        with self._lock:
+            if self.engine.has_unfinished():
+                self.engine.step()
+            events = []
+            for request_id, seq in list(self._driven.items()):
+                events += seq.take_events()
+                if seq.status == FINISHED:
+                    del self._driven[request_id]
+            return events
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request at once, releasing nothing more; its slot is freed. Cancelling an
+        unknown or finished request changes nothing and returns False."""
+        with self._lock:
+            cancelled = self.engine.cancel(request_id)
+        if not cancelled:
+            self.log(f"cancel: no unfinished request {request_id!r}")
+        return cancelled
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def run(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None, *,
+            collect_taps: bool = False, progress: Callable[[Completion], None] | None = None,
+            on_event: Callable[[Event], None] | None = None) -> list[Sequence]:
+        """`generate`, returning the finished `Sequence`s (the per-token probe scores, EMA, taps
+        with `collect_taps`, and the guard with its trace): for tools built on the engine.
+        `on_event` receives every request's events as they happen."""
+        seqs = self._sequences(prompts, params, keep_events=on_event is not None, collect_taps=collect_taps)
+        with self._lock:
+            for seq in seqs:
+                self.engine.add(seq)
+            pending = set(range(len(seqs)))
+            try:
+                while pending:
+                    self.engine.step()
+                    if on_event is not None:
+                        for seq in seqs:
+                            for event in seq.take_events():
+                                on_event(event)
+                    for i in [i for i in pending if seqs[i].status == FINISHED]:
+                        pending.discard(i)
+                        if progress is not None:
+                            progress(seqs[i].completion)
+            finally:
+                for i in pending:
+                    self.engine.cancel(seqs[i].request_id)
+        return seqs
+
+    def fit(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None) -> int:
+        """Before the first request: size the cache to these requests (the longest prompt plus its
+        max_tokens, rounded up to 128, within the model's context) and return that length. Every
+        step attends over the whole cache, so a one-off job decodes faster in a cache its size."""
+        seqs = self._sequences(prompts, params, keep_events=False, check_length=False)
+        need = max((len(s.prompt_ids) + s.params.max_tokens for s in seqs), default=2)
+        length = min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, self.context)
+        with self._lock:
+            self.runner.resize(length)
+            self.max_model_len = length
+        return length
+
+    def set_probe(self, probe) -> None:
+        """Swap in another probe for the same model and layers (new weights or thresholds). It is
+        copied into the step's buffers, so nothing recompiles; requests added later use it."""
+        from oc_engine.engine.probe import Probe
+
+        if self.probe is None or not isinstance(probe, Probe):
+            raise OcEngineError("set_probe needs a Probe, on an LLM built with one")
+        if probe.config.layers != self.probe.config.layers or probe.weight.shape != self.probe.weight.shape:
+            raise OcEngineError(f"set_probe: layers {probe.config.layers} and weight {tuple(probe.weight.shape)} "
+                                f"must match the loaded probe's {self.probe.config.layers} and "
+                                f"{tuple(self.probe.weight.shape)}")
+        with self._lock:
+            self.runner.probe.load(probe)
+            self.probe = probe
+
+    # -- facts --------------------------------------------------------------------------
+    @property
+    def compile_ms(self) -> float:
+        """Wall time spent compiling decode steps so far (not counted as decoding)."""
+        return round(self.runner.compile_s * 1000, 3)
+
+    def close(self) -> None:
+        """Stop the classifier's worker if this LLM made it."""
+        if self._owns_classifier and self.classifier is not None:
+            with contextlib.suppress(Exception):
+                self.classifier.close()
+            self._owns_classifier = False
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------
+    def _sequences(self, prompts, params, *, keep_events: bool, collect_taps: bool = False,
+                   request_id: str | None = None, check_length: bool = True) -> list[Sequence]:
+        """Validated sequences for these prompts; an error for any bad one before any is queued."""
+        from oc_engine.engine.guarded import SequenceMonitor
+        from oc_engine.engine.prompts import render_prompt
+        from oc_engine.engine.sampling import sequence_keys
+        from oc_engine.engine.text_stream import TextStream
+
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if params is None:
+            params = SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_prompt):
+            raise OcEngineError("give one SamplingParams, or one per prompt")
+        # Each prompt samples from its own random stream, keyed by its seed and its index here:
+        # its tokens do not depend on its neighbours nor on how long it waited for a verdict.
+        seeds = {p.seed for p in per_prompt}
+        keys = {seed: sequence_keys(seed if seed is not None else random.SystemRandom().getrandbits(64),
+                                    len(prompts)).tolist() for seed in seeds}
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            if isinstance(prompt, str):
+                ids, text = render_prompt(self.tokenizer, prompt, chat_template=self.chat_template), prompt
+            elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in prompt):
+                ids, text = list(prompt), None
+            else:
+                raise OcEngineError(f"prompt {i + 1} must be text or a list of token ids")
+            if not ids:
+                raise OcEngineError(f"prompt {i + 1} is empty after tokenization")
+            if check_length and len(ids) >= self.max_model_len:
+                raise OcEngineError(f"prompt {i + 1} has {len(ids)} tokens, too long for max_model_len "
+                                    f"{self.max_model_len} (the prompt plus at least one new token)")
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            guard = None
+            if self.probe is not None:
+                guard_prompt = text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
+                guard = SequenceMonitor(self.tokenizer, guard_prompt, self.guard_config, self.classifier,
+                                        request_id=rid, stop_strings=p.stop, record_trace=self.record_trace)
+            seqs.append(Sequence(request_id=rid, prompt_ids=ids, params=p, key=keys[p.seed][i],
+                                 limit=max(1, min(p.max_tokens, self.max_model_len - len(ids))),
+                                 stream=TextStream(self.tokenizer, p.stop), prompt=text, guard=guard,
+                                 collect_taps=collect_taps, keep_events=keep_events))
+        return seqs
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (eos if isinstance(eos, list) else [eos]):
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
