@@ -169,8 +169,8 @@ CASES = {
                              "nan is not a finite number"),
     # bench
     "bench out under a file": ("bench decode --model {in}/model --out {file}/b.json", 1, "cannot write in"),
-    "bench beyond the context": ("bench decode --model {in}/model --new-tokens 100000 --mode engine_eager --repeats 1", 1,
-                                 "exceed the model's context of 256 tokens"),
+    "bench beyond the context": ("bench decode --model {in}/model --new-tokens 100000 --mode engine_eager "
+                                 "--repeats 1", 1, "exceed the model's context of 256 tokens"),
     "bench classifier not an export": ("bench classifier --classifier {in}/probe", 1,
                                        "is not a classifier export"),
 }

@@ -3,7 +3,8 @@
 One `step()`:
 1. deliver the verdicts that arrived (never blocking); a sequence its guard stopped leaves at once;
 2. prefill waiting requests into free slots (first come, first served), each sampling its
-   first token;
+   first token; that step ends there, so first tokens are delivered before the next decode
+   step (the first one compiles);
 3. run the compiled step over all slots, with the slots whose guard holds `max_held` tokens
    frozen, and read the new tokens (on CUDA one step behind the device, see `accel.StepReader`);
 4. a sequence that ends (EOS, stop string, length, guard, cancel) frees its slot at once; one
@@ -68,8 +69,11 @@ class LLMEngine:
         self._poll_guards()
         if self.scheduler.waiting and self.scheduler.free_slots:
             self._flush()  # a freed slot may still have a lagged step in flight
-            for seq in self.scheduler.admit():
+            admitted = self.scheduler.admit()
+            for seq in admitted:
                 self._prefill(seq)
+            if admitted:
+                return  # first tokens reach their callers before the next decode step (which may compile)
         decoding = []
         for slot, seq in self.scheduler.running.items():
             go = seq.guard is None or not seq.guard.must_wait

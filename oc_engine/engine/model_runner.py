@@ -106,9 +106,9 @@ class ModelRunner:
     def launch(self, sampled: bool, keep_taps: bool = False):
         """Queue one decode step over all slots; returns a handle for `read` (outputs for the
         slots that advanced: token ids, and the probe's score, EMA and flags)."""
+        start = time.perf_counter()  # before `_step`: making the compiled function imports inductor
         step = self._step(sampled)
         first_call = self.compile and sampled not in self._compiled
-        start = time.perf_counter()
         with torch.inference_mode():
             next_tokens, tapped, score, ema, flags = step(self.tokens, self.pos, self.cache.all_rows(), self.probe,
                                                           self.keys, self.sampling)
