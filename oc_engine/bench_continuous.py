@@ -25,6 +25,7 @@ import torch
 
 from oc_engine.bench import package_version
 from oc_engine.engine.loading import LoadedModel
+from oc_engine.outputs import Finished
 from oc_engine.params import SamplingParams
 
 TOPICS = ("how tides work", "the history of the printing press", "why the sky is blue", "how a compiler works",
@@ -69,7 +70,7 @@ def run_continuous(llm, requests: list[BenchRequest]) -> dict:
             time.sleep(max(0.0, min(pending[0].arrival_s - now, 0.05)))
             continue
         for event in llm.step():
-            if hasattr(event, "completion"):
+            if isinstance(event, Finished):
                 c = event.completion
                 tokens += c.generated_tokens
                 first_token[c.request_id] = added[c.request_id][1] + c.timings.ttft_ms / 1000  # from its queueing
