@@ -27,11 +27,12 @@ def _register() -> None:
     from oc_engine.commands.bench import bench
     from oc_engine.commands.classifier import calibrate_classifier, export_classifier, train_classifier
     from oc_engine.commands.generate import generate
+    from oc_engine.commands.guard import calibrate_guard
     from oc_engine.commands.plot import plot_trace
     from oc_engine.commands.probe import collect, eval_command, headroom_command, sweep_layers, train_probe
 
     for command in (generate, bench, plot_trace, export_classifier, train_classifier, calibrate_classifier, collect,
-                    train_probe, sweep_layers, eval_command, headroom_command):
+                    train_probe, sweep_layers, calibrate_guard, eval_command, headroom_command):
         main.add_command(command)
 
 

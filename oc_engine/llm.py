@@ -39,9 +39,12 @@ class LLM:
     SmolLM2-135M-Instruct (a `LoadedModel` is accepted too).
     probe: "default" (the probe shipped for the embedded model; none for other models), a probe
     directory, a `Probe`, or None for unguarded generation.
-    classifier: "default" (the built default classifier, if built), an export directory, an
-    object with `submit(prompt, response, urgent)` returning a future, or None (a pause blocks).
-    guard: the guard policy; default `GuardConfig(every=<the probe's cadence>)`.
+    classifier: "default" (the classifier shipped in the package, built into the cache on first
+    use), an export or delta directory, an object with `submit(prompt, response, urgent)`
+    returning a future, or None (a pause blocks).
+    guard: the guard policy; default `GuardConfig(every=<the probe's cadence>)`. Its final check
+    (`final_check=None`) is on for `generate` and off for `stream`, `add_request` and `run` with
+    `on_event`: what does not stream is judged whole.
     max_num_seqs: cache slots (requests decoded together); each costs compute every step.
     max_model_len: prompt plus answer, in tokens (default: the model's, at most 2048).
     log: called with one-line notices (which defaults were chosen)."""
@@ -79,8 +82,7 @@ class LLM:
                 self.classifier = resolve_classifier(target, device_name, log=self.log)
                 self._owns_classifier = self.classifier is not None
                 if self.classifier is None:
-                    self.log("no classifier: a pause blocks the answer (build one: oc-engine train-classifier "
-                             "--default)")
+                    self.log("no classifier: a pause blocks the answer")
             else:
                 self.classifier = classifier
         try:
@@ -288,7 +290,10 @@ class LLM:
             guard = None
             if self.probe is not None:
                 guard_prompt = text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
-                guard = SequenceMonitor(self.tokenizer, guard_prompt, self.guard_config, self.classifier,
+                # A non-streaming call shows nothing before the end: its final check is on by default.
+                config = self.guard_config.for_request(streaming=keep_events,
+                                                       has_classifier=self.classifier is not None)
+                guard = SequenceMonitor(self.tokenizer, guard_prompt, config, self.classifier,
                                         request_id=rid, stop_strings=p.stop, record_trace=self.record_trace)
             seqs.append(Sequence(request_id=rid, prompt_ids=ids, params=p, key=keys[p.seed][i],
                                  limit=max(1, min(p.max_tokens, self.max_model_len - len(ids))),

@@ -15,6 +15,7 @@ class Verdict:
     p_unsafe: float | None = None
     latency_ms: float | None = None  # from the check's submission to the verdict's arrival
     error: str | None = None
+    input: bool = False  # the check of the prompt alone, before the first token
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Timings:
     ttft_ms: float  # from add_request to the first token
     decode_tokens_per_s: float | None  # tokens after the first over the decode time, compilation excluded
     total_ms: float  # from add_request to the finish
+    first_text_ms: float | None = None  # from add_request to the first text shown (None: nothing was)
 
 
 @dataclass(frozen=True)

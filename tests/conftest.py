@@ -18,11 +18,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def no_default_classifier(monkeypatch, tmp_path):
-    """Tests never pick up a default classifier that a developer built into their own cache."""
-    import oc_engine.engine.embedded as embedded
+def no_default_classifier(monkeypatch):
+    """Tests run without the shipped default classifier unless they ask for it: building it
+    (merge and ONNX export) takes half a minute, and most tests want a pause to block."""
+    import oc_engine.engine.defaults as defaults
 
-    monkeypatch.setattr(embedded, "default_classifier_dir", lambda: tmp_path / "no-default-classifier")
+    monkeypatch.setattr(defaults, "default_classifier_delta", lambda: None)
 
 
 @pytest.fixture(scope="session")

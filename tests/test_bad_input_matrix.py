@@ -52,9 +52,11 @@ def _spoil(inputs, tmp_path, name, edit):
 
 
 def _file(tmp_path, name, content):
+    """The file written; for a name under a folder ("delta/x.json"), that folder."""
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return path
+    return tmp_path / name.split("/")[0]
 
 
 # Each case: (command line with {placeholders}, exit status, what the message must say).
@@ -173,6 +175,22 @@ CASES = {
                                  "--repeats 1", 1, "exceed the model's context of 256 tokens"),
     "bench classifier not an export": ("bench classifier --classifier {in}/probe", 1,
                                        "is not a classifier export"),
+    # the guard as shipped
+    "input check without a probe": ("generate --model {in}/model --no-guard --prompt w5 --input-check", 1,
+                                    "--input-check and --trace need --probe"),
+    "classifier delta missing a file": (GENERATE + " --prompt w5 --classifier {bad_delta}", 1,
+                                        "classifier delta file is missing"),
+    "default build with an export": ("train-classifier --default --export {tmp}/x", 1,
+                                     "--default ships a delta and exports it itself"),
+    "calibrate-guard budget above 1": ("calibrate-guard --model {in}/model --probe {in}/probe "
+                                       "--benign-block-budget 1.5", 2, "'--benign-block-budget'"),
+    "calibrate-guard plot unknown type": ("calibrate-guard --model {in}/model --probe {in}/probe --plot {tmp}/c.xyz",
+                                          1, "unknown file type '.xyz'"),
+    "calibrate-guard writes only from held-out data": ("calibrate-guard --model {in}/model --probe {in}/probe "
+                                                        "--data {in}/exchanges.jsonl --no-split --write", 1,
+                                                        "drop --no-split"),
+    "bench input-check out under a file": ("bench input-check --model {in}/model --out {file}/b.json", 1,
+                                           "cannot write in"),
 }
 
 SPOILED_FILES = {
@@ -189,6 +207,7 @@ SPOILED_FILES = {
     "label_true": ("e.jsonl", '{"prompt": "p", "response": "r", "label": true}\n'),
     "label_fraction": ("e.jsonl", '{"prompt": "p", "response": "r", "label": 2.5}\n'),
     "response_list": ("e.jsonl", '{"prompt": "p", "response": ["r"], "label": 2}\n'),
+    "bad_delta": ("delta/classifier_delta.json", '{"format": "oc-engine-classifier-delta/1"}\n'),
 }
 SPOILED_DIRS = {
     "bad_probe_layers": ("probe", lambda c: c.update(layers="-2")),

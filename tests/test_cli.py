@@ -44,9 +44,25 @@ def test_the_embedded_model_is_guarded_by_its_shipped_probe():
     row = json.loads(result.stdout)
     assert row["status"] == "completed" and row["pause_points"] == []
     blocked = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
-                                        "8", "--no-compile", "--json", "--pause", "0.0", "--warn", "0.0"])
+                                        "8", "--no-compile", "--json", "--pause", "0.0", "--warn", "0.0",
+                                        "--every", "1"])
     row = json.loads(blocked.stdout)
     assert row["status"] == "blocked" and row["pause_points"] == [0] and probe.config.layers
+
+
+def test_the_embedded_model_is_guarded_by_both_shipped_stages(monkeypatch):
+    """No build step: the shipped classifier delta is merged and exported on first use (into
+    the user cache, like the converted model), and a non-streaming answer gets its final check."""
+    import oc_engine.engine.defaults as defaults
+    from oc_engine.engine.embedded import default_classifier_delta_dir
+
+    monkeypatch.setattr(defaults, "default_classifier_delta", default_classifier_delta_dir)
+    result = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
+                                       "8", "--no-compile", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["status"] == "completed" and row["verdicts"][-1]["final"] and row["verdicts"][-1]["verdict"] == "allow"
+    assert "Paris" in row["text"] and row["first_text_ms"] >= row["ttft_ms"]
 
 
 @pytest.mark.parametrize("args,message", [

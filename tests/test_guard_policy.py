@@ -1,5 +1,6 @@
 """The guard policy as properties over random probe flags and verdict timings."""
 
+import dataclasses
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,14 +12,15 @@ from oc_engine.errors import OcEngineError
 REFUSAL = "REFUSED"
 
 
-def simulate(config, flags, verdicts, delays, judge=None):
+def simulate(config, flags, verdicts, delays, judge=None, marks=None):
     """Feed tokens with `flags`; answer the k-th check after delays[k] more tokens (a delay is how
     long its verdict takes, counted in tokens decoded meanwhile), with verdicts[k], or with
     judge(check) when given (a classifier whose answer depends only on what it is shown).
 
     Returns (output, released_with, guard, checks): output is the shown stream, ("tok", i) and
     ("refusal", text) items in order; released_with maps each shown token to the largest allow
-    cover known when it was shown; checks lists every check asked, with its verdict.
+    cover known when it was shown; checks lists every check asked, with its verdict; `marks`,
+    if given, gets the output's length when each verdict is applied.
     """
     guard = SequenceGuard(config)
     output, allow_covers, released_with, checks = [], [], {}, []
@@ -38,6 +40,7 @@ def simulate(config, flags, verdicts, delays, judge=None):
             elif isinstance(action, Refuse):
                 output.append(("refusal", action.text))
 
+    apply(guard.start())  # the input check, when configured, before the first token
     for _ in range(10_000):
         due = pending is not None and (produced >= pending[1] or not guard.wants_tokens or guard.must_wait
                                        or produced == len(flags))
@@ -47,6 +50,8 @@ def simulate(config, flags, verdicts, delays, judge=None):
             verdict = judge(check) if judge else verdicts[k % len(verdicts)]
             k += 1
             checks.append((check, verdict))
+            if marks is not None:
+                marks.append(len(output))
             if verdict == "allow":
                 allow_covers.append(check.covers)
             apply(guard.on_verdict(check, verdict))
@@ -63,7 +68,8 @@ def simulate(config, flags, verdicts, delays, judge=None):
 
 configs = st.builds(GuardConfig, every=st.integers(1, 3), uncertain=st.sampled_from(["final", "block"]),
                     on_failure=st.sampled_from(["block", "stop"]), final_check=st.booleans(),
-                    max_held=st.integers(1, 6), refusal=st.just(REFUSAL))
+                    hold_all=st.booleans(), input_check=st.booleans(), max_held=st.integers(1, 6),
+                    refusal=st.just(REFUSAL))
 flag_lists = st.lists(st.sampled_from([0, 0, 0, WARN, WARN | PAUSE, WARN | PAUSE | NONFINITE, NONFINITE]),
                       min_size=1, max_size=40)
 verdict_lists = st.lists(st.sampled_from(["allow", "allow", "allow", "block", "uncertain", "error", "timeout"]),
@@ -173,7 +179,7 @@ def test_final_check_judges_the_whole_answer():
 @pytest.mark.parametrize("bad", [dict(every=0), dict(uncertain="maybe"), dict(on_failure="x"), dict(max_held=0),
                                  dict(deadline_s=0), dict(deadline_s=float("nan")),
                                  dict(deadline_s=1e300), dict(every=1.5), dict(max_held=True), dict(refusal=None),
-                                 dict(final_check="no")])
+                                 dict(final_check="no"), dict(input_check=None), dict(input_check="yes")])
 def test_guard_config_is_validated(bad):
     with pytest.raises(OcEngineError):
         GuardConfig(**bad)
@@ -206,7 +212,9 @@ def test_decisions_do_not_depend_on_verdict_latency(config, flags, verdicts, del
 def test_each_check_covers_the_answer_up_to_its_pause_point(config, flags, delays):
     _, _, guard, checks = simulate(config, flags, ["allow"], delays)
     for check, _ in checks:
-        if check.final:
+        if check.input:
+            assert check.covers == 0 and checks[0][0] is check
+        elif check.final:
             assert check.covers == guard.num_tokens
         else:
             assert check.covers - 1 in guard.pause_points
@@ -249,3 +257,58 @@ def test_final_check_after_a_partial_allow_judges_the_whole_answer():
     assert guard.on_verdict(check, "allow") == [Release(0, 1), Release(1, 2), Check(covers=2, final=True)]
     assert guard.on_verdict(Check(covers=2, final=True), "allow") == []
     assert guard.status == "completed"
+
+
+@settings(max_examples=400, deadline=None)
+@given(config=configs, flags=flag_lists, verdicts=verdict_lists, delays=delay_lists,
+       first=st.sampled_from(["allow", "block", "uncertain", "error", "timeout"]))
+def test_the_input_check_holds_every_token_until_its_verdict(config, flags, verdicts, delays, first):
+    """The prompt is judged first (the answer empty); no token is shown before that verdict; a
+    block, error or timeout shows no model token at all; after an allow the answer is exactly
+    what it would have been without the input check, however long the verdict took."""
+    config = dataclasses.replace(config, input_check=True)
+    later = _judge_by_input(verdicts)
+    marks = []
+    output, _, guard, checks = simulate(config, flags, None, delays,
+                                        judge=lambda c: first if c.input else later(c), marks=marks)
+    assert checks[0][0] == Check(covers=0, input=True) and marks[0] == 0
+    assert sum(check.input for check, _ in checks) == 1
+    if first in ("block", "error", "timeout") or (first == "uncertain" and config.uncertain == "block"):
+        assert not any(kind == "tok" for kind, _ in output)
+        assert guard.status in ("blocked", "held") and guard.pause_points == []
+    elif first == "allow":
+        plain = simulate(dataclasses.replace(config, input_check=False), flags, None, delays, judge=later)
+        assert output == plain[0] and [c for c in checks[1:]] == plain[3]
+    elif guard.status == "completed":  # uncertain: the answer streams, and its final check is due
+        assert checks[-1][0].final or guard.allowed == guard.num_tokens
+
+
+def test_final_check_none_resolves_per_request():
+    auto = GuardConfig()
+    assert auto.final_check is None and auto.hold_all is None
+    whole = auto.for_request(streaming=False)
+    assert whole.final_check is True and whole.hold_all is True
+    streamed = auto.for_request(streaming=True)
+    assert streamed.final_check is False and streamed.hold_all is False
+    no_classifier = auto.for_request(streaming=False, has_classifier=False)
+    assert no_classifier.final_check is False and no_classifier.hold_all is False
+    assert GuardConfig(final_check=False).for_request(streaming=False).final_check is False
+
+
+@settings(max_examples=400, deadline=None)
+@given(config=configs, flags=flag_lists, verdicts=verdict_lists, delays=delay_lists)
+def test_hold_all_shows_nothing_before_the_answer_is_done(config, flags, verdicts, delays):
+    """What a non-streaming call gets: a blocked or failed answer shows only the refusal (or
+    nothing); a completed one shows every token at once, after its last verdict."""
+    config = dataclasses.replace(config, hold_all=True)
+    marks = []
+    output, _, guard, checks = simulate(config, flags, None, delays, judge=_judge_by_input(verdicts), marks=marks)
+    tokens = [i for kind, i in output if kind == "tok"]
+    if guard.status != "completed":
+        assert tokens == []
+    else:
+        assert tokens == list(range(guard.num_tokens))
+        assert all(mark == 0 for mark in marks), "every verdict came before anything was shown"
+    plain, _, plain_guard, plain_checks = simulate(dataclasses.replace(config, hold_all=False), flags, None, delays,
+                                                   judge=_judge_by_input(verdicts))
+    assert (guard.status, checks) == (plain_guard.status, plain_checks), "holding changes what is shown, not when"

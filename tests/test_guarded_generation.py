@@ -125,15 +125,100 @@ def test_reading_flags_a_step_late_holds_the_same_tokens(tiny, verdict):
 
 def test_replay_never_waits_and_shows_the_whole_answer(tiny):
     """Every token flagged, slow allows: each allow re-arms and the next flagged token pauses
-    again, its check covering the answer up to it; no check is urgent (decoding never waits
-    below max_held) and the answer is shown whole."""
+    again, its check covering the answer up to it; no check is urgent while the answer is
+    still decoding (it never waits below max_held), only those after its end, and the answer is
+    shown whole."""
     loaded = tiny("llama")
     classifier = FakeClassifier("allow", delay=0.05)
     plain = plain_llm(loaded).generate(PROMPTS, CONFIG)
     _, results, monitor = _run(loaded, make_probe(loaded.model, bias=20.0), classifier, max_held=64)
-    assert classifier.urgent and not any(classifier.urgent)
+    assert classifier.urgent and not classifier.urgent[0]
     for i, r in enumerate(plain):
         summary = monitor.summary(i)
         assert summary["status"] == "completed"
         assert summary["released_text"] == loaded.tokenizer.decode(r.token_ids, skip_special_tokens=True)
         assert len(summary["pause_points"]) == len(summary["verdicts"]) >= 2
+
+
+@pytest.mark.parametrize("verdict", ["block", "error", "timeout"])
+def test_an_input_check_that_does_not_allow_shows_no_model_token(tiny, verdict):
+    loaded = tiny("llama")
+    classifier = {"block": FakeClassifier("block"), "error": FakeClassifier(error=RuntimeError("boom")),
+                  "timeout": FakeClassifier(delay=5.0)}[verdict]
+    seqs, shown = guarded_run(loaded, make_probe(loaded.model, bias=-20.0), classifier, PROMPTS, CONFIG,
+                              refusal=REFUSAL, input_check=True, deadline_s=0.2)
+    for seq, seen in zip(seqs, shown):
+        assert seen == REFUSAL and seq.completion.text == "" and seq.completion.refusal == REFUSAL
+        first = seq.completion.guard.verdicts[0]
+        assert first.input and first.covers == 0
+    assert classifier.calls[:2] == ["", ""]  # the prompt alone, with an empty answer
+
+
+def test_an_allowing_input_check_holds_the_first_tokens_then_shows_the_same_text(tiny):
+    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.llm import LLM
+    from oc_engine.outputs import TextReleased, VerdictReceived
+
+    loaded = tiny("llama")
+    plain = plain_llm(loaded).generate(PROMPTS[0], CONFIG)[0]
+    classifier = FakeClassifier("allow", delay=0.05)  # several tokens are decoded meanwhile, held
+    llm = LLM(loaded, probe=make_probe(loaded.model, bias=-20.0), classifier=classifier,
+              guard=GuardConfig(input_check=True), compile=False, max_num_seqs=2, max_model_len=128)
+    events = list(llm.stream(PROMPTS[0], CONFIG))
+    kinds = [type(e) for e in events]
+    assert kinds.index(VerdictReceived) < kinds.index(TextReleased)
+    assert events[kinds.index(VerdictReceived)].verdict.input
+    assert "".join(e.text for e in events if isinstance(e, TextReleased)) == plain.text
+
+
+def test_a_non_streaming_call_judges_the_whole_answer_and_a_stream_does_not(tiny):
+    from oc_engine.llm import LLM
+
+    loaded = tiny("llama")
+    classifier = FakeClassifier("allow")
+    llm = LLM(loaded, probe=make_probe(loaded.model, bias=-20.0), classifier=classifier, compile=False,
+              max_num_seqs=2, max_model_len=128)
+    (whole,) = llm.generate([PROMPTS[0]], CONFIG)
+    assert [(v.final, v.covers) for v in whole.guard.verdicts] == [(True, 12)]
+    finished = list(llm.stream(PROMPTS[0], CONFIG))[-1].completion
+    assert finished.guard.verdicts == () and finished.text == whole.text
+
+
+def test_decoding_yields_to_a_check_past_a_quarter_of_its_deadline(tiny):
+    """On a CPU a full batch can starve the classifier's worker; a check that has waited past
+    OVERDUE_SHARE of its deadline makes the next step wait for verdicts instead of decoding."""
+    import time
+
+    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.engine.guarded import OVERDUE_SHARE
+    from oc_engine.llm import LLM
+
+    loaded = tiny("llama")
+    classifier = FakeClassifier("allow", delay=1.5)
+    llm = LLM(loaded, probe=make_probe(loaded.model, bias=20.0), classifier=classifier,
+              guard=GuardConfig(deadline_s=4.0, max_held=64), compile=False, max_num_seqs=2, max_model_len=128)
+    rid = llm.add_request(PROMPTS[0], CONFIG)
+    llm.step()  # prefill: the first token pauses, its check is submitted
+    seq = llm.engine.requests[rid]
+    llm.step()  # the check is young: decoding goes on
+    assert len(seq.token_ids) == 2 and not seq.guard.overdue()
+    while not seq.guard.overdue():
+        time.sleep(0.01)
+    assert time.perf_counter() - seq.guard.pending.submitted >= OVERDUE_SHARE * 4.0
+    llm.step()  # yields until the allow arrives (1.5 s after submission), decodes nothing
+    assert len(seq.token_ids) == 2 and [v.verdict for v in seq.guard.verdicts] == ["allow"]
+    while llm.has_unfinished():
+        llm.step()
+    assert seq.completion.guard.status == "completed"
+
+
+def test_a_non_streaming_answer_blocked_at_its_final_check_shows_only_the_refusal(tiny):
+    from oc_engine.llm import LLM
+
+    loaded = tiny("llama")
+    llm = LLM(loaded, probe=make_probe(loaded.model, bias=-20.0), classifier=FakeClassifier("block"),
+              compile=False, max_num_seqs=2, max_model_len=128)
+    (whole,) = llm.generate([PROMPTS[0]], CONFIG)
+    assert whole.guard.status == "blocked" and whole.guard.verdicts[-1].final
+    assert whole.text == "" and whole.token_ids == () and whole.guard.released_tokens == 0
+    assert whole.refusal is not None and len(whole.guard.verdicts) == 1

@@ -1,4 +1,4 @@
-"""`oc-engine bench decode|guard|classifier|continuous`: measure, print a table or JSON, save."""
+"""`oc-engine bench decode|guard|classifier|input-check|continuous`: measure, print a table or JSON, save."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def decode(model, dtype, device, new_tokens, repeats, modes, out, as_json):
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Rounds (round-robin).")
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
-              help="The classifier export (default: the built default classifier).")
+              help="The classifier export (default: the shipped classifier).")
 @click.option("--pause-quantile", type=FiniteFloat(0.5, 0.99), default=0.9, show_default=True,
               help="Pause when the EMA reaches this quantile of the answer's own EMA.")
 @out_option()
@@ -96,7 +96,7 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 
 @bench.command("classifier")
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
-              help="The classifier export (default: the built default classifier).")
+              help="The classifier export (default: the shipped classifier).")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Calls per case.")
 @out_option()
 @json_option("Print the JSON report instead of the table.")
@@ -110,6 +110,34 @@ def classifier(classifier_dir, repeats, out, as_json):
     directory = resolve_classifier_dir(classifier_dir, required=True)
     report = run_classifier_bench(directory, repeats=repeats, progress=_progress("classifier"))
     _report(report, classifier_markdown_table(report), out, as_json)
+
+
+@bench.command("input-check")
+@model_option
+@dtype_option
+@device_option
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
+              help="The classifier export or delta (default: the shipped classifier).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, as_json):
+    """What the input check costs in time to first shown token (streamed, batch 1, modes
+    round-robin over a few benign prompts)."""
+    from oc_engine.bench_input_check import input_check_markdown_table, run_input_check_bench
+    from oc_engine.engine.defaults import resolve_classifier
+
+    check_output_file(out, "--out")
+    loaded = _load(model, device, dtype)
+    classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True)
+    try:
+        report = run_input_check_bench(loaded, classifier, rounds=rounds, new_tokens=new_tokens,
+                                       progress=_progress("input-check"))
+    finally:
+        classifier.close()
+    _report(report, input_check_markdown_table(report), out, as_json)
 
 
 @bench.command("continuous")

@@ -76,20 +76,26 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Hugging Face checkpoint directory to write.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
               help="Also export the trained classifier to this ONNX directory.")
-@click.option("--int8", is_flag=True, help="With --export/--default: int8 ONNX (faster on CPU).")
+@click.option("--int8", is_flag=True, help="With --export: int8 ONNX (faster on CPU).")
 @click.option("--eval", "eval_specs", multiple=True, metavar="FILE[@SOURCE]",
               help="Also report metrics on these labelled files at the calibrated threshold (repeatable).")
 @click.option("--default", "build_default", is_flag=True,
-              help="Build the default classifier of the embedded setup from ../shared/data/train and the "
-                   "embedded model's own answers (collected once, shared with train-probe --default) into the "
-                   "user cache, where generate finds it (GPTFuzz's evaluate questions held out and reported).")
-@click.option("--force", is_flag=True, help="With --default: replace an existing default classifier.")
+              help="Rebuild the default classifier that ships in the package: a LoRA delta over the embedded "
+                   "MiniLM, trained on ../shared/data/train and the embedded model's own answers (collected "
+                   "once, shared with train-probe --default), then exported into the user cache as generate "
+                   "does on first use (GPTFuzz's evaluate questions held out and reported).")
+@click.option("--force", is_flag=True, help="With --default: replace the shipped default classifier.")
 @click.option("--backbone", default=None,
               help="Hugging Face encoder (default: ModernBERT-base if the hub answers, else the embedded MiniLM).")
 @click.option("--binary", is_flag=True, help="Two classes: unsafe_compliance vs the rest.")
 @click.option("--epochs", type=FiniteFloat(min=0, max=100, min_open=True), default=1.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", "learning_rate", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--lr", "learning_rate", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Peak learning rate [default: 1e-4; 5e-4 with --default].")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=None,
+              help="Train LoRA adapters of this rank and the head instead of every weight; the checkpoint "
+                   "then holds delta/, a few-MB classifier usable as --classifier [default: 0 (full); "
+                   "32 with --default].")
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
               help="Longest exchange in tokens [default: 256; 192 with --default].")
 @click.option("--validation", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.15,
@@ -104,7 +110,7 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
 @user_errors
 def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_default, force, backbone, binary, epochs,
-                     batch_size, learning_rate, max_length, validation, prefixes, max_train_rows,
+                     batch_size, learning_rate, lora_rank, max_length, validation, prefixes, max_train_rows,
                      target_safe_block_rate, seed, as_json):
     """Fine-tune the exchange classifier on labelled JSONL and calibrate its block threshold.
 
@@ -124,7 +130,8 @@ def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_defaul
     check_output_dir(export_dir, "--export")
     report = build(data_specs=data_specs, out=out, export_dir=export_dir, int8=int8, eval_specs=eval_specs,
                    build_default=build_default, force=force, backbone=backbone, binary=binary, epochs=epochs,
-                   batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, validation=validation,
+                   batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, max_length=max_length,
+                   validation=validation,
                    prefixes=prefixes, max_train_rows=max_train_rows, target_safe_block_rate=target_safe_block_rate,
                    seed=seed, quiet=as_json)
     if as_json:

@@ -46,6 +46,15 @@ def device_option(fn):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
 
 
+def probe_option(help: str = "Probe directory (default: the shipped probe, with the embedded model)."):
+    return click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False), help=help)
+
+
+def classifier_option(help: str = "Exchange classifier: an ONNX export or a delta directory (built into the "
+                                  "cache on first use). Default: the classifier shipped in the package."):
+    return click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False), help=help)
+
+
 def seed_option(default: int | None = 0, help: str | None = None):
     return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
 

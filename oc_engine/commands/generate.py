@@ -8,8 +8,9 @@ import sys
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_file, device_option, dtype_option, json_option,
-                                       model_option, seed_option, user_errors, write_text_file)
+from oc_engine.commands.common import (FiniteFloat, check_output_file, classifier_option, device_option,
+                                       dtype_option, json_option, model_option, seed_option, user_errors,
+                                       write_text_file)
 from oc_engine.engine.guard import MAX_DEADLINE_S
 from oc_engine.errors import OcEngineError
 
@@ -40,10 +41,13 @@ from oc_engine.errors import OcEngineError
               help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with the "
                    "embedded model: the probe shipped for it.")
 @click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier.")
-@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
-              help="Exchange classifier export asked when the probe pauses. Default: the built default "
-                   "classifier, if any. Without one, a pause blocks.")
-@click.option("--final-check", is_flag=True, help="The classifier judges the whole answer before it ends.")
+@classifier_option()
+@click.option("--final-check/--no-final-check", default=None,
+              help="The classifier judges the whole answer before its end is shown [default: on when nothing "
+                   "streams (--json, --prompts-file), off for a streamed answer].")
+@click.option("--input-check/--no-input-check", default=None,
+              help="The classifier judges the prompt alone while it is prefilled; no token is shown before "
+                   "that verdict, and a block shows only the refusal.")
 @click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold.")
 @click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens.")
@@ -74,7 +78,7 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
       oc-engine generate --prompt "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 1
       oc-engine generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
     """
-    from oc_engine.engine.guard import DEFAULT_REFUSAL, GuardConfig
+    from oc_engine.engine.guard import GuardConfig
     from oc_engine.engine.prompts import read_prompts_file
     from oc_engine.llm import DEFAULT, LLM
     from oc_engine.params import SamplingParams
@@ -94,16 +98,15 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
     from oc_engine.engine.probe import load_probe
 
     probe_path = None if no_guard else resolve_probe_dir(probe_dir, model is None, announce)
-    guard_fields = _pick(fields, GuardConfig)
+    guard_fields = {k: v for k, v in _pick(fields, GuardConfig).items() if v is not None}  # None: the default
     if probe_path is None:
-        if classifier_dir or guard_fields["final_check"] or trace_file:
-            raise OcEngineError("--classifier, --final-check and --trace need --probe")
+        if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check") or trace_file:
+            raise OcEngineError("--classifier, --final-check, --input-check and --trace need --probe")
         probe, guard = None, None
     else:
         probe = load_probe(probe_path)
         probe = dataclasses.replace(probe, config=probe.config.with_overrides(warn=warn, pause=pause, every=every,
                                                                              alpha=alpha))
-        guard_fields["refusal"] = guard_fields["refusal"] if guard_fields["refusal"] is not None else DEFAULT_REFUSAL
         guard = GuardConfig(every=probe.config.every, **guard_fields)
     with LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
              compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
@@ -176,6 +179,7 @@ def _json_row(index: int, prompt: str, c, llm) -> dict:
            "token_ids": list(c.token_ids), "prompt_tokens": len(c.prompt_token_ids),
            "generated_tokens": c.generated_tokens, "finish_reason": c.finish_reason,
            "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "ttft_ms": t.ttft_ms,
+           "first_text_ms": t.first_text_ms,
            "decode_tokens_per_s": t.decode_tokens_per_s, "compile_ms": llm.compile_ms,
            "dtype": str(llm.loaded.dtype).removeprefix("torch."), "device": str(llm.loaded.device),
            "compiled": llm.runner.compile}

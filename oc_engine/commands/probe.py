@@ -8,8 +8,8 @@ import json
 import click
 
 from oc_engine.commands.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
-                                       dtype_option, json_option, model_option, out_option, progress_log, seed_option,
-                                       user_errors, write_json)
+                                       classifier_option, dtype_option, json_option, model_option, out_option,
+                                       probe_option, progress_log, seed_option, user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
@@ -188,10 +188,8 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 
 @click.command("eval")
 @model_option
-@click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False),
-              help="Probe directory (default: the shipped probe, with the embedded model).")
-@click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
-              help="Classifier export (default: the built default classifier, if any). --no-classifier: none.")
+@probe_option()
+@classifier_option()
 @click.option("--no-classifier", is_flag=True, help="Evaluate the probe alone (a pause blocks).")
 @click.option("--replay", "replay_specs", multiple=True, metavar="FILE[@SOURCE]",
               help="Labelled exchanges to replay through probe, classifier and policy (repeatable).")
@@ -205,11 +203,16 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 @out_option()
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Replay: write the distributions of per-exchange max EMA by label (PNG).")
+@click.option("--final-check/--no-final-check", default=None,
+              help="Live: judge each whole answer before its end is shown [default: on, as generate does for "
+                   "answers that do not stream; --no-final-check measures what a streamed answer gets].")
+@click.option("--input-check/--no-input-check", default=None,
+              help="Live: judge the prompt alone before the first token [default: the guard's default].")
 @json_option("Print the report as JSON.")
 @seed_option(0)
 @user_errors
 def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
-                 max_response_tokens, batch_size, out, plot, as_json, seed):
+                 max_response_tokens, batch_size, out, plot, final_check, input_check, as_json, seed):
     """Measure the guard end to end: replay labelled exchanges, or generate live on prompt files.
 
     \b
@@ -227,7 +230,8 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
                       live_specs=[parse_data_spec(s) for s in live_specs], limit=limit,
                       max_new_tokens=max_new_tokens, max_response_tokens=max_response_tokens,
                       batch_size=batch_size, plot=plot, seed=seed, progress=not as_json,
-                      log=progress_log("oc-engine eval", quiet=as_json))
+                      log=progress_log("oc-engine eval", quiet=as_json), final_check=final_check,
+                      input_check=input_check)
     write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else eval_markdown(report))
 
@@ -239,7 +243,7 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
 @click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False),
               help="Probe whose layers, alpha and objective are retrained (default: the shipped probe).")
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
-              help="Classifier export measured as shipped (default: the built default classifier, if any).")
+              help="Classifier export measured as shipped (default: the shipped classifier).")
 @click.option("--classifier-checkpoint", "checkpoint", default=None, type=click.Path(file_okay=False),
               help="Hugging Face three-class checkpoint to fine-tune per fold (default: the default "
                    "classifier's own checkpoint, with the default classifier).")

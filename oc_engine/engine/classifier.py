@@ -8,7 +8,8 @@ Loads an export directory (model.onnx, tokenizer files, classifier_config.json).
   stream, so its kernels overlap the decode graph; when the CUDA provider is missing, the
   Hugging Face model (`source_model`) on a side stream, chosen automatically with one log line.
 
-`submit(prompt, response)` returns a future of {"verdict", "p_unsafe", "latency_ms"}.
+`submit(prompt, response)` returns a future of {"verdict", "p_unsafe", "latency_ms"}; checks
+queued while the worker is busy run together as one batch (`check_batcher`).
 """
 
 from __future__ import annotations
@@ -172,9 +173,13 @@ class ExchangeClassifier:
         self.device = device
         self.backend = self._choose_backend(backend)
         # On CPU the check shares the cores with decoding: the worker runs at a low priority,
-        # so decode steps keep their pace and the check uses the time they leave.
+        # so decode steps keep their pace and the check uses the time they leave. Checks queued
+        # while it is busy run together as one batch (see `check_batcher`).
+        from oc_engine.engine.check_batcher import CheckBatcher
+
         initializer = _lower_thread_priority if not device.startswith("cuda") else None
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oc-classifier", initializer=initializer)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._batcher = CheckBatcher(self._logits, pad_id=pad_id, initializer=initializer)
 
     # -- public -------------------------------------------------------------------------
     def probabilities(self, prompts: list[str], responses: list[str], urgent: bool = False) -> np.ndarray:
@@ -188,13 +193,30 @@ class ExchangeClassifier:
         """Judge in the worker thread; decoding continues meanwhile.
 
         The text is tokenized here, on the caller's thread (a fraction of a millisecond), so
-        the low-priority worker only runs the model, which releases the GIL: a worker preempted
-        while holding the GIL would stall the decode loop (priority inversion).
+        the low-priority worker only pads and runs the model, which releases the GIL: a worker
+        preempted while holding the GIL would stall the decode loop (priority inversion).
         urgent: decoding is waiting for this verdict, so on CPU the check may use every core
         (a second session with all threads) instead of the one it shares with decoding.
         """
         start = time.perf_counter()
-        return self._pool.submit(self._judge_encoded, self._encode([prompt], [response]), urgent, start)
+        text = render_exchange(prompt, response, self.config.input_format)
+        item = dict(self.tokenizer(text, truncation=True, max_length=self.config.max_length))
+        logits = self._batcher.submit(item, urgent)
+        result: cf.Future = cf.Future()
+
+        def done(future: cf.Future) -> None:
+            if result.cancelled():
+                return
+            if future.cancelled():
+                result.cancel()
+            elif future.exception() is not None:
+                result.set_exception(future.exception())
+            else:
+                result.set_result(self._verdict_of(future.result()[None], start))
+
+        logits.add_done_callback(done)
+        result.add_done_callback(lambda f: f.cancelled() and logits.cancel())  # the guard dropped it
+        return result
 
     def _encode(self, prompts: list[str], responses: list[str]):
         texts = [render_exchange(p, r, self.config.input_format) for p, r in zip(prompts, responses)]
@@ -208,12 +230,17 @@ class ExchangeClassifier:
         return exp / exp.sum(axis=-1, keepdims=True)
 
     def _judge_encoded(self, encoded, urgent: bool, start: float) -> dict:
-        p_unsafe = float(self._probabilities(encoded, urgent)[0, self.config.unsafe_label])
+        return self._verdict_of(self._logits(encoded, urgent), start)
+
+    def _verdict_of(self, logits: np.ndarray, start: float) -> dict:
+        """logits [1, labels] -> the verdict dict."""
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        p_unsafe = float((np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True))[0, self.config.unsafe_label])
         return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
                 "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._batcher.close()
 
     # -- backends -----------------------------------------------------------------------
     def _choose_backend(self, backend: str) -> str:

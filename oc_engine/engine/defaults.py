@@ -1,8 +1,8 @@
 """The defaults that make guarded generation work out of the box, in one place for every command.
 
 - the probe shipped in the package, used with the embedded model when no --probe is given;
-- the default classifier built into the user cache by `oc-engine train-classifier --default`,
-  used when no --classifier is given and it exists.
+- the default classifier shipped in the package as a delta over the embedded MiniLM, merged
+  and exported into the user cache on first use, used when no --classifier is given.
 """
 
 from __future__ import annotations
@@ -40,19 +40,29 @@ def require_probe(loaded, probe_dir: str | Path | None, model_is_embedded: bool,
     return directory, probe
 
 
+def default_classifier_delta() -> Path | None:
+    """The shipped default classifier's delta directory (tests replace this to run without it)."""
+    return embedded.default_classifier_delta_dir()
+
+
 def resolve_classifier_dir(classifier_dir: str | Path | None, *, required: bool = False,
                            log: Log = lambda m: None) -> Path | None:
-    """`classifier_dir`, else the built default classifier; None when neither (an error when `required`)."""
+    """An export directory: `classifier_dir` (a delta directory is built into the cache on first
+    use), else the shipped default. None only when the default is switched off (tests) and not
+    `required`; a missing or corrupt shipped delta is an error, never a silent lack of a stage."""
+    from oc_engine.engine.classifier_delta import is_delta_dir, materialize
+
     if classifier_dir is not None:
-        return Path(classifier_dir)
-    default = embedded.default_classifier_dir()
-    if not (default / "classifier_config.json").is_file():
+        path = Path(classifier_dir)
+        return materialize(path, log) if is_delta_dir(path) else path
+    delta = default_classifier_delta()
+    if delta is None:
         if required:
-            raise OcEngineError(f"no --classifier given and no default classifier at {default} "
-                                "(build it with: oc-engine train-classifier --default)")
+            raise OcEngineError("no --classifier given and the default classifier is switched off")
         return None
-    log(f"using the default classifier at {default}")
-    return default
+    export = materialize(delta, log)
+    log(f"using the default classifier ({delta})")
+    return export
 
 
 def resolve_classifier(classifier_dir: str | Path | None, device: str, *, required: bool = False,

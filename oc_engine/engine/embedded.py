@@ -49,13 +49,14 @@ def cache_root() -> Path:
     return Path(base) / "oc-engine"
 
 
-def default_classifier_dir() -> Path:
-    """Where `oc-engine train-classifier --default` puts the default exchange classifier export."""
-    return cache_root() / "classifier"
+def default_classifier_delta_dir() -> Path:
+    """The default classifier, shipped in the package as a delta over all-MiniLM-L6-v2
+    (`oc-engine train-classifier --default`; see `classifier_delta`)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "default_classifier"
 
 
 def default_classifier_checkpoint_dir() -> Path:
-    """The Hugging Face checkpoint that the default classifier was exported from (kept beside it)."""
+    """The full Hugging Face checkpoint of the last `train-classifier --default` (for `headroom`)."""
     return cache_root() / "classifier-checkpoint"
 
 

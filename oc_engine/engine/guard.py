@@ -24,9 +24,21 @@ held. Verdicts:
   `on_failure="block"` emits the refusal, `"stop"` just stops (status "held").
 
 `final_check=True`: when the sequence ends, the whole answer is judged before its last held
-tokens are released (unless an allow already covered all of it). Past `max_held` held tokens,
-the engine pauses that sequence's decoding until its verdict arrives (`must_wait`); while
-holding for the final check, reaching `max_held` ends the answer there and judges it.
+tokens are released (unless an allow already covered all of it). `None` (the default) is
+resolved per request by the front end (`for_request`): on when nothing is shown before the end
+(a non-streaming call) and a classifier is configured; the policy itself treats None as off.
+`hold_all=True` (what a non-streaming call resolves to with its final check): the policy runs
+as above, but nothing is shown before the answer is done (its final verdict, if due): a
+blocked answer shows only the refusal.
+Past `max_held` held tokens, the engine pauses that sequence's decoding until its verdict
+arrives (`must_wait`); while holding for the final check, reaching `max_held` ends the answer
+there and judges it.
+
+`input_check=True`: before the first token is shown, the prompt is judged with an empty answer
+(`start()`, while the prompt is prefilled). Every token is held until that verdict: allow
+replays them as if they had just arrived; block refuses with no model token shown; uncertain
+lets the answer stream under the probe, but its final check becomes due (`uncertain="block"`:
+blocks); an error or timeout fails closed.
 
 The guard returns what to do as a list of actions; the engine carries them out.
 """
@@ -57,7 +69,9 @@ class GuardConfig:
     every: int = 1
     uncertain: str = "final"  # "final" or "block"
     on_failure: str = "block"  # "block" or "stop"
-    final_check: bool = False
+    final_check: bool | None = None  # None: decided per request (on for non-streaming calls)
+    hold_all: bool | None = None  # show nothing before the end (the final verdict); None: as final_check, per request
+    input_check: bool = False
     max_held: int = 64
     deadline_s: float = 5.0
     refusal: str = DEFAULT_REFUSAL
@@ -78,8 +92,22 @@ class GuardConfig:
             raise OcEngineError(f"classifier deadline must be in (0, {MAX_DEADLINE_S:.0f}] s, got {self.deadline_s!r}")
         if not isinstance(self.refusal, str):
             raise OcEngineError(f"refusal must be text, got {self.refusal!r}")
-        if not isinstance(self.final_check, bool):
-            raise OcEngineError(f"final_check must be true or false, got {self.final_check!r}")
+        if not isinstance(self.final_check, bool) and self.final_check is not None:
+            raise OcEngineError(f"final_check must be true, false or None (auto), got {self.final_check!r}")
+        if not isinstance(self.hold_all, bool) and self.hold_all is not None:
+            raise OcEngineError(f"hold_all must be true, false or None (auto), got {self.hold_all!r}")
+        if not isinstance(self.input_check, bool):
+            raise OcEngineError(f"input_check must be true or false, got {self.input_check!r}")
+
+    def for_request(self, streaming: bool, has_classifier: bool = True) -> "GuardConfig":
+        """This policy with `final_check=None` and `hold_all=None` resolved: when the answer does
+        not stream and a classifier is there to ask (without one, every answer would fail
+        closed), the whole answer is judged and nothing of it is shown before that verdict."""
+        from dataclasses import replace
+
+        final = self.final_check if self.final_check is not None else not streaming and has_classifier
+        hold = self.hold_all if self.hold_all is not None else not streaming and final
+        return replace(self, final_check=final, hold_all=hold)
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,7 @@ class Release:
 class Check:
     covers: int  # judge the answer made of tokens [0, covers)
     final: bool = False
+    input: bool = False  # the check before the first token (covers 0: the prompt alone)
 
 
 @dataclass(frozen=True)
@@ -109,10 +138,12 @@ class SequenceGuard:
     config: GuardConfig
     state: str = STREAMING
     num_tokens: int = 0
-    released: int = 0  # tokens [0, released) have been shown
+    released: int = 0  # tokens [0, released) are cleared by the policy (shown, unless hold_all)
+    shown: int = 0  # tokens [0, shown) have been shown
     allowed: int = 0  # the largest cover an allow verdict has given
     pending: Check | None = None  # the check in flight, at most one
     hold_for_final: bool = False  # an uncertain verdict: keep holding until the final check
+    final_due: bool = False  # the input check was uncertain: the final check is due whatever the config
     finished: bool = False  # the model stopped producing tokens
     reason: str | None = None
     flags: list[int] = field(default_factory=list)  # every token's probe flags, replayed after an allow
@@ -120,6 +151,15 @@ class SequenceGuard:
     events: list[dict] = field(default_factory=list)
 
     # -- inputs -------------------------------------------------------------------------
+    def start(self) -> list:
+        """The request begins (before its first token): with `input_check`, hold from the start
+        and judge the prompt alone."""
+        if not self.config.input_check or self.num_tokens or self.pending is not None or self.state != STREAMING:
+            return []
+        self.state = HELD
+        self.events.append({"event": "input_check"})
+        return self._request(Check(covers=0, input=True))
+
     def on_token(self, flags: int) -> list:
         """A new token with its probe flags (see `token_flags`)."""
         if self.finished or self.state in (BLOCKED, STOPPED, DONE):
@@ -142,9 +182,11 @@ class SequenceGuard:
         self.pending = None
         self.events.append({"event": "verdict", "verdict": verdict, "covers": check.covers,
                             "produced": self.num_tokens, "final": check.final, **(detail or {})})
+        if check.input:
+            return self._input_verdict(verdict)
         if verdict == "allow":
-            actions = [Release(self.released, check.covers)] if check.covers > self.released else []
             self.released = max(self.released, check.covers)
+            actions = self._show_upto(self.released)
             self.allowed = max(self.allowed, check.covers)
             if check.final:
                 return actions + self._done()
@@ -193,11 +235,19 @@ class SequenceGuard:
     def status(self) -> str:
         if self.state == BLOCKED:
             return "blocked"
-        if self.state == STOPPED or (self.state == HELD and self.released < self.num_tokens):
+        if self.state == STOPPED or (self.state == HELD and self.shown < self.num_tokens):
             return "held"
         return "completed" if self.state == DONE else "streaming"
 
     # -- internals ----------------------------------------------------------------------
+    def _input_verdict(self, verdict: str) -> list:
+        if verdict == "block" or (verdict == "uncertain" and self.config.uncertain == "block"):
+            return self._block(f"input check: {verdict}")
+        if verdict in ("allow", "uncertain"):
+            self.final_due = verdict == "uncertain"
+            return self._replay()  # the tokens made meanwhile, as if they arrived now
+        return self._fail_closed(f"input check: classifier {verdict}")
+
     def _pauses_at(self, index: int) -> bool:
         """Token `index` arrives while streaming: do its flags make it a pause point? A pause
         flag counts at the cadence; a non-finite score or EMA counts on every token."""
@@ -224,8 +274,8 @@ class SequenceGuard:
         self.events.append({"event": "rearm", "token": self.released})
         for index in range(self.released, self.num_tokens):
             if self._pauses_at(index):
-                start, self.released = self.released, index
-                return ([Release(start, index)] if index > start else []) + self._hold_at(index)
+                self.released = index
+                return self._show_upto(index) + self._hold_at(index)
         actions = self._release_all()
         return actions + (self._end() if self.finished else [])
 
@@ -241,7 +291,7 @@ class SequenceGuard:
 
     def _end(self) -> list:
         """Every token is released and the answer has ended: the final check, if one is due."""
-        if self.config.final_check and self.allowed < self.num_tokens:
+        if (self.config.final_check or self.final_due) and self.allowed < self.num_tokens:
             self.state = HELD
             return self._request_final()
         return self._done()
@@ -254,12 +304,19 @@ class SequenceGuard:
         return [] if self.pending is not None else self._request(Check(covers=self.num_tokens, final=True))
 
     def _release_all(self) -> list:
-        start, self.released = self.released, self.num_tokens
-        return [Release(start, self.num_tokens)] if self.num_tokens > start else []
+        self.released = self.num_tokens
+        return self._show_upto(self.num_tokens)
+
+    def _show_upto(self, stop: int) -> list:
+        """Show the cleared tokens up to `stop`; with hold_all, nothing before the answer is done."""
+        if self.config.hold_all and self.state != DONE:
+            return []
+        start, self.shown = self.shown, max(self.shown, stop)
+        return [Release(start, stop)] if stop > start else []
 
     def _done(self) -> list:
         self.state = DONE
-        return []
+        return self._show_upto(self.num_tokens)
 
     def _block(self, reason: str) -> list:
         self.state, self.reason = BLOCKED, reason

@@ -25,6 +25,12 @@ from oc_engine.engine.text_stream import TextStream
 from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, Verdict, VerdictReceived
 
 
+# On a CPU shared with decoding, a check runs in the time decoding leaves; under a full batch
+# that may be none, and a starved check would miss its deadline and fail closed. A check older
+# than this share of its deadline makes decoding yield until a verdict arrives.
+OVERDUE_SHARE = 0.25
+
+
 class Classifier(Protocol):
     def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
         """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'.
@@ -59,6 +65,10 @@ class SequenceMonitor:
         self._pauses_seen = 0
 
     # -- the engine's hooks -------------------------------------------------------------
+    def start(self) -> None:
+        """The request is being prefilled: the input check, if configured, is submitted now."""
+        self._apply(self.guard.start())
+
     def on_token(self, token: int, score: float | None, ema: float | None, flags: int) -> None:
         self.tokens.append(token)
         flags = token_flags(flags, score, ema)
@@ -79,6 +89,13 @@ class SequenceMonitor:
     @property
     def must_wait(self) -> bool:
         return self.guard.must_wait
+
+    def overdue(self) -> bool:
+        """A check has waited longer than `OVERDUE_SHARE` of its deadline: the engine should stop
+        decoding for a moment and leave the classifier the machine (see `LLMEngine.step`)."""
+        pending = self.pending
+        return pending is not None and not pending.future.done() \
+            and self.clock() - pending.submitted > OVERDUE_SHARE * self.config.deadline_s
 
     def poll(self) -> None:
         """Deliver a finished verdict or an expired deadline; never blocks. A verdict is judged by
@@ -121,7 +138,7 @@ class SequenceMonitor:
     def report(self) -> GuardReport:
         return GuardReport(status=self.guard.status, reason=self.guard.reason,
                            pause_points=tuple(self.guard.pause_points), verdicts=tuple(self.verdicts),
-                           released_tokens=self.guard.released)
+                           released_tokens=self.guard.shown)
 
     def trace_rows(self, include_held: bool = False) -> list[dict]:
         """The per-token trace. Tokens never shown (held, then blocked or stopped) appear with
@@ -130,7 +147,7 @@ class SequenceMonitor:
         rows = []
         for row in self.trace:
             row = dict(row)
-            if not include_held and row["index"] >= self.guard.released:
+            if not include_held and row["index"] >= self.guard.shown:
                 row.update(token=None, withheld=True)
             rows.append(row)
         return rows
@@ -156,7 +173,9 @@ class SequenceMonitor:
         response = self.tokenizer.decode(self.tokens[:check.covers], skip_special_tokens=True)
         submitted = self.clock()
         try:
-            future = self.classifier.submit(self.prompt, response, urgent=self.guard.must_wait)
+            # urgent: this sequence's decoding waits for the verdict (held at max_held, or ended).
+            urgent = self.guard.must_wait or self.guard.finished
+            future = self.classifier.submit(self.prompt, response, urgent=urgent)
             if not isinstance(future, cf.Future):
                 raise TypeError(f"submit returned {type(future).__name__}, not a future")
         except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
@@ -176,7 +195,7 @@ class SequenceMonitor:
 
     def _verdict(self, check: Check, verdict: str, detail: dict) -> None:
         record = Verdict(verdict=verdict, covers=check.covers, final=check.final, p_unsafe=detail.get("p_unsafe"),
-                         latency_ms=detail.get("latency_ms"), error=detail.get("error"))
+                         latency_ms=detail.get("latency_ms"), error=detail.get("error"), input=check.input)
         self.verdicts.append(record)
         self._events.append(VerdictReceived(self.request_id, record))
         self._apply(self.guard.on_verdict(check, verdict, detail))

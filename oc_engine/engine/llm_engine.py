@@ -10,7 +10,9 @@ One `step()`:
 4. a sequence that ends (EOS, stop string, length, guard, cancel) frees its slot at once; one
    whose guard still awaits a verdict (a final check) drains without a slot.
 If every running sequence waits for a verdict, the step blocks until one arrives or its deadline
-passes. Events (released text, pauses, verdicts, refusals, the finish) go to each sequence.
+passes; so does a step while a check has waited past a quarter of its deadline (a CPU under a
+full batch leaves the classifier no time otherwise, and a late verdict fails closed). Events
+(released text, pauses, verdicts, refusals, the finish) go to each sequence.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> None:
         self._poll_guards()
+        overdue = [s.guard for s in (*self.scheduler.running.values(), *self.draining)
+                   if s.guard is not None and s.guard.overdue()]
+        if overdue:  # a starved check: decoding yields the machine until a verdict arrives
+            wait_for_verdicts(overdue)
+            self._poll_guards()
+            return
         if self.scheduler.waiting and self.scheduler.free_slots:
             self._flush()  # a freed slot may still have a lagged step in flight
             admitted = self.scheduler.admit()
@@ -99,6 +107,8 @@ class LLMEngine:
     # -- internals ----------------------------------------------------------------------
     def _prefill(self, seq: Sequence) -> None:
         seq.prefill_start = self.clock()
+        if seq.guard is not None:
+            seq.guard.start()  # the input check runs beside the prefill
         token, score, ema, flags, tapped = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling,
                                                                seq.key)
         self._decoding[seq.slot] = True
@@ -131,14 +141,14 @@ class LLMEngine:
             seq.emas.append(ema)
         if seq.guard is None:
             if piece:
-                seq.emit([TextReleased(seq.request_id, piece)])
+                self._emit(seq, [TextReleased(seq.request_id, piece)])
         else:
             seq.guard.on_token(token, score, ema, flags)
             if seq.decoding_done:
                 seq.guard.on_finish()
             elif not seq.guard.wants_tokens:
                 seq.finish_reason = "guard"
-            seq.emit(seq.guard.take_events())
+            self._emit(seq, seq.guard.take_events())
         if seq.decoding_done:
             self._end_decoding(seq)
 
@@ -147,7 +157,7 @@ class LLMEngine:
             if seq.guard is None:
                 continue
             seq.guard.poll()
-            seq.emit(seq.guard.take_events())
+            self._emit(seq, seq.guard.take_events())
             if seq.status == RUNNING and not seq.guard.wants_tokens:
                 seq.finish_reason = seq.finish_reason or "guard"
                 self._end_decoding(seq)
@@ -174,13 +184,18 @@ class LLMEngine:
             return
         if seq.guard is not None:
             seq.guard.finish()
-            seq.emit(seq.guard.take_events())
+            self._emit(seq, seq.guard.take_events())
         seq.status, seq.finished_at = FINISHED, self.clock()
         if seq in self.draining:
             self.draining.remove(seq)
         self.requests.pop(seq.request_id, None)
         seq.completion = self._completion(seq)
-        seq.emit([Finished(seq.request_id, seq.completion)])
+        self._emit(seq, [Finished(seq.request_id, seq.completion)])
+
+    def _emit(self, seq: Sequence, events: list) -> None:
+        if seq.first_text_at is None and any(isinstance(e, TextReleased) and e.text for e in events):
+            seq.first_text_at = self.clock()  # the user's time to first token: the guard may hold the first ones
+        seq.emit(events)
 
     def _completion(self, seq: Sequence) -> Completion:
         guard = seq.guard
@@ -195,7 +210,8 @@ class LLMEngine:
                             for a, b in self.runner.compile_intervals)
             rate = round((len(seq.token_ids) - 1) / max(end - seq.first_token_at - compiling, 1e-9), 3)
         timings = Timings(queued_ms=ms(start), prefill_ms=round(((seq.first_token_at or start) - start) * 1000, 3),
-                          ttft_ms=ms(seq.first_token_at), decode_tokens_per_s=rate, total_ms=ms(seq.finished_at))
+                          ttft_ms=ms(seq.first_token_at), decode_tokens_per_s=rate, total_ms=ms(seq.finished_at),
+                          first_text_ms=ms(seq.first_text_at) if seq.first_text_at is not None else None)
         return Completion(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=tuple(seq.prompt_ids),
                           text=guard.text if guard is not None else seq.text, token_ids=tuple(released),
                           finish_reason=seq.finish_reason or "cancelled",

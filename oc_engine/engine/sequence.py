@@ -41,6 +41,7 @@ class Sequence:
     arrival: float = 0.0  # clock times (seconds)
     prefill_start: float | None = None
     first_token_at: float | None = None
+    first_text_at: float | None = None  # when released text first reached the caller
     finished_at: float | None = None
     decode_end: float | None = None  # its last token (a final verdict may come later)
     events: list = field(default_factory=list)  # undelivered stream events

@@ -35,6 +35,7 @@ from oc_engine.training.metrics import block_rates, per_class_report
 from oc_engine.training.splits import grouped_split, response_prefixes
 
 BINARY_LABELS = ("safe", "unsafe_compliance")
+DELTA_SUBDIR = "delta"  # in a LoRA checkpoint: the shippable delta (see engine/classifier_delta.py)
 HUB_BACKBONE = "answerdotai/ModernBERT-base"
 
 
@@ -52,6 +53,7 @@ class ClassifierTrainConfig:
     max_train_rows: int | None = None  # cap on training rows after augmentation (time budget)
     target_safe_block_rate: float = 0.01
     bf16: bool | None = None  # autocast to bf16 on CPU; None: when the CPU has native bf16
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank and the head (a small delta), not every weight
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +67,8 @@ class ClassifierTrainConfig:
             raise OcEngineError(f"target safe block rate must be in [0, 1], got {self.target_safe_block_rate}")
         if self.prefixes < 0:
             raise OcEngineError(f"prefixes must be >= 0, got {self.prefixes}")
+        if self.lora_rank < 0:
+            raise OcEngineError(f"LoRA rank must be >= 0 (0: full fine-tune), got {self.lora_rank}")
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -152,7 +156,15 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
         raise OcEngineError(f"cannot load the backbone {backbone}: {str(exc).splitlines()[0]}") from exc
     bf16 = _use_bf16(config.bf16)
     weights = class_weights([target_of(e.label, config.binary) for e in train_rows], len(labels))
+    fingerprint = None
+    if config.lora_rank:
+        from oc_engine.engine.classifier_delta import fingerprint_of
+
+        fingerprint = fingerprint_of(model)
+        model = with_lora(model, config.lora_rank)
     fit_classifier(model, tokenizer, train_rows, config, weights, bf16, progress)
+    if config.lora_rank:
+        _round_trainable_to_fp16(model)  # the shipped delta is fp16: calibrate the model it will be
     p_val = predict(model, tokenizer, data.validation, config.max_length, bf16)
     validation_report = evaluate(p_val, data.validation, config)
     report = {"backbone": backbone, "labels": list(labels), "binary": config.binary, "config": asdict(config),
@@ -165,6 +177,17 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        if config.lora_rank:
+            from oc_engine.engine.classifier_delta import EMBEDDED_BACKBONE, save_delta
+            from oc_engine.engine.embedded import embedded_classifier_backbone
+
+            embedded = Path(backbone).resolve() == embedded_classifier_backbone().resolve() \
+                if Path(backbone).exists() else False
+            save_delta(model, tmp / DELTA_SUBDIR, backbone=EMBEDDED_BACKBONE if embedded else backbone,
+                       fingerprint=fingerprint, labels=labels, max_length=config.max_length,
+                       calibration=validation_report["calibration"],
+                       metrics={"validation": validation_report["operating_point"]})
+            model = model.merge_and_unload()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         report["seconds"] = round(time.perf_counter() - started, 1)
@@ -174,6 +197,29 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def with_lora(model, rank: int):
+    """`model` with LoRA adapters of `rank` on every linear layer of the encoder (attention,
+    feed-forward, pooler) and the classification head trained in full."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and not _is_head(name)})
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
+                        target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def _is_head(name: str) -> bool:
+    return name.split(".")[0] in ("classifier", "score", "head")
+
+
+def _round_trainable_to_fp16(model) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(param.half().float())
 
 
 def evaluate(probabilities: np.ndarray, exchanges: list[Exchange], config: ClassifierTrainConfig,

@@ -8,7 +8,7 @@ from oc_engine.errors import OcEngineError
 
 
 def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
-             max_response_tokens, batch_size, plot, seed, progress, log) -> dict:
+             max_response_tokens, batch_size, plot, seed, progress, log, final_check=None, input_check=None) -> dict:
     from oc_engine.engine.defaults import require_probe, resolve_classifier
     from oc_engine.engine.loading import load_model
 
@@ -26,18 +26,25 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
               "classifier": str(classifier.path) if classifier else None,
               "probe_settings": {"layers": list(probe.config.layers), "alpha": probe.config.alpha,
                                  "warn": probe.config.warn, "pause": probe.config.pause}}
+    from oc_engine.engine.guard import GuardConfig
+
+    # What `generate` does for answers that do not stream: the final check on (with a classifier).
+    guard = GuardConfig(every=probe.config.every, final_check=final_check,
+                        **({} if input_check is None else {"input_check": input_check}))
+    resolved = guard.for_request(streaming=False, has_classifier=classifier is not None)
+    report["guard"] = {"final_check": resolved.final_check, "input_check": resolved.input_check}
     try:
         if replay_specs:
             from oc_engine.training.guard_eval import replay
 
-            report["replay"], outcomes = replay(loaded, probe, exchanges, classifier,
+            report["replay"], outcomes = replay(loaded, probe, exchanges, classifier, guard_config=resolved,
                                                 max_response_tokens=max_response_tokens,
                                                 batch_size=max(1, batch_size // 2), progress=progress)
             if plot:
                 _plot(probe, [e.label for e in exchanges], [o["peak_ema"] for o in outcomes], plot)
                 report["plot"] = plot
         if live_specs:
-            report["live"] = _live(loaded, probe, classifier, live_rows, max_new_tokens, batch_size, progress)
+            report["live"] = _live(loaded, probe, classifier, guard, live_rows, max_new_tokens, batch_size, progress)
     finally:
         if classifier is not None:
             classifier.close()
@@ -54,13 +61,14 @@ def _live_rows(specs, limit, seed) -> list:
     return rows
 
 
-def _live(loaded, probe, classifier, rows, max_new_tokens, batch_size, progress) -> dict:
+def _live(loaded, probe, classifier, guard, rows, max_new_tokens, batch_size, progress) -> dict:
     from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
     from oc_engine.training.guard_eval import live
 
-    # The same LLM and guard defaults as `generate` (the guard's policy from the probe's cadence).
-    llm = LLM(loaded, probe=probe, classifier=classifier, max_num_seqs=max(1, min(batch_size, len(rows))))
+    # The same LLM and guard defaults as `generate` (non-streaming: the final check is on by default).
+    llm = LLM(loaded, probe=probe, classifier=classifier, guard=guard,
+              max_num_seqs=max(1, min(batch_size, len(rows))))
     llm.fit([r.prompt for r in rows], SamplingParams(max_tokens=max_new_tokens))
     return live(llm, rows, max_new_tokens=max_new_tokens, progress=progress)
 

@@ -22,9 +22,10 @@ from oc_engine.engine.guard import PAUSE, WARN, Check, GuardConfig, SequenceGuar
 from oc_engine.training.onpolicy import is_refusal
 
 
-def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_config: GuardConfig | None = None,
-           max_response_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
-    """(summary, one outcome per exchange: status, paused, first_pause, peak_ema)."""
+def replay_traces(loaded, probe, exchanges: list[Exchange], *, alphas=None, max_response_tokens: int = 64,
+                  batch_size: int = 8, progress: bool = True) -> tuple[dict, list[list[int]]]:
+    """({alpha: [E] arrays of each response's EMA per token}, each response's token ids): the
+    teacher-forced probe scores with the kernel's maths, at the generation positions."""
     from oc_engine.training.activations import CollectSpec, collect, exchange_ids
     from oc_engine.training.probe_training import ema_traces, probe_logits
 
@@ -33,22 +34,47 @@ def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_c
     layers = tuple(layer % points for layer in probe.config.layers)  # the weight's row order
     spec = CollectSpec(layers=layers, mode="tokens", max_response_tokens=max_response_tokens)
     acts = collect(model, tokenizer, exchanges, spec, batch_size=batch_size, progress=progress)
+    mask = acts.mask.numpy()
+    traces = {}
     with torch.no_grad():
-        traces = ema_traces(probe_logits(acts.features, probe.weight, probe.bias), acts.mask,
-                            probe.config.alpha).numpy()
-    config = guard_config or GuardConfig(every=probe.config.every)
-    outcomes = []
-    for exchange, trace, valid in zip(exchanges, traces, acts.mask.numpy()):
+        logits = probe_logits(acts.features, probe.weight, probe.bias)
+        for alpha in alphas or (probe.config.alpha,):
+            ema = ema_traces(logits, acts.mask, alpha).numpy()
+            traces[alpha] = [row[valid] for row, valid in zip(ema, mask)]
+    response_ids = []
+    for exchange in exchanges:
         ids, prompt_len = exchange_ids(tokenizer, exchange, spec)
-        response_ids = ids[prompt_len:]
-        outcome = _replay_one(exchange, response_ids, trace[valid], probe.config, config, classifier, tokenizer)
-        outcomes.append({**outcome, "peak_ema": float(trace[valid].max()) if valid.any() else 0.0})
+        response_ids.append(ids[prompt_len:])
+    return traces, response_ids
+
+
+def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_config: GuardConfig | None = None,
+           max_response_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
+    """(summary, one outcome per exchange: status, paused, first_pause, peak_ema)."""
+    traces, response_ids = replay_traces(loaded, probe, exchanges, max_response_tokens=max_response_tokens,
+                                         batch_size=batch_size, progress=progress)
+    config = guard_config or GuardConfig(every=probe.config.every)
+    tokenizer = loaded.tokenizer
+    outcomes = []
+    for exchange, trace, ids in zip(exchanges, traces[probe.config.alpha], response_ids):
+        def judge(covers, exchange=exchange, ids=ids):
+            if classifier is None:
+                return None
+            partial = tokenizer.decode(ids[:covers], skip_special_tokens=True)
+            return classifier.judge(exchange.prompt, partial)["verdict"]
+
+        outcome = replay_policy(trace, probe.config.warn, probe.config.pause, config, judge)
+        outcomes.append({**outcome, "peak_ema": float(trace.max()) if len(trace) else 0.0})
     return summarize(exchanges, outcomes), outcomes
 
 
-def _replay_one(exchange, response_ids, trace, probe_config, config, classifier, tokenizer) -> dict:
+def replay_policy(trace, warn: float, pause: float, config: GuardConfig, judge) -> dict:
+    """One answer's EMA trace fed token by token through `SequenceGuard`; each check is answered
+    at once by `judge(covers) -> verdict` for the answer's first `covers` tokens (0: the input
+    check, the prompt alone; None: no classifier, fail closed)."""
     guard = SequenceGuard(config)
     pending: list[Check] = []
+    asked = []
 
     def apply(actions):
         pending.extend(a for a in actions if isinstance(a, Check))
@@ -56,14 +82,14 @@ def _replay_one(exchange, response_ids, trace, probe_config, config, classifier,
     def answer_checks():
         while pending:
             check = pending.pop()
-            if classifier is None:
-                apply(guard.on_no_classifier())
-                continue
-            partial = tokenizer.decode(response_ids[:check.covers], skip_special_tokens=True)
-            apply(guard.on_verdict(check, classifier.judge(exchange.prompt, partial)["verdict"]))
+            asked.append(check)
+            verdict = judge(check.covers)
+            apply(guard.on_no_classifier() if verdict is None else guard.on_verdict(check, verdict))
 
+    apply(guard.start())
+    answer_checks()
     for ema in trace:
-        flags = (WARN if ema >= probe_config.warn else 0) | (PAUSE if ema >= probe_config.pause else 0)
+        flags = (WARN if ema >= warn else 0) | (PAUSE if ema >= pause else 0)
         apply(guard.on_token(token_flags(flags, None, float(ema))))  # a NaN EMA pauses, as in the engine
         answer_checks()
         if not guard.wants_tokens:
@@ -71,7 +97,8 @@ def _replay_one(exchange, response_ids, trace, probe_config, config, classifier,
     apply(guard.on_finish())
     answer_checks()
     return {"status": guard.status, "paused": bool(guard.pause_points),
-            "first_pause": guard.pause_points[0] if guard.pause_points else None}
+            "first_pause": guard.pause_points[0] if guard.pause_points else None,
+            "checks": sum(not c.final and not c.input for c in asked)}
 
 
 def summarize(exchanges: list[Exchange], outcomes: list[dict]) -> dict:
@@ -107,36 +134,45 @@ def live(llm, rows, *, max_new_tokens: int = 96, progress: bool = True) -> dict:
         answers.append({"prompt": row.prompt, "prompt_label": row.prompt_label, "source": row.source,
                         "status": c.guard.status, "reason": c.guard.reason, "refused": refused,
                         "verdicts": [v.verdict for v in c.guard.verdicts], "text": c.text,
+                        "escalated": any(not v.final for v in c.guard.verdicts) or bool(c.guard.pause_points),
                         "refusal": c.refusal, "pause_points": list(c.guard.pause_points)})
     groups = {}
     for a in answers:
         key = f"{a['source']} ({a['prompt_label']})"
-        g = groups.setdefault(key, {"prompts": 0, "blocked": 0, "refused": 0, "held": 0})
+        g = groups.setdefault(key, {"prompts": 0, "blocked": 0, "refused": 0, "held": 0, "escalated": 0})
         g["prompts"] += 1
+        g["escalated"] += a["escalated"]
         g["blocked"] += a["status"] == "blocked"
         g["held"] += a["status"] == "held"
         g["refused"] += a["refused"]
     for g in groups.values():
         n = g["prompts"]
         g.update(block_rate=round(g["blocked"] / n, 4), refusal_rate=round(g["refused"] / n, 4),
+                 escalation_rate=round(g["escalated"] / n, 4),
                  blocked_or_refused=round((g["blocked"] + g["refused"] + g["held"]) / n, 4))
     return {"groups": groups, "answers": answers}
 
 
 def eval_markdown(report: dict) -> str:
+    guard = report.get("guard", {})
     lines = []
     if "replay" in report:
         r = report["replay"]
-        lines += ["Replay (teacher-forced exchanges through probe, classifier and policy):", "",
+        lines += [f"Replay (teacher-forced exchanges through probe, classifier and policy; final check "
+                  f"{'on' if guard.get('final_check') else 'off'}, input check "
+                  f"{'on' if guard.get('input_check') else 'off'}):", "",
                   "| label | exchanges | paused | blocked |", "|---|---:|---:|---:|"]
         for name, v in r["per_label"].items():
             lines.append(f"| {name} | {v['exchanges']} | {v['pause_rate']:.1%} | {v['block_rate']:.1%} |")
         med = r["median_tokens_to_pause_unsafe"]
         lines += ["", f"median response tokens before the pause (unsafe): {'-' if med is None else f'{med:.0f}'}", ""]
     if "live" in report:
-        lines += ["Live generation under the guard:", "",
-                  "| prompts | n | blocked | refused | held | blocked or refused |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"Live generation under the guard (final check {'on' if guard.get('final_check') else 'off'}, "
+                  f"input check {'on' if guard.get('input_check') else 'off'}; escalated: the classifier was "
+                  "asked before the end, at a pause or the input check):", "",
+                  "| prompts | n | escalated | blocked | refused | held | blocked or refused |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for key, g in report["live"]["groups"].items():
-            lines.append(f"| {key} | {g['prompts']} | {g['block_rate']:.1%} | {g['refusal_rate']:.1%} | "
-                         f"{g['held']} | {g['blocked_or_refused']:.1%} |")
+            lines.append(f"| {key} | {g['prompts']} | {g['escalation_rate']:.1%} | {g['block_rate']:.1%} | "
+                         f"{g['refusal_rate']:.1%} | {g['held']} | {g['blocked_or_refused']:.1%} |")
     return "\n".join(lines)

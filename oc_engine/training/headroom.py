@@ -136,9 +136,8 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
                  progress: bool, log) -> dict:
     """Load the model, probe and classifier (the defaults unless given), then `headroom`.
 
-    The classifier is fine-tuned from `checkpoint`; with the default classifier, from the
-    checkpoint that `train-classifier --default` keeps beside it."""
-    from oc_engine.engine import embedded
+    The classifier is fine-tuned from `checkpoint`; else from the checkpoint the classifier was
+    exported from (its `source_model`: for a delta, the merged model kept beside the export)."""
     from oc_engine.engine.defaults import require_probe, resolve_classifier
     from oc_engine.engine.loading import load_model
     from oc_engine.training.probe_pipeline import read_specs
@@ -150,9 +149,9 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
     loaded = load_model(model, progress=False)
     directory, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = None if no_classifier else resolve_classifier(classifier_dir, "cpu", log=log)
-    if checkpoint is None and classifier is not None and classifier_dir is None:
-        default_checkpoint = embedded.default_classifier_checkpoint_dir()
-        checkpoint = default_checkpoint if (default_checkpoint / "config.json").is_file() else None
+    if checkpoint is None and classifier is not None:
+        source = classifier.config.source_model
+        checkpoint = source if source and (Path(source) / "config.json").is_file() else None
     if no_classifier or (classifier is None and checkpoint is None):
         log("no classifier: measuring the probe alone")
     elif checkpoint is None:

@@ -6,7 +6,9 @@ labelled by prompt label and the refusal detector; see `onpolicy`):
 - a sample of the shared prompt files (`SAMPLED`): harmful requests and everyday benign ones;
 - `TOPIC_MATCHED` benign Alpaca prompts nearest to the harmful training prompts, and
 - `TWINS` templated benign twins of the harmful training prompts (see `topic_matched`):
-  safe answers on harmful topics, so neither stage learns the topic alone.
+  safe answers on harmful topics, so neither stage learns the topic alone;
+- contrast prompts (see `contrast`): benign requests written by category that use dangerous
+  words in a safe sense, and the benign pool's prompts that contain such words.
 
 Only `train/` prompts are used. Among them are the JailbreakBench goals, which are the dev
 file's harmful half (the data README says so); no dev benign prompt is trained on.
@@ -57,10 +59,12 @@ def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path
     sampled = Path(f"{stem}-default-v2.jsonl")
     matched = Path(f"{stem}-topic-matched-v2.jsonl")
     twins = Path(f"{stem}-benign-twins-v2.jsonl")
+    contrast = Path(f"{stem}-contrast-v1.jsonl")
     _collect_once(loaded, sampled, lambda: _sampled_prompts(root), log, progress)
     _collect_once(loaded, matched, lambda: _topic_matched_prompts(root, log), log, progress)
     _collect_once(loaded, twins, lambda: benign_twins(_anchors(root), TWINS_PER_PROMPT, TWINS), log, progress)
-    return [sampled, matched, twins]
+    _collect_once(loaded, contrast, lambda: _contrast_prompts(root, matched), log, progress)
+    return [sampled, matched, twins, contrast]
 
 
 def _collect_once(loaded, out: Path, prompts, log, progress: bool) -> None:
@@ -82,6 +86,19 @@ def _sampled_prompts(root: Path) -> list:
         distinct = {r.prompt: r for r in read_labelled_prompts(root / "train" / name, source_filter=source)}
         rows += sample_prompts(list(distinct.values()), limit)
     return rows
+
+
+def _contrast_prompts(root: Path, matched: Path) -> list:
+    """The written contrast prompts, and the benign pool's prompts with a word of harm that the
+    topic-matched file does not already hold."""
+    from oc_engine.jsonl import iter_jsonl
+    from oc_engine.training.contrast import keyword_mined, written_rows
+    from oc_engine.training.onpolicy import read_labelled_prompts
+    from oc_engine.training.splits import prompt_key
+
+    pool = read_labelled_prompts(root / "train" / BENIGN_POOL[0], source_filter=BENIGN_POOL[1])
+    taken = {prompt_key(row["prompt"]) for _, row in iter_jsonl(matched, required=("prompt",))}
+    return written_rows() + keyword_mined(pool, taken)
 
 
 def _anchors(root: Path) -> list:
