@@ -186,7 +186,11 @@ def materialize(path: str | Path, log: Callable[[str], None] = lambda m: None) -
         for name in ("checkpoint", "export"):  # the export last: its presence means the build is whole
             if not (root / name / ("classifier_config.json" if name == "export" else "config.json")).exists():
                 shutil.rmtree(root / name, ignore_errors=True)
-                os.replace(staging / name, root / name)
+                try:
+                    os.replace(staging / name, root / name)
+                except OSError:  # another process built it meanwhile: use theirs
+                    if not (root / name).is_dir():
+                        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return export
