@@ -1,8 +1,9 @@
-"""Read JSONL files with errors that name the file and line."""
+"""Read JSONL files with errors that name the file and line; write JSON files atomically."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -40,3 +41,11 @@ def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
             if missing:
                 raise OcEngineError(f"{path}:{number}: missing field {missing[0]!r}")
             yield number, row
+
+
+def write_json_file(path: str | Path, obj) -> None:
+    """Replace `path` with `obj` as indented JSON, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

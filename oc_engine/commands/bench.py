@@ -6,8 +6,9 @@ import json
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_file, device_option, dtype_option, json_option,
-                                       model_option, out_option, seed_option, user_errors, write_json)
+from oc_engine.commands.common import (FiniteFloat, check_output_file, classifier_option, device_option,
+                                       dtype_option, json_option, model_option, out_option, seed_option, user_errors,
+                                       write_json)
 
 
 @click.group()
@@ -70,8 +71,7 @@ def decode(model, dtype, device, new_tokens, repeats, modes, out, as_json):
 @device_option
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Rounds (round-robin).")
-@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
-              help="The classifier export (default: the shipped classifier).")
+@classifier_option()
 @click.option("--pause-quantile", type=FiniteFloat(0.5, 0.99), default=0.9, show_default=True,
               help="Pause when the EMA reaches this quantile of the answer's own EMA.")
 @out_option()
@@ -95,8 +95,7 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 
 
 @bench.command("classifier")
-@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
-              help="The classifier export (default: the shipped classifier).")
+@classifier_option()
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Calls per case.")
 @out_option()
 @json_option("Print the JSON report instead of the table.")
@@ -116,8 +115,7 @@ def classifier(classifier_dir, repeats, out, as_json):
 @model_option
 @dtype_option
 @device_option
-@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False), default=None,
-              help="The classifier export or delta (default: the shipped classifier).")
+@classifier_option()
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
 @out_option()

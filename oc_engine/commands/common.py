@@ -55,6 +55,16 @@ def classifier_option(help: str = "Exchange classifier: an ONNX export or a delt
     return click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False), help=help)
 
 
+def final_check_option(help: str = "The classifier judges the whole answer before its end is shown [default: "
+                                   "on when nothing streams (--json, --prompts-file), off for a streamed answer]."):
+    return click.option("--final-check/--no-final-check", default=None, help=help)
+
+
+def input_check_option(help: str = "The classifier judges the prompt alone while it is prefilled; no token is "
+                                   "shown before that verdict, and a block shows only the refusal [default: off]."):
+    return click.option("--input-check/--no-input-check", default=None, help=help)
+
+
 def seed_option(default: int | None = 0, help: str | None = None):
     return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
 

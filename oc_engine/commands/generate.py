@@ -9,8 +9,8 @@ import sys
 import click
 
 from oc_engine.commands.common import (FiniteFloat, check_output_file, classifier_option, device_option,
-                                       dtype_option, json_option, model_option, seed_option, user_errors,
-                                       write_text_file)
+                                       dtype_option, final_check_option, input_check_option, json_option,
+                                       model_option, seed_option, user_errors, write_text_file)
 from oc_engine.engine.guard import MAX_DEADLINE_S
 from oc_engine.errors import OcEngineError
 
@@ -42,12 +42,8 @@ from oc_engine.errors import OcEngineError
                    "embedded model: the probe shipped for it.")
 @click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier.")
 @classifier_option()
-@click.option("--final-check/--no-final-check", default=None,
-              help="The classifier judges the whole answer before its end is shown [default: on when nothing "
-                   "streams (--json, --prompts-file), off for a streamed answer].")
-@click.option("--input-check/--no-input-check", default=None,
-              help="The classifier judges the prompt alone while it is prefilled; no token is shown before "
-                   "that verdict, and a block shows only the refusal.")
+@final_check_option()
+@input_check_option()
 @click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold.")
 @click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold.")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens.")

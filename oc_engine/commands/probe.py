@@ -8,8 +8,9 @@ import json
 import click
 
 from oc_engine.commands.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
-                                       classifier_option, dtype_option, json_option, model_option, out_option,
-                                       probe_option, progress_log, seed_option, user_errors, write_json)
+                                       classifier_option, dtype_option, final_check_option, input_check_option,
+                                       json_option, model_option, out_option, probe_option, progress_log,
+                                       seed_option, user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
@@ -203,11 +204,9 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 @out_option()
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Replay: write the distributions of per-exchange max EMA by label (PNG).")
-@click.option("--final-check/--no-final-check", default=None,
-              help="Live: judge each whole answer before its end is shown [default: on, as generate does for "
-                   "answers that do not stream; --no-final-check measures what a streamed answer gets].")
-@click.option("--input-check/--no-input-check", default=None,
-              help="Live: judge the prompt alone before the first token [default: the guard's default].")
+@final_check_option("Judge each whole answer before its end is shown [default: on, as generate does for answers "
+                    "that do not stream; --no-final-check measures what a streamed answer gets].")
+@input_check_option()
 @json_option("Print the report as JSON.")
 @seed_option(0)
 @user_errors

@@ -224,18 +224,14 @@ class ExchangeClassifier:
                               return_tensors="np")
 
     def _probabilities(self, encoded, urgent: bool) -> np.ndarray:
-        logits = self._logits(encoded, urgent)
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=-1, keepdims=True)
+        return _softmax(self._logits(encoded, urgent))
 
     def _judge_encoded(self, encoded, urgent: bool, start: float) -> dict:
         return self._verdict_of(self._logits(encoded, urgent), start)
 
     def _verdict_of(self, logits: np.ndarray, start: float) -> dict:
         """logits [1, labels] -> the verdict dict."""
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        p_unsafe = float((np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True))[0, self.config.unsafe_label])
+        p_unsafe = float(_softmax(logits)[0, self.config.unsafe_label])
         return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
                 "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
 
@@ -308,3 +304,9 @@ class ExchangeClassifier:
             else:
                 logits = self._model(**inputs).logits.float()
         return logits.cpu().numpy()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """[N, labels] logits -> probabilities, row by row."""
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)

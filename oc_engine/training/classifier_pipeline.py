@@ -14,6 +14,7 @@ from pathlib import Path
 
 from oc_engine.data import require_shared_data_dir
 from oc_engine.errors import OcEngineError
+from oc_engine.jsonl import write_json_file
 
 
 # The default build's training fits 15 minutes on a 2-core CPU: one pass over 10,000 rows
@@ -170,9 +171,7 @@ def recalibrate(classifier_dir: str, specs: list[tuple[str, str | None]], target
         config = json.loads(file.read_text())
         config.update(allow_threshold=calibration.allow_threshold, block_threshold=calibration.block_threshold,
                       calibration={**result, "data": [p + (f"@{s}" if s else "") for p, s in specs]})
-        tmp = file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, file)
+        write_json_file(file, config)
         result["written_to"] = str(file)
     return result
 
@@ -216,7 +215,4 @@ def _swap_in(new: Path, final: Path) -> None:
 def _write_report(checkpoint: Path, report: dict) -> None:
     from oc_engine.export.onnx_export import TRAINING_FILE
 
-    file = checkpoint / TRAINING_FILE
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, file)
+    write_json_file(checkpoint / TRAINING_FILE, report)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from oc_engine.errors import OcEngineError
+from oc_engine.jsonl import write_json_file
 
 # Both default builds hold out the prompts whose hash falls below their validation share, with
 # seed 0: the classifier 0.15, the probe 0.2. Below 0.15 neither stage trained.
@@ -101,10 +101,8 @@ def write_choice(report: dict, probe_path: Path, classifier_dir) -> dict:
     classifier_config = json.loads(classifier_file.read_text())
     classifier_config.update(block_threshold=point["block"], allow_threshold=point["block"])
     classifier_config["guard_calibration"] = point
-    for file, config in ((probe_file, probe_config), (classifier_file, classifier_config)):
-        tmp = file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, file)
+    write_json_file(probe_file, probe_config)
+    write_json_file(classifier_file, classifier_config)
     return {"probe": str(probe_file), "classifier": str(classifier_file)}
 
 
