@@ -58,8 +58,15 @@ class TimedClassifier:
         future = self.inner.submit(prompt, response, urgent=urgent or self.blocking)
         future.add_done_callback(lambda _: self.intervals.append((start, self.clock())))
         if self.blocking:
+            self.drain()  # an inline classifier answers when asked
             cf.wait([future])
         return future
+
+    def drain(self) -> None:
+        """Pass the decode loop's call on to an inline classifier."""
+        drain = getattr(self.inner, "drain", None)
+        if drain is not None:
+            drain()
 
 
 def gap_stats(arrivals: list[float], checks: list[tuple[float, float]]) -> dict:

@@ -9,8 +9,10 @@
         ...
 
 Requests are decoded together with continuous batching: `max_num_seqs` cache slots, a
-request joining a free slot between decode steps and leaving it the moment it ends. Callers
-that drive the loop themselves use `add_request`, `step` and `cancel`.
+request joining a free slot between decode steps and leaving it the moment it ends. A prompt
+is text (the user turn of the chat template), token ids, or a list of chat messages. Callers
+that drive the loop themselves use `add_request` (or `prepare_request`, then `add_request`),
+`step`, `cancel` and `wake`; `oc_engine.async_llm.AsyncLLM` does that on a thread for asyncio.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
 from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.sequence import FINISHED, Sequence
+from oc_engine.engine.sequence import FINISHED, WAITING, Sequence
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Completion, Event, Finished
 from oc_engine.params import SamplingParams
 
 DEFAULT = "default"
-DEFAULT_MAX_MODEL_LEN = 2048  # attention runs over the whole cache: longer costs every step
+DEFAULT_MAX_MODEL_LEN = 2048  # per slot; memory, and (for models whose attention reads the whole cache) time
 CACHE_BUCKET = 128  # `fit` rounds cache lengths up to this, so nearby jobs share compiled steps
-Prompt = str | list[int]
+Prompt = str | list[int] | list[dict]  # text (the user turn), token ids, or chat messages
 
 
 class LLM:
@@ -107,7 +109,8 @@ class LLM:
             raise
         from oc_engine.engine.llm_engine import LLMEngine
 
-        self.engine = LLMEngine(self.runner, eos_token_ids(self.loaded.model, self.tokenizer))
+        self.engine = LLMEngine(self.runner, eos_token_ids(self.loaded.model, self.tokenizer),
+                                run_checks=self._run_checks)
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._driven: dict[str, Sequence] = {}  # requests from add_request, whose events step() returns
@@ -139,13 +142,27 @@ class LLM:
             if seq.status != FINISHED:
                 self.cancel(seq.request_id)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                    request_id: str | None = None) -> str:
-        """Queue a request for `step()` to decode; returns its id."""
-        (seq,) = self._sequences([prompt], params, keep_events=True, request_id=request_id)
+    def prepare_request(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
+                        stream: bool = True, guard: GuardConfig | None | str = DEFAULT) -> Sequence:
+        """A validated, tokenized request that `add_request` can queue later; touches no engine
+        state, so a server can do it on its own thread and answer a bad request at once.
+        stream=False: nothing is shown before the end, so the final check is on by default.
+        guard: this request's policy (a `GuardConfig`), None for no guard, or "default" (the LLM's)."""
+        (seq,) = self._sequences([prompt], params, keep_events=True, request_id=request_id, streaming=stream,
+                                 guard=guard)
+        return seq
+
+    def add_request(self, prompt: Prompt | Sequence, params: SamplingParams | None = None, *,
+                    request_id: str | None = None, stream: bool = True,
+                    guard: GuardConfig | None | str = DEFAULT) -> str:
+        """Queue a request (or one made by `prepare_request`) for `step()` to decode; returns its id."""
+        seq = prompt if isinstance(prompt, Sequence) else self.prepare_request(
+            prompt, params, request_id=request_id, stream=stream, guard=guard)
         with self._lock:
-            if seq.request_id in self.engine.requests:
+            if seq.request_id in self.engine.requests or seq.request_id in self._driven:
                 raise OcEngineError(f"request id {seq.request_id!r} is already in use")
+            if seq.status != WAITING or seq.token_ids:
+                raise OcEngineError(f"request {seq.request_id!r} was already queued once")
             self.engine.add(seq)
             self._driven[seq.request_id] = seq
         return seq.request_id
@@ -174,6 +191,10 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
+
+    def wake(self) -> None:
+        """From any thread: a `step()` blocked on verdicts returns early (new work is waiting)."""
+        self.engine.wake()
 
     def run(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None, *,
             collect_taps: bool = False, progress: Callable[[Completion], None] | None = None,
@@ -249,16 +270,24 @@ class LLM:
         self.close()
 
     # -- internals ----------------------------------------------------------------------
+    def _run_checks(self) -> None:
+        """The loop's call between steps: an inline classifier runs its queued checks (looked up
+        each time: tools swap `classifier` on a built LLM)."""
+        drain = getattr(self.classifier, "drain", None)
+        if drain is not None:
+            drain()
+
     def _sequences(self, prompts, params, *, keep_events: bool, collect_taps: bool = False,
-                   request_id: str | None = None, check_length: bool = True) -> list[Sequence]:
+                   request_id: str | None = None, check_length: bool = True, streaming: bool | None = None,
+                   guard: GuardConfig | None | str = DEFAULT) -> list[Sequence]:
         """Validated sequences for these prompts; an error for any bad one before any is queued."""
         from oc_engine.engine.guarded import SequenceMonitor
-        from oc_engine.engine.prompts import render_prompt
+        from oc_engine.engine.prompts import conversation_text, is_messages, render_messages, render_prompt
         from oc_engine.engine.sampling import sequence_keys
         from oc_engine.engine.text_stream import TextStream
 
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]  # one prompt: text, token ids or a conversation
         prompts = list(prompts)
         if not prompts:
             return []
@@ -267,6 +296,10 @@ class LLM:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_prompt):
             raise OcEngineError("give one SamplingParams, or one per prompt")
+        policy = self.guard_config if isinstance(guard, str) and guard == DEFAULT else guard
+        if policy is not None and (self.probe is None or not isinstance(policy, GuardConfig)):
+            raise OcEngineError("a guard policy needs an LLM built with a probe" if self.probe is None
+                                else f"guard must be a GuardConfig, None or 'default', got {guard!r}")
         # Each prompt samples from its own random stream, keyed by its seed and its index here:
         # its tokens do not depend on its neighbours nor on how long it waited for a verdict.
         seeds = {p.seed for p in per_prompt}
@@ -276,28 +309,30 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
             if isinstance(prompt, str):
                 ids, text = render_prompt(self.tokenizer, prompt, chat_template=self.chat_template), prompt
+            elif is_messages(prompt):
+                ids, text = render_messages(self.tokenizer, prompt), conversation_text(prompt)
             elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                            for t in prompt):
                 ids, text = list(prompt), None
             else:
-                raise OcEngineError(f"prompt {i + 1} must be text or a list of token ids")
+                raise OcEngineError(f"prompt {i + 1} must be text, a list of token ids or a list of chat messages")
             if not ids:
                 raise OcEngineError(f"prompt {i + 1} is empty after tokenization")
             if check_length and len(ids) >= self.max_model_len:
                 raise OcEngineError(f"prompt {i + 1} has {len(ids)} tokens, too long for max_model_len "
                                     f"{self.max_model_len} (the prompt plus at least one new token)")
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            guard = None
-            if self.probe is not None:
+            monitor = None
+            if policy is not None:
                 guard_prompt = text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
                 # A non-streaming call shows nothing before the end: its final check is on by default.
-                config = self.guard_config.for_request(streaming=keep_events,
-                                                       has_classifier=self.classifier is not None)
-                guard = SequenceMonitor(self.tokenizer, guard_prompt, config, self.classifier,
-                                        request_id=rid, stop_strings=p.stop, record_trace=self.record_trace)
+                config = policy.for_request(streaming=keep_events if streaming is None else streaming,
+                                            has_classifier=self.classifier is not None)
+                monitor = SequenceMonitor(self.tokenizer, guard_prompt, config, self.classifier,
+                                          request_id=rid, stop_strings=p.stop, record_trace=self.record_trace)
             seqs.append(Sequence(request_id=rid, prompt_ids=ids, params=p, key=keys[p.seed][i],
                                  limit=max(1, min(p.max_tokens, self.max_model_len - len(ids))),
-                                 stream=TextStream(self.tokenizer, p.stop), prompt=text, guard=guard,
+                                 stream=TextStream(self.tokenizer, p.stop), prompt=text, guard=monitor,
                                  collect_taps=collect_taps, keep_events=keep_events))
         return seqs
 

@@ -63,13 +63,17 @@ def test_pad_fills_ids_with_the_pad_id_and_the_rest_with_zero():
     assert out["input_ids"].tolist() == [[5, 6], [7, 9]] and out["token_type_ids"].tolist() == [[1, 1], [1, 0]]
 
 
-def test_batched_verdicts_equal_single_calls(tiny_classifier):
+@pytest.mark.parametrize("inline", [False, True])
+def test_batched_verdicts_equal_single_calls(tiny_classifier, inline):
     from oc_engine.engine.classifier import ExchangeClassifier
 
-    classifier = ExchangeClassifier(tiny_classifier[1])
+    classifier = ExchangeClassifier(tiny_classifier[1], inline=inline)
     pairs = [(f"w{5 + i} w6", " ".join(f"w{20 + j}" for j in range(i))) for i in range(12)]
     futures = [classifier.submit(p, r) for p, r in pairs]
+    classifier.drain()  # inline: all twelve run now, as one batch
     batched = [f.result(30)["p_unsafe"] for f in futures]
+    if inline:
+        assert classifier._batcher.batch_sizes == [12]
     single = [classifier.judge(p, r)["p_unsafe"] for p, r in pairs]
     classifier.close()
     np.testing.assert_allclose(batched, single, atol=1e-5)

@@ -28,11 +28,22 @@ def test_onnx_runtime_matches_pytorch(tiny_classifier):
     np.testing.assert_allclose(torch_backend, expected, atol=1e-5)
 
 
-def test_submit_returns_a_future_with_a_verdict(tiny_classifier):
-    classifier = ExchangeClassifier(tiny_classifier[1])
-    result = classifier.submit("hi", "hello").result(timeout=30)
+@pytest.mark.parametrize("inline", [False, True])
+def test_submit_returns_a_future_with_a_verdict(tiny_classifier, inline):
+    classifier = ExchangeClassifier(tiny_classifier[1], inline=inline)
+    future = classifier.submit("hi", "hello")
+    if inline:
+        assert not future.done(), "an inline check waits for the decode loop's drain"
+        classifier.drain()
+    result = future.result(timeout=30)
     assert result["verdict"] in ("allow", "block", "uncertain") and 0 <= result["p_unsafe"] <= 1
     assert result["backend"] == "onnx"
+    classifier.close()
+
+
+def test_the_default_is_inline_on_cpu(tiny_classifier):
+    classifier = ExchangeClassifier(tiny_classifier[1])
+    assert classifier.inline and not classifier._batcher._started
 
 
 def test_guarded_generation_blocks_with_the_real_runtime(tiny, tiny_classifier, tmp_path):

@@ -35,3 +35,29 @@ def test_no_recompile_after_warmup(tiny, family):
     assert [finished[r].finish_reason for r in (first, short, last)] == ["cancelled", "length", "length"]
     assert [len(finished[r].token_ids) for r in (short, last)] == [4, 12]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
+
+
+def test_a_long_cache_bounds_attention_by_the_live_span_without_recompiling(tiny, monkeypatch):
+    """In a cache longer than SPAN_MIN_CACHE, attention reads only the live span; the span is a
+    symbol of one graph, so answers that cross span buckets neither recompile nor change tokens."""
+    import torch._dynamo
+
+    import oc_engine.engine.model_runner as model_runner
+    from conftest import hf_greedy
+    from oc_engine.engine.model_runner import SPAN_BUCKET
+    from probe_helpers import fixed, plain_llm
+
+    monkeypatch.setattr(model_runner, "SPAN_MIN_CACHE", SPAN_BUCKET)  # the tiny model's context is 256
+    loaded = tiny("llama")
+    llm = plain_llm(loaded, compile=True, max_num_seqs=2, max_model_len=2 * SPAN_BUCKET)
+    assert llm.runner.span_attention
+    prompt = [2] + [5 + i % 50 for i in range(SPAN_BUCKET - 8)]  # its answer crosses into the second bucket
+    torch._dynamo.reset()
+    llm.generate([prompt[:5]], fixed(4))  # warm-up: compiles the greedy step at span 128
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first, second = llm.generate([prompt, prompt[:20]], [fixed(24), fixed(30)])
+    assert sorted(llm.runner._span_refs) == [SPAN_BUCKET, 2 * SPAN_BUCKET]  # both spans ran
+    assert compiled_before >= 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
+    assert list(first.token_ids) == hf_greedy(loaded, prompt, 24)
+    assert list(second.token_ids) == hf_greedy(loaded, prompt[:20], 30)

@@ -154,7 +154,7 @@ def test_bad_requests_are_refused_before_they_queue(tiny):
         llm.generate([[]])
     with pytest.raises(OcEngineError, match="one SamplingParams, or one per prompt"):
         llm.generate(PROMPTS, [fixed(2)])
-    with pytest.raises(OcEngineError, match="text or a list of token ids"):
+    with pytest.raises(OcEngineError, match="must be text, a list of token ids"):
         llm.generate([3.5])
     rid = llm.add_request(PROMPTS[0], fixed(2), request_id="mine")
     with pytest.raises(OcEngineError, match="already in use"):

@@ -1,4 +1,4 @@
-"""One worker thread that runs the classifier's queued checks together, as one batch.
+"""The classifier's queued checks, run together as one batch: by a worker thread, or inline.
 
 Under load (many sequences decoding, each pausing or ending with a final check) checks arrive
 faster than one-at-a-time calls can answer on a CPU shared with decoding, and a check that
@@ -6,6 +6,12 @@ waits in the queue past its deadline fails closed. The worker takes every check 
 becomes free (up to `max_batch`), pads them to one length and runs them in one call: a batch of
 sixteen costs far less than sixteen calls. Padding does not change a check's answer beyond
 float rounding (the attention mask hides it).
+
+Inline (`inline=True`), there is no thread: checks wait in the queue until the decode loop
+calls `drain()` between steps, which runs them all as one batch on the loop's own thread. On a
+CPU that decoding keeps busy, a worker beside it only gets the time the decode threads leave
+(little, under a full batch) and a starved check stalls every sequence when decoding has to
+yield to it; inline, a check costs exactly its compute, once per step at most.
 
 Each item is a dict of unpadded token-id lists (`input_ids`, `attention_mask`, maybe
 `token_type_ids`); `run(batch: dict[str, np.ndarray [B, T]], urgent) -> [B, labels]` logits.
@@ -25,8 +31,9 @@ _STOP = object()
 
 class CheckBatcher:
     def __init__(self, run: Callable[[dict, bool], np.ndarray], *, pad_id: int, max_batch: int = 32,
-                 initializer: Callable[[], None] | None = None, name: str = "oc-classifier"):
+                 initializer: Callable[[], None] | None = None, name: str = "oc-classifier", inline: bool = False):
         self.run, self.pad_id, self.max_batch, self.initializer = run, pad_id, max_batch, initializer
+        self.inline = inline
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._started = False
@@ -37,14 +44,35 @@ class CheckBatcher:
         """A future of this item's logits row [labels]."""
         future: cf.Future = cf.Future()
         with self._lock:
-            if not self._started:
+            if not self._started and not self.inline:
                 self._thread.start()
                 self._started = True
         self._queue.put((item, urgent, future))
         return future
 
+    def drain(self) -> None:
+        """Inline: run every queued check now, in batches of `max_batch` (the caller's thread;
+        the decode loop calls it between steps). A no-op for a worker-thread batcher."""
+        if not self.inline:
+            return
+        while True:
+            jobs = []
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not _STOP:
+                    jobs.append(job)
+            if not jobs:
+                return
+            self._run(jobs, urgent=True)  # decoding waits meanwhile: use every core
+
     def close(self) -> None:
         """Stop the worker; checks still queued are cancelled."""
+        if self.inline:
+            self._cancel_rest()
+            return
         self._queue.put(_STOP)
 
     # -- the worker -----------------------------------------------------------------------
@@ -69,13 +97,13 @@ class CheckBatcher:
             if stop:
                 return self._cancel_rest()
 
-    def _run(self, jobs: list) -> None:
+    def _run(self, jobs: list, urgent: bool = False) -> None:
         jobs = [job for job in jobs if job[2].set_running_or_notify_cancel()]  # drop cancelled checks
         if not jobs:
             return
         self.batch_sizes.append(len(jobs))
         try:
-            logits = self.run(pad([item for item, _, _ in jobs], self.pad_id), any(u for _, u, _ in jobs))
+            logits = self.run(pad([item for item, _, _ in jobs], self.pad_id), urgent or any(u for _, u, _ in jobs))
         except BaseException as exc:  # noqa: BLE001 - every check of the batch fails (closed) with it
             for _, _, future in jobs:
                 future.set_exception(exc)

@@ -159,7 +159,11 @@ def _lower_thread_priority(nice: int = WORKER_NICE) -> None:
 
 
 class ExchangeClassifier:
-    def __init__(self, path: str | Path, *, device: str = "cpu", backend: str = "auto"):
+    """inline: checks run between decode steps on the loop's thread (`drain`) instead of in a
+    worker beside decoding; default: inline on CPU, where a worker competes with decoding for
+    the same cores, and a worker on CUDA, where it runs on its own stream."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", backend: str = "auto", inline: bool | None = None):
         from transformers import AutoTokenizer
 
         self.path = Path(path)
@@ -179,7 +183,8 @@ class ExchangeClassifier:
 
         initializer = _lower_thread_priority if not device.startswith("cuda") else None
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._batcher = CheckBatcher(self._logits, pad_id=pad_id, initializer=initializer)
+        self.inline = not device.startswith("cuda") if inline is None else inline
+        self._batcher = CheckBatcher(self._logits, pad_id=pad_id, initializer=initializer, inline=self.inline)
 
     # -- public -------------------------------------------------------------------------
     def probabilities(self, prompts: list[str], responses: list[str], urgent: bool = False) -> np.ndarray:
@@ -190,7 +195,7 @@ class ExchangeClassifier:
         return self._judge_encoded(self._encode([prompt], [response]), urgent, time.perf_counter())
 
     def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
-        """Judge in the worker thread; decoding continues meanwhile.
+        """Judge in the worker thread, decoding continuing meanwhile; inline, at the next `drain`.
 
         The text is tokenized here, on the caller's thread (a fraction of a millisecond), so
         the low-priority worker only pads and runs the model, which releases the GIL: a worker
@@ -234,6 +239,10 @@ class ExchangeClassifier:
         p_unsafe = float(_softmax(logits)[0, self.config.unsafe_label])
         return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
                 "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
+
+    def drain(self) -> None:
+        """Inline: run the queued checks now (the decode loop calls it between steps)."""
+        self._batcher.drain()
 
     def close(self) -> None:
         self._batcher.close()

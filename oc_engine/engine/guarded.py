@@ -32,6 +32,9 @@ OVERDUE_SHARE = 0.25
 
 
 class Classifier(Protocol):
+    """An optional `drain()` is called by the decode loop between steps and before it waits
+    for a verdict: an inline classifier runs its queued checks then (see `check_batcher`)."""
+
     def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
         """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'.
 
@@ -210,13 +213,14 @@ class SequenceMonitor:
             self._events.append(TextReleased(self.request_id, piece))
 
 
-def wait_for_verdicts(monitors: Iterable[SequenceMonitor]) -> None:
-    """Block until one pending verdict arrives or the nearest deadline passes (every live
-    sequence waits for a verdict, so there is nothing to decode meanwhile)."""
+def wait_for_verdicts(monitors: Iterable[SequenceMonitor], wake: cf.Future | None = None) -> None:
+    """Block until one pending verdict arrives, the nearest deadline passes, or `wake` is done
+    (a caller with new work: a request to add or cancel)."""
     pending = [(m.pending, m.config.deadline_s, m.clock) for m in monitors if m.pending is not None]
     if pending:
         timeout = max(0.0, min(p.submitted + deadline - clock() for p, deadline, clock in pending))
-        cf.wait([p.future for p, _, _ in pending], timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
+        futures = [p.future for p, _, _ in pending] + ([wake] if wake is not None else [])
+        cf.wait(futures, timeout=timeout + 1e-3, return_when=cf.FIRST_COMPLETED)
 
 
 def _finite_or_none(value: float | None) -> float | None:

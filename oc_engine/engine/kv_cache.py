@@ -50,12 +50,13 @@ class CacheRows:
     def max_len(self) -> int:
         return self.cache.max_len
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store key/value [B, kv_heads, T, head_dim] at positions pos [B, T]; return the full buffers.
-
-        Returns K, V of shape [B, kv_heads, max_len, head_dim] for these rows; positions
-        not yet written hold zeros and are masked out by the caller.
-        """
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
+              span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store key/value [B, kv_heads, T, head_dim] at positions pos [B, T]; return the buffers
+        to attend over: K, V [B, kv_heads, span or max_len, head_dim] for these rows. Positions
+        not yet written hold zeros and are masked out by the caller. `span` (at least every
+        live position + 1) bounds what attention reads: the whole cache costs more than the
+        weights per token at long contexts."""
         keys, values = self.cache._buffers(layer, key.shape[1], key.shape[3])
         if self.rows != slice(None):
             keys, values = keys[self.rows], values[self.rows]
@@ -63,4 +64,6 @@ class CacheRows:
         # Advanced indices around a slice put [B, T] first: the value is [B, T, kv_heads, head_dim].
         keys[batch_index, :, pos] = key.transpose(1, 2).to(keys.dtype)
         values[batch_index, :, pos] = value.transpose(1, 2).to(values.dtype)
+        if span is not None:
+            keys, values = keys[:, :, :span], values[:, :, :span]
         return keys, values

@@ -1,7 +1,8 @@
 """The engine loop: admit waiting requests into free slots, decode one step, hand out tokens.
 
 One `step()`:
-1. deliver the verdicts that arrived (never blocking); a sequence its guard stopped leaves at once;
+1. run the checks an inline classifier queued (`run_checks`), then deliver the verdicts that
+   arrived (never blocking otherwise); a sequence its guard stopped leaves at once;
 2. prefill waiting requests into free slots (first come, first served), each sampling its
    first token; that step ends there, so first tokens are delivered before the next decode
    step (the first one compiles);
@@ -9,14 +10,16 @@ One `step()`:
    frozen, and read the new tokens (on CUDA one step behind the device, see `accel.StepReader`);
 4. a sequence that ends (EOS, stop string, length, guard, cancel) frees its slot at once; one
    whose guard still awaits a verdict (a final check) drains without a slot.
-If every running sequence waits for a verdict, the step blocks until one arrives or its deadline
-passes; so does a step while a check has waited past a quarter of its deadline (a CPU under a
-full batch leaves the classifier no time otherwise, and a late verdict fails closed). Events
-(released text, pauses, verdicts, refusals, the finish) go to each sequence.
+If every running sequence waits for a verdict, the step blocks until one arrives, its deadline
+passes or `wake()` is called; so does a step while a check has waited past a quarter of its
+deadline (a CPU under a full batch leaves a worker-thread classifier no time otherwise, and a
+late verdict fails closed). Events (released text, pauses, verdicts, refusals, the finish) go
+to each sequence.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import time
 from collections import deque
 from typing import Callable
@@ -29,13 +32,16 @@ from oc_engine.outputs import Completion, Finished, TextReleased, Timings
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, eos_ids: set[int], clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, runner: ModelRunner, eos_ids: set[int], clock: Callable[[], float] = time.perf_counter,
+                 run_checks: Callable[[], None] | None = None):
         self.runner, self.eos_ids, self.clock = runner, eos_ids, clock
+        self.run_checks = run_checks or (lambda: None)  # an inline classifier's queued checks
         self.scheduler = Scheduler(runner.num_slots)
         self.requests: dict[str, Sequence] = {}  # every unfinished request
         self.draining: list[Sequence] = []
         self.inflight: deque = deque()  # launched steps whose outputs the host has not read yet
         self._decoding: dict[int, bool] = {}  # slot -> advancing, as last written to the runner
+        self._wake = cf.Future()  # done: a step blocked on verdicts returns early (see `wake`)
 
     # -- requests -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -66,13 +72,22 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def wake(self) -> None:
+        """From any thread: make a step that blocks on verdicts return now (a front end has a
+        request to add or cancel). A wake that comes before the block is kept for it."""
+        try:
+            self._wake.set_result(None)
+        except cf.InvalidStateError:
+            pass  # already woken
+
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> None:
+        self.run_checks()
         self._poll_guards()
         overdue = [s.guard for s in (*self.scheduler.running.values(), *self.draining)
                    if s.guard is not None and s.guard.overdue()]
         if overdue:  # a starved check: decoding yields the machine until a verdict arrives
-            wait_for_verdicts(overdue)
+            self._wait(overdue)
             self._poll_guards()
             return
         if self.scheduler.waiting and self.scheduler.free_slots:
@@ -101,10 +116,16 @@ class LLMEngine:
         else:
             waiting = [s.guard for s in (*self.scheduler.running.values(), *self.draining) if s.guard is not None]
             if waiting:
-                wait_for_verdicts(waiting)  # every live sequence waits for a verdict
+                self._wait(waiting)  # every live sequence waits for a verdict
                 self._poll_guards()
 
     # -- internals ----------------------------------------------------------------------
+    def _wait(self, guards: list) -> None:
+        self.run_checks()  # an inline classifier answers only when asked
+        wait_for_verdicts(guards, wake=self._wake)
+        if self._wake.done():
+            self._wake = cf.Future()  # consumed: the caller sees its new work before the next block
+
     def _prefill(self, seq: Sequence) -> None:
         seq.prefill_start = self.clock()
         if seq.guard is not None:
@@ -175,7 +196,7 @@ class LLMEngine:
             self._finalize(seq)
 
     def _leave_slot(self, seq: Sequence) -> None:
-        self.runner.set_decoding(seq.slot, False)
+        self.runner.release(seq.slot)
         self._decoding[seq.slot] = False
         self.scheduler.free(seq)
 

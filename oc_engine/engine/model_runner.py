@@ -7,6 +7,13 @@ for a verdict changes values, never shapes: nothing recompiles and no new CUDA g
 captured. A slot that is free, finished or waiting has `advance` 0: it recomputes its last
 position (same token, same cache entry) and its outputs are ignored. Two variants of the step
 exist, compiled on first use: greedy only, and per-slot sampling (any running request samples).
+
+In a long cache (over `SPAN_MIN_CACHE` positions, with the fused runner), attention reads only
+the cache's first `span` positions: the live slots' furthest position + 1, rounded up to
+`SPAN_BUCKET` (the host counts positions, so this needs no sync). The span reaches the step as
+the length of a marker tensor whose size is marked unbacked, so one compiled graph serves
+every span: a short answer in a 2048-token cache costs about what it would in a short cache.
+A short cache keeps the fixed-length attention, which is faster at its own length.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from oc_engine.engine.probe_runtime import ProbeRuntime
 from oc_engine.engine.runners import build_runner
 from oc_engine.engine.sampling import RowSampling, SamplingConfig, sample_rows
 from oc_engine.errors import OcEngineError
+
+SPAN_BUCKET = 128  # attention spans are multiples of this (or the whole cache)
+SPAN_MIN_CACHE = 512  # bound attention by the span only in caches longer than this
 
 
 class ModelRunner:
@@ -49,6 +59,7 @@ class ModelRunner:
         # + output_lag: with a lagged read, a slot may run that many steps past its last token
         # before the host sees it finish; those writes must stay inside the cache.
         self.cache = StaticKVCache(num_slots, max_model_len + self.output_lag, self.device, self.dtype)
+        self.span_attention = self._wants_span()
         slots, device = num_slots, self.device
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(slots, 1, dtype=torch.long, device=device)
@@ -59,6 +70,11 @@ class ModelRunner:
         if self.probe is not None:
             self.probe.active.fill_(False)
         self.reader = accel.StepReader(device, self.output_lag)
+        # Host mirrors, so the span needs no device read: each live slot's next write position
+        # and whether it advances.
+        self._next_pos: dict[int, int] = {}  # live slot -> position its next step writes
+        self._advancing: set[int] = set()
+        self._span_refs: dict[int, torch.Tensor] = {}  # span -> marker tensor of that length
         self._steps: dict[bool, Callable] = {}  # sampled? -> step
         self._compiled: set[bool] = set()  # steps whose first (compiling) call has run
         self.compile_s = 0.0  # wall time spent compiling steps (their first calls)
@@ -71,6 +87,8 @@ class ModelRunner:
             raise OcEngineError("the cache can be resized only before the first request")
         self.max_model_len = max_model_len
         self.cache = StaticKVCache(self.num_slots, max_model_len + self.output_lag, self.device, self.dtype)
+        self.span_attention = self._wants_span()
+        self._span_refs.clear()
 
     # -- slots --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -81,7 +99,9 @@ class ModelRunner:
         without a probe. The slot then decodes (`advance` 1) until `set_decoding` stops it."""
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         prompt_pos = torch.arange(len(prompt_ids), device=self.device)[None]
-        logits, tapped = self.runner(ids, prompt_pos, self.cache.rows(slot, slot + 1), self.taps)
+        span = len(prompt_ids) if self.runner.supports_span else None  # eager: any span, no graph
+        logits, tapped = self.runner(ids, prompt_pos, self.cache.rows(slot, slot + 1), self.taps, span)
+        self._next_pos[slot] = len(prompt_ids)
         self.keys[slot] = key
         self.sampling.set(slot, sampling, self.vocab)
         first = sample_rows(logits, _row(self.sampling, slot), self.keys[slot:slot + 1], prompt_pos[:, -1])
@@ -99,8 +119,14 @@ class ModelRunner:
         """A slot stops advancing (finished, freed, or waiting for a verdict) or resumes; a
         stopped slot keeps its EMA."""
         self.advance[slot, 0] = int(decoding)
+        (self._advancing.add if decoding else self._advancing.discard)(slot)
         if self.probe is not None:
             self.probe.active[slot] = decoding
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence left: its positions no longer bound the attention span."""
+        self.set_decoding(slot, False)
+        self._next_pos.pop(slot, None)
 
     # -- the step -----------------------------------------------------------------------
     def launch(self, sampled: bool, keep_taps: bool = False):
@@ -109,10 +135,14 @@ class ModelRunner:
         start = time.perf_counter()  # before `_step`: making the compiled function imports inductor
         step = self._step(sampled)
         first_call = self.compile and sampled not in self._compiled
+        span = self._span_ref()
         with torch.inference_mode():
             next_tokens, tapped, score, ema, flags = step(self.tokens, self.pos, self.cache.all_rows(), self.probe,
-                                                          self.keys, self.sampling)
+                                                          self.keys, self.sampling, span)
             self.pos += self.advance
+            for slot in self._advancing:
+                if slot in self._next_pos:
+                    self._next_pos[slot] += 1
             self.tokens.copy_(torch.where(self.advance.bool(), next_tokens[:, None], self.tokens))
             outputs = [next_tokens] + ([score, ema, flags] if self.probe is not None else [])
             handle = self.reader.stage(outputs)
@@ -130,12 +160,14 @@ class ModelRunner:
         return self.reader.read(handle)
 
     def decode_one_token(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows, probe: ProbeRuntime | None,
-                         keys: torch.Tensor, sampling: RowSampling | None):
-        """tokens [S, 1], pos [S, 1], keys [S] (each slot's random stream) -> (next [S],
-        tapped [L, S, H] | None, score, ema, flags [S] | None). sampling None: greedy.
+                         keys: torch.Tensor, sampling: RowSampling | None, span_ref: torch.Tensor | None = None):
+        """tokens [S, 1], pos [S, 1], keys [S] (each slot's random stream), span_ref [span]
+        (its length bounds attention; None: the whole cache) -> (next [S], tapped [L, S, H] |
+        None, score, ema, flags [S] | None). sampling None: greedy.
 
         No host sync: sampling, the probe score and the EMA update all stay on the device."""
-        logits, tapped = self.runner(tokens, pos, cache_rows, self.taps)
+        span = None if span_ref is None else span_ref.shape[0]
+        logits, tapped = self.runner(tokens, pos, cache_rows, self.taps, span)
         if sampling is None:
             next_tokens = logits.argmax(dim=-1)
         else:
@@ -147,10 +179,31 @@ class ModelRunner:
 
     def _step(self, sampled: bool) -> Callable:
         if sampled not in self._steps:
-            def step(tokens, pos, rows, probe, keys, sampling, _sampled=sampled):
-                return self.decode_one_token(tokens, pos, rows, probe, keys, sampling if _sampled else None)
+            def step(tokens, pos, rows, probe, keys, sampling, span_ref, _sampled=sampled):
+                return self.decode_one_token(tokens, pos, rows, probe, keys, sampling if _sampled else None, span_ref)
             self._steps[sampled] = accel.compile_step(step, self.device) if self.compile else step
         return self._steps[sampled]
+
+
+    def _wants_span(self) -> bool:
+        return getattr(self.runner, "supports_span", False) and self.cache.max_len > SPAN_MIN_CACHE
+
+    def _span_ref(self) -> torch.Tensor | None:
+        """A tensor whose length is this step's attention span: every live slot's write
+        position + 1, rounded up to SPAN_BUCKET, at most the cache (its size unbacked: one
+        graph for every span). None: attend over the whole cache."""
+        if not self.span_attention:
+            return None
+        need = max(self._next_pos.values(), default=0) + 1
+        span = min(-(-need // SPAN_BUCKET) * SPAN_BUCKET, self.cache.max_len)
+        if span not in self._span_refs:
+            ref = torch.empty(span, dtype=torch.int8, device=self.device)
+            if self.compile:
+                # Unbacked, not just dynamic: a backed size would be pinned to its first value
+                # by the compiler's contiguity checks on the sliced cache.
+                torch._dynamo.decorators.mark_unbacked(ref, 0)
+            self._span_refs[span] = ref
+        return self._span_refs[span]
 
 
 def _row(sampling: RowSampling, slot: int) -> RowSampling:

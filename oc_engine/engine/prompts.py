@@ -47,3 +47,45 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool = True, response: 
         return ids
     text = prompt if not response else prompt + response
     return list(tokenizer(text)["input_ids"])
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def is_messages(prompt) -> bool:
+    """A conversation: a non-empty list of {"role", "content"} dicts (OpenAI's chat messages)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def check_messages(messages) -> list[dict]:
+    """The messages as plain {"role", "content": str} dicts; one clear error for the first bad one."""
+    if not is_messages(messages):
+        raise OcEngineError("messages must be a non-empty list of {'role', 'content'} objects")
+    out = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise OcEngineError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise OcEngineError(f"messages[{i}].content must be text, got {type(content).__name__}")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if out[-1]["role"] == "assistant":
+        raise OcEngineError("the last message must not be the assistant's: there is nothing to answer")
+    return out
+
+
+def render_messages(tokenizer, messages) -> list[int]:
+    """Token ids for a conversation through the tokenizer's chat template, ready for the answer."""
+    messages = check_messages(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        raise OcEngineError("this model's tokenizer has no chat template: send raw text instead")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                        enable_thinking=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def conversation_text(messages) -> str:
+    """What the classifier judges as the prompt of a conversation: every turn's text, in order.
+    One user turn is exactly its text, as for a plain prompt; earlier turns stay in, so a request
+    split over several turns (or hidden in a system prompt) is judged whole."""
+    return "\n\n".join(m["content"] for m in check_messages(messages) if m["content"])

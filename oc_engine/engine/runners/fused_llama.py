@@ -66,20 +66,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def decode_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
+def decode_attention(q, keys, values, mask, scale: float, bounded: bool = False) -> torch.Tensor:
     """Attention for one query per sequence, as plain ops that inductor fuses.
 
     q [B, H, 1, D], keys/values [B, KV, L, D], mask [B, 1, 1, L] -> [B, H, 1, D]. The query
     heads of one KV head are stacked as rows, so grouped-query attention needs no copy of
     K/V; softmax runs in fp32 like Hugging Face's eager attention. On CPU this is several
     times cheaper per layer than the flash kernel's fixed cost at this size.
+    bounded: keys/values are the cache's first `span` positions, a strided view whose length
+    is a symbol when compiled; a matmul would fold it and fail on (or pin) that symbol, so the
+    same contractions are written as multiply-and-sum, which inductor emits as one loop each.
     """
     batch, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
     q = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale + mask
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).reshape(batch, heads, 1, dim)
+    if bounded and torch.compiler.is_compiling():
+        scores = (q[:, :, :, None, :] * keys[:, :, None]).sum(-1, dtype=torch.float32) * scale + mask
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        out = (probs[..., None] * values[:, :, None]).sum(-2, dtype=torch.float32).to(q.dtype)
+    else:
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale + mask
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values)
+    return out.reshape(batch, heads, 1, dim)
 
 
 def _fuse(modules: list[nn.Linear]) -> tuple[nn.Parameter, nn.Parameter | None]:
@@ -119,7 +128,7 @@ class FusedLayer(nn.Module):
         self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
         self.intermediate = mlp.gate_proj.weight.shape[0]
 
-    def forward(self, x, cos, sin, mask, pos, cache: CacheRows):
+    def forward(self, x, cos, sin, mask, pos, cache: CacheRows, span=None):
         batch, length, _ = x.shape
         h = rms_norm(x, self.input_norm, self.eps)
         qkv = linear(h, self.wqkv, self.bqkv)
@@ -133,9 +142,9 @@ class FusedLayer(nn.Module):
             k = rms_norm(k, self.k_norm, self.eps)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        keys, values = cache.write(self.index, k, v, pos)
+        keys, values = cache.write(self.index, k, v, pos, span)
         if length == 1:
-            out = decode_attention(q, keys, values, mask, self.scaling)
+            out = decode_attention(q, keys, values, mask, self.scaling, bounded=span is not None)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                  enable_gqa=self.heads != self.kv_heads)
@@ -146,11 +155,15 @@ class FusedLayer(nn.Module):
 
 
 class FusedLlamaRunner(nn.Module):
-    """forward(input_ids [B, T], pos [B, T], cache, taps) -> (logits [B, V] fp32, tapped [len(taps), B, H] | None).
+    """forward(input_ids [B, T], pos [B, T], cache, taps, span) -> (logits [B, V] fp32,
+    tapped [len(taps), B, H] | None).
 
     Logits and tapped states are for the last position only. `taps` index Hugging Face's
     `output_hidden_states` (0 = embeddings, L = after the final norm), already normalised.
+    `span`: attend over the cache's first `span` positions only (None: all of it).
     """
+
+    supports_span = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -164,13 +177,13 @@ class FusedLlamaRunner(nn.Module):
         self.eps = config.rms_norm_eps
         self.lm_head = model.lm_head.weight
 
-    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = ()):
+    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, pos)
-        mask = attention_mask(pos, cache.max_len, x.dtype)
+        mask = attention_mask(pos, cache.max_len if span is None else span, x.dtype)
         tapped = {0: x[:, -1]} if 0 in taps else {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, pos, cache)
+            x = layer(x, cos, sin, mask, pos, cache, span)
             if i + 1 in taps and i + 1 != self.num_layers:
                 tapped[i + 1] = x[:, -1]
         x = rms_norm(x[:, -1], self.norm, self.eps)

@@ -21,15 +21,15 @@ from oc_engine.engine.masks import attention_mask
 class EngineCache(Cache):
     """A transformers Cache over the engine's static buffers, for one forward call."""
 
-    def __init__(self, rows: CacheRows, pos: torch.Tensor):  # noqa: D107 - bypasses Cache.__init__ on purpose
+    def __init__(self, rows: CacheRows, pos: torch.Tensor, span=None):  # noqa: D107 - bypasses Cache.__init__
         # Cache.__init__ sets up offloading and layer factories that this cache never uses.
         self.layers = []
         self.layer_class_to_replicate = None
         self.offloading = False
-        self._rows, self._pos = rows, pos
+        self._rows, self._pos, self._span = rows, pos, span
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self._rows.write(layer_idx, key_states, value_states, self._pos)
+        return self._rows.write(layer_idx, key_states, value_states, self._pos, self._span)
 
     @property
     def is_compileable(self) -> bool:
@@ -47,7 +47,11 @@ def text_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, object]:
 
 
 class HFModulesRunner(nn.Module):
-    """Same contract as FusedLlamaRunner: (logits [B, V] fp32, tapped [len(taps), B, H] | None), last position."""
+    """Same contract as FusedLlamaRunner: (logits [B, V] fp32, tapped [len(taps), B, H] | None), last position.
+    A `span` bounds attention when given, but the step never gives one: Hugging Face's attention
+    folds K/V in matmuls, which a symbolic span cannot go through (see `decode_attention`)."""
+
+    supports_span = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -58,13 +62,14 @@ class HFModulesRunner(nn.Module):
         window = getattr(config, "sliding_window", None)
         self.windows = {t: (window if t == "sliding_attention" else None) for t in set(layer_types)}
 
-    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = ()):
+    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
         dtype = self.lm_head.weight.dtype
-        masks = {t: attention_mask(pos, cache.max_len, dtype, w) for t, w in self.windows.items()}
+        length = cache.max_len if span is None else span
+        masks = {t: attention_mask(pos, length, dtype, w) for t, w in self.windows.items()}
         if len(masks) == 1:  # models with one layer type take a prepared 4D mask, not a dict
             (masks,) = masks.values()
         out = self.text_model(input_ids=input_ids, position_ids=pos, attention_mask=masks,
-                              cache=EngineCache(cache, pos), use_cache=True,
+                              cache=EngineCache(cache, pos, span), use_cache=True,
                               output_hidden_states=bool(taps))
         hidden = out.last_hidden_state[:, -1]
         logits = self.lm_head(hidden).float()
