@@ -17,6 +17,7 @@ def main():
     Quick start (the embedded SmolLM2-135M-Instruct; nothing to download):
       oc-engine generate --prompt "Explain SQL injection at a high level"
       oc-engine generate --prompts-file prompts.jsonl --json
+      oc-engine serve                    # OpenAI-compatible server on 127.0.0.1:8000
       oc-engine bench decode
     """
     # torch warns once per process that this CPU machine has no CUDA runtime: not news here.
@@ -30,9 +31,10 @@ def _register() -> None:
     from oc_engine.commands.guard import calibrate_guard
     from oc_engine.commands.plot import plot_trace
     from oc_engine.commands.probe import collect, eval_command, headroom_command, sweep_layers, train_probe
+    from oc_engine.commands.serve import serve
 
-    for command in (generate, bench, plot_trace, export_classifier, train_classifier, calibrate_classifier, collect,
-                    train_probe, sweep_layers, calibrate_guard, eval_command, headroom_command):
+    for command in (generate, serve, bench, plot_trace, export_classifier, train_classifier, calibrate_classifier,
+                    collect, train_probe, sweep_layers, calibrate_guard, eval_command, headroom_command):
         main.add_command(command)
 
 

@@ -9,6 +9,7 @@ another exception.
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,18 @@ CASES = {
                                                         "drop --no-split"),
     "bench input-check out under a file": ("bench input-check --model {in}/model --out {file}/b.json", 1,
                                            "cannot write in"),
+    # serve: refused before the server starts, or when its model cannot load
+    "serve port 0": ("serve --port 0", 2, "'--port'"),
+    "serve negative max-waiting": ("serve --max-waiting -1", 2, "'--max-waiting'"),
+    "serve audit log under a file": ("serve --model {in}/model --audit-log {file}/a.jsonl", 1,
+                                     "--audit-log {file}/a.jsonl: cannot write in"),
+    "serve no guard with a probe": ("serve --model {in}/model --no-guard --probe {in}/probe", 1,
+                                    "--no-guard excludes"),
+    "serve a model that does not load": ("serve --model {tmp} --no-guard --port {port}", 1,
+                                         "the model could not be loaded: "),
+    "serve a port in use": ("serve --model {in}/model --no-guard --no-compile --port {busy_port}", 1,
+                            "cannot listen on 127.0.0.1:{busy_port}"),
+    "bench serve unequal lists": ("bench serve --concurrency 1,4 --requests 8", 1, "one count per --concurrency"),
 }
 
 SPOILED_FILES = {
@@ -235,7 +248,13 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch,
     work = tmp_path / "work"
     work.mkdir()
     (work / "afile").write_text("a regular file")
-    values = {"in": str(inputs), "tmp": str(work / "case"), "file": str(work / "afile")}
+    from server_helpers import free_port
+
+    busy = socket.socket()  # a port some other program holds
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    values = {"in": str(inputs), "tmp": str(work / "case"), "file": str(work / "afile"), "port": str(free_port()),
+              "busy_port": str(busy.getsockname()[1])}
     (work / "case").mkdir()
     for key in SPOILED_FILES:
         if "{" + key + "}" in command:
@@ -248,6 +267,7 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch,
     args = [part.format(**values) for part in shlex.split(command)]
     before, inputs_before = _snapshot(work), _snapshot(inputs)
     result = CliRunner().invoke(main, args)
+    busy.close()
     assert result.exit_code == status, result.output
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
     output = result.output

@@ -1,4 +1,4 @@
-"""`oc-engine bench decode|guard|classifier|input-check|continuous`: measure, print a table or JSON, save."""
+"""`oc-engine bench decode|guard|classifier|input-check|continuous|serve`: measure, print a table or JSON, save."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 from oc_engine.commands.common import (FiniteFloat, check_output_file, classifier_option, device_option,
                                        dtype_option, json_option, model_option, out_option, seed_option, user_errors,
                                        write_json)
+from oc_engine.errors import OcEngineError
 
 
 @click.group()
@@ -20,6 +21,7 @@ def bench():
       oc-engine bench decode --dtype bfloat16 --out bench/results/cpu-decode-bf16.json
       oc-engine bench guard --repeats 5
       oc-engine bench continuous --requests 32 --slots 8
+      oc-engine bench serve --out bench/results/cpu-serve-bfloat16.json
     """
 
 
@@ -163,3 +165,49 @@ def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_c
                                   arrival_gap_s=arrival_gap, repeats=repeats, compile=not no_compile,
                                   progress=_progress("continuous"))
     _report(report, continuous_markdown_table(report), out, as_json)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise OcEngineError(f"{option}: a comma-separated list of integers, got {text!r}") from None
+    if not values or any(v < 1 or v > 1024 for v in values):
+        raise OcEngineError(f"{option}: integers in [1, 1024], got {text!r}")
+    return values
+
+
+@bench.command("serve")
+@click.option("--server", "servers", multiple=True, type=click.Choice(["unguarded", "guarded", "transformers"]),
+              help="Servers to run (repeatable). Default: all three.")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients, comma-separated.")
+@click.option("--requests", default="8,16,32", show_default=True,
+              help="Requests sent at each concurrency, comma-separated (one per --concurrency value).")
+@click.option("--max-tokens", type=click.IntRange(1, 2048), default=128, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
+              show_default=True, help="The shared data directory (its dev/jbb_behaviors.jsonl benign prompts).")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_json):
+    """Serving under load: oc-engine serve unguarded and guarded, and `transformers serve
+    --continuous-batching`, on the embedded model's weights directory and the same prompts.
+
+    A bounded load: at each concurrency, a fixed number of streamed chat requests, each client
+    sending its next when the last ends. Reports tokens/s, time to first content and the gap
+    between content chunks (p50, p99), and the issue's targets.
+    """
+    from pathlib import Path
+
+    from oc_engine.bench_serve import SERVERS, run_serve_bench, serve_markdown_table
+    from oc_engine.engine.loading import resolve_model_source
+
+    check_output_file(out, "--out")
+    concurrencies, counts = _int_list(concurrency, "--concurrency"), _int_list(requests, "--requests")
+    if len(concurrencies) != len(counts):
+        raise OcEngineError("--requests needs one count per --concurrency value")
+    report = run_serve_bench(servers=tuple(servers) or SERVERS, concurrencies=concurrencies, requests=counts,
+                             max_tokens=max_tokens, dtype=dtype, data_dir=Path(data_dir),
+                             weights=resolve_model_source(None), progress=_progress("serve"))
+    _report(report, serve_markdown_table(report), out, as_json)

@@ -65,6 +65,70 @@ def input_check_option(help: str = "The classifier judges the prompt alone while
     return click.option("--input-check/--no-input-check", default=None, help=help)
 
 
+def guard_options(fn):
+    """The guard's options, shared by `generate` and `serve`: which probe and classifier, the
+    probe's thresholds, and the policy (`GuardConfig`'s fields by name)."""
+    from oc_engine.engine.guard import MAX_DEADLINE_S
+
+    options = [
+        click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
+                     help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with "
+                          "the embedded model: the probe shipped for it."),
+        click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier."),
+        classifier_option(), final_check_option(), input_check_option(),
+        click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold."),
+        click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold."),
+        click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens."),
+        click.option("--alpha", type=FiniteFloat(0, 1, min_open=True), default=None, help="Override the EMA alpha."),
+        click.option("--refusal", default=None, help="Text shown in place of a blocked answer."),
+        click.option("--uncertain", type=click.Choice(["final", "block"]), default="final", show_default=True,
+                     help="An uncertain verdict keeps holding until the final check, or blocks."),
+        click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
+                     help="Classifier error or missed deadline: show the refusal, or just stop. Held text is "
+                          "never shown."),
+        click.option("--deadline", "deadline_s", type=FiniteFloat(min=0, max=MAX_DEADLINE_S, min_open=True),
+                     default=5.0, show_default=True,
+                     help="Seconds a verdict may take, from its check's submission to its arrival; a later one "
+                          "counts as a failure (fail closed), whatever it says."),
+        click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Held tokens past which that sequence's decoding waits for its verdict."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def probe_and_guard(model, no_guard: bool, probe_dir, classifier_dir, fields: dict, log, **thresholds):
+    """The `Probe` (with --warn/--pause/--every/--alpha applied) and the `GuardConfig` that the
+    guard options ask for; (None, None) for unguarded generation."""
+    import dataclasses
+
+    from oc_engine.engine.defaults import resolve_probe_dir
+    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.engine.probe import load_probe
+
+    if no_guard and (probe_dir or classifier_dir):
+        raise OcEngineError("--no-guard excludes --probe and --classifier")
+    probe_path = None if no_guard else resolve_probe_dir(probe_dir, model is None, log)
+    guard_fields = {k: v for k, v in pick_fields(fields, GuardConfig).items() if v is not None}  # None: default
+    if probe_path is None:
+        if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check"):
+            raise OcEngineError("--classifier, --final-check, --input-check and --trace need --probe")
+        return None, None
+    probe = load_probe(probe_path)
+    probe = dataclasses.replace(probe, config=probe.config.with_overrides(**thresholds))
+    return probe, GuardConfig(every=probe.config.every, **guard_fields)
+
+
+def pick_fields(fields: dict, cls) -> dict:
+    """The options named like the dataclass's fields (the CLI maps options onto fields by name)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: (tuple(value) if isinstance(value, list) else value) for name, value in fields.items()
+            if name in names}
+
+
 def seed_option(default: int | None = 0, help: str | None = None):
     return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
 

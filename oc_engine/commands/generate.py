@@ -8,10 +8,9 @@ import sys
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_file, classifier_option, device_option,
-                                       dtype_option, final_check_option, input_check_option, json_option,
-                                       model_option, seed_option, user_errors, write_text_file)
-from oc_engine.engine.guard import MAX_DEADLINE_S
+from oc_engine.commands.common import (FiniteFloat, check_output_file, device_option, dtype_option, guard_options,
+                                       json_option, model_option, pick_fields, probe_and_guard, seed_option,
+                                       user_errors, write_text_file)
 from oc_engine.errors import OcEngineError
 
 
@@ -37,27 +36,7 @@ from oc_engine.errors import OcEngineError
               help="Prompts decoded together (continuous batching: one starts as another ends).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
 @json_option("Print one JSON object per prompt instead of text.")
-@click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
-              help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with the "
-                   "embedded model: the probe shipped for it.")
-@click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier.")
-@classifier_option()
-@final_check_option()
-@input_check_option()
-@click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold.")
-@click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold.")
-@click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens.")
-@click.option("--alpha", type=FiniteFloat(0, 1, min_open=True), default=None, help="Override the EMA alpha.")
-@click.option("--refusal", default=None, help="Text shown in place of a blocked answer.")
-@click.option("--uncertain", type=click.Choice(["final", "block"]), default="final", show_default=True,
-              help="An uncertain verdict keeps holding until the final check, or blocks.")
-@click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
-              help="Classifier error or missed deadline: show the refusal, or just stop. Held text is never shown.")
-@click.option("--deadline", "deadline_s", type=FiniteFloat(min=0, max=MAX_DEADLINE_S, min_open=True), default=5.0,
-              show_default=True, help="Seconds a verdict may take, from its check's submission to its arrival; "
-                                      "a later one counts as a failure (fail closed), whatever it says.")
-@click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Held tokens past which that sequence's decoding waits for its verdict.")
+@guard_options
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
               help="Write per-token JSONL: token id, score, EMA, guard state, events. Tokens never shown "
                    "(held, then blocked or stopped) are written with a null token id unless --trace-held.")
@@ -74,7 +53,6 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
       oc-engine generate --prompt "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 1
       oc-engine generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
     """
-    from oc_engine.engine.guard import GuardConfig
     from oc_engine.engine.prompts import read_prompts_file
     from oc_engine.llm import DEFAULT, LLM
     from oc_engine.params import SamplingParams
@@ -83,27 +61,15 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
         raise OcEngineError("give exactly one of --prompt or --prompts-file")
     if trace_held and not trace_file:
         raise OcEngineError("--trace-held needs --trace FILE")
-    if no_guard and (probe_dir or classifier_dir):
-        raise OcEngineError("--no-guard excludes --probe and --classifier")
     check_output_file(trace_file, "--trace")
     prompts = [prompt] if prompt is not None else read_prompts_file(prompts_file)
-    params = SamplingParams(**_pick(fields, SamplingParams))
+    params = SamplingParams(**pick_fields(fields, SamplingParams))
     announce = (lambda message: None) if as_json else (lambda message: click.echo(f"oc-engine: {message}", err=True))
 
-    from oc_engine.engine.defaults import resolve_probe_dir
-    from oc_engine.engine.probe import load_probe
-
-    probe_path = None if no_guard else resolve_probe_dir(probe_dir, model is None, announce)
-    guard_fields = {k: v for k, v in _pick(fields, GuardConfig).items() if v is not None}  # None: the default
-    if probe_path is None:
-        if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check") or trace_file:
-            raise OcEngineError("--classifier, --final-check, --input-check and --trace need --probe")
-        probe, guard = None, None
-    else:
-        probe = load_probe(probe_path)
-        probe = dataclasses.replace(probe, config=probe.config.with_overrides(warn=warn, pause=pause, every=every,
-                                                                             alpha=alpha))
-        guard = GuardConfig(every=probe.config.every, **guard_fields)
+    probe, guard = probe_and_guard(model, no_guard, probe_dir, classifier_dir, fields, announce, warn=warn,
+                                   pause=pause, every=every, alpha=alpha)
+    if probe is None and trace_file:
+        raise OcEngineError("--classifier, --final-check, --input-check and --trace need --probe")
     with LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
              compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
              chat_template=not no_chat_template, trust_remote_code=trust_remote_code,
@@ -160,13 +126,6 @@ def _shown(text: str, refusal: str | None) -> str:
     if refusal is None:
         return text
     return f"{text}\n{refusal}" if text and not text.endswith("\n") else text + refusal
-
-
-def _pick(fields: dict, cls) -> dict:
-    """The options named like the dataclass's fields (the CLI maps options onto fields by name)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {name: (tuple(value) if isinstance(value, list) else value) for name, value in fields.items()
-            if name in names}
 
 
 def _json_row(index: int, prompt: str, c, llm) -> dict:

@@ -160,6 +160,7 @@ def ensure_converted_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -
     renamed into place only when complete.
     """
     if (out_dir / CONVERTED_MARKER).is_file():
+        _complete_config(out_dir)
         return out_dir
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,6 +179,8 @@ def ensure_converted_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = "float32"
+        # transformers leaves it null for a GGUF load; vLLM and `transformers serve` need it.
+        config["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -190,6 +193,24 @@ def ensure_converted_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _complete_config(out_dir: Path) -> None:
+    """Caches converted before `architectures` was written get it now (atomically), so every
+    model directory oc-engine made loads in vLLM and `transformers serve`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures"):
+        return
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if architecture is None:
+        return
+    config["architectures"] = [architecture]
+    tmp = path.with_name(f".config-{os.getpid()}.json")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,45 @@
+"""`oc-engine serve`: a guarded, OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+    from oc_engine.server import ServerConfig, run_server
+    run_server(ServerConfig(model_name="SmolLM2-135M-Instruct"), lambda: LLM(), port=8000)  # until SIGTERM
+
+A front end like the CLI: it parses requests and calls the library (`LLM`, `AsyncLLM`); the
+library never imports it. `app` builds the routes, `protocol` validates request bodies,
+`responses` builds OpenAI objects, `guard_policy` decides what guard a request may ask for,
+`metrics` and `audit` observe the engine's events.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+from oc_engine.errors import OcEngineError
+from oc_engine.server.app import ServerConfig, build_app
+
+__all__ = ["ServerConfig", "build_app", "run_server"]
+
+
+def run_server(config: ServerConfig, make_llm: Callable[[], object], *, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info") -> None:
+    """Serve until SIGTERM or SIGINT: then stop accepting connections, let the running requests
+    finish, stop the engine, and return. Raises `OcEngineError` if the model could not be loaded."""
+    import uvicorn
+
+    app = build_app(config, make_llm)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    state = app.state.oc
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    state.exiting = lambda: server.should_exit
+    # uvicorn re-raises the signal it stopped on once it has shut down gracefully; with these
+    # handlers in place that is a no-op, so a graceful stop returns (and the command exits 0).
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind; its log line said why
+        raise OcEngineError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if state.load_error:
+        raise OcEngineError(f"the model could not be loaded: {state.load_error}")

@@ -1,0 +1,349 @@
+"""The FastAPI application: OpenAI's chat and completions endpoints over one guarded `LLM`.
+
+`build_app(config, make_llm)` returns the app. The model loads on a thread once the server is
+up (so `/health` answers 503 meanwhile), is warmed up (both compiled steps and the
+classifier), and is then driven by an `AsyncLLM`. A request is validated, tokenized and given
+its guard here, on the event loop, so a bad one is answered at once and nothing of it reaches
+the engine; a good one is added to the engine and its events become the response (or the
+server-sent events of a stream). Only text the guard released leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from oc_engine.async_llm import AsyncLLM, EngineDead
+from oc_engine.errors import OcEngineError
+from oc_engine.outputs import Finished, Refused, TextReleased
+from oc_engine.params import SamplingParams
+from oc_engine.server.audit import AuditLog
+from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard
+from oc_engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from oc_engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from oc_engine.server.responses import ResponseBuilder, event_json, finish_reason, guard_json, refusal_piece
+
+log = logging.getLogger("oc_engine.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """model_name: the name clients send as `model` (and `/v1/models` lists).
+    api_key: required as `Authorization: Bearer <key>` on /v1 routes when set.
+    max_waiting: requests accepted beyond the engine's slots; past it, 429.
+    allow_guard_override: let a request weaken the guard (see `guard_policy`).
+    audit_log: a JSONL file the guard's events are appended to."""
+
+    model_name: str
+    api_key: str | None = None
+    max_waiting: int = 64
+    allow_guard_override: bool = False
+    audit_log: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_waiting, int) or isinstance(self.max_waiting, bool) or self.max_waiting < 0:
+            raise OcEngineError(f"max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise OcEngineError("the API key must not be empty")
+        if not self.model_name:
+            raise OcEngineError("the served model name must not be empty")
+
+
+class APIError(Exception):
+    """An OpenAI-style error response."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class ServerState:
+    """What the routes share: the engine once it is ready, the metrics and the audit log."""
+
+    def __init__(self, config: ServerConfig, make_llm: Callable[[], object]):
+        self.config, self.make_llm = config, make_llm
+        self.metrics = ServerMetrics(config.model_name)
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self.llm = None
+        self.engine: AsyncLLM | None = None
+        self.ready = threading.Event()
+        self.stopping = False
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[], None] = lambda: None  # set by the runner: stop the server
+        self.exiting: Callable[[], bool] = lambda: False  # set by the runner: a signal asked it to stop
+
+    def load(self) -> None:
+        """Load, warm up and start the engine (on a thread: the server answers meanwhile)."""
+        try:
+            llm = self.llm = self.make_llm()
+            warm_up(llm)
+            if self.stopping:
+                return  # the server stopped while the model loaded
+            observers = (self.metrics.observe,) + ((self.audit.observe,) if self.audit else ())
+            self.engine = AsyncLLM(llm, observers)
+            self.engine.start()
+            self.metrics.track(self.engine)
+            self.ready.set()
+            log.info("ready: %s", self.config.model_name)
+        except BaseException as exc:  # noqa: BLE001 - the server cannot serve: say why and stop
+            self.load_error = str(exc) if isinstance(exc, OcEngineError) else f"{type(exc).__name__}: {exc}"
+            log.error("the model could not be loaded: %s", self.load_error)
+            self.on_fatal()
+
+    def close(self) -> None:
+        self.stopping = True
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.llm is not None:
+            self.llm.close()
+        if self.audit is not None:
+            self.audit.close()
+
+    def engine_or_503(self) -> AsyncLLM:
+        if self.stopping or self.exiting():
+            raise APIError(503, "the server is shutting down")
+        if not self.ready.is_set() or self.engine is None:
+            raise APIError(503, self.load_error or "the model is still loading")
+        if not self.engine.alive:
+            raise APIError(503, f"the engine stopped: {self.engine.error!r}")
+        return self.engine
+
+
+def warm_up(llm) -> None:
+    """Compile the greedy and the sampled decode steps and start the classifier before the first
+    request, so no client pays for them (the final check of a non-streamed call asks it)."""
+    llm.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True))
+    llm.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0, seed=0))
+
+
+def build_app(config: ServerConfig, make_llm: Callable[[], object]) -> FastAPI:
+    state = ServerState(config, make_llm)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="oc-engine-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="oc-engine", summary="Guarded, OpenAI-compatible generation", lifespan=lifespan)
+    app.state.oc = state
+
+    @app.middleware("http")
+    async def request_ids(request: Request, call_next):
+        prefix = {"/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}.get(request.url.path, "req-")
+        request.state.request_id = prefix + uuid.uuid4().hex
+        if request.url.path.startswith("/v1/") and config.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+                return _error_response(request, APIError(401, "missing or invalid API key (Authorization: "
+                                                              "Bearer <key>)", code="invalid_api_key"))
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error_response(request, APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(request, APIError(exc.status_code, str(exc.detail)))
+
+    @app.get("/health")
+    async def health():
+        stopping = state.stopping or state.exiting()
+        if stopping or not state.ready.is_set() or state.engine is None or not state.engine.alive:
+            reason = "stopping" if stopping else (state.load_error or "loading")
+            return JSONResponse({"status": reason}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "oc-engine"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _serve(state, request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serve(state, request, body, chat=False)
+
+    return app
+
+
+# -- one request ------------------------------------------------------------------------
+async def _serve(state: ServerState, request: Request, body, chat: bool):
+    engine = state.engine_or_503()
+    config, llm, rid = state.config, engine.llm, request.state.request_id
+    if body.model is not None and body.model != config.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {config.model_name!r}",
+                       param="model", code="model_not_found")
+    unsupported = body.unsupported()
+    if unsupported:
+        raise APIError(400, f"{unsupported}: not supported by oc-engine", param=unsupported, code="unsupported")
+    try:
+        prompt = body.conversation() if chat else _completion_prompt(llm, body.single_prompt())
+        guard = request_guard(llm.guard_config, body.oc_engine, stream=body.stream,
+                              has_classifier=llm.classifier is not None, allow_override=config.allow_guard_override)
+        asked = body.requested_tokens()
+        params = body.sampling_params(asked if asked is not None else llm.max_model_len)
+        seq = llm.prepare_request(prompt, params, request_id=rid, stream=body.stream, guard=guard)
+    except GuardOverrideRefused as exc:
+        raise APIError(403, str(exc), param="oc_engine", code="guard_override_not_allowed") from None
+    except OcEngineError as exc:
+        raise APIError(400, str(exc)) from None
+    room = llm.max_model_len - len(seq.prompt_ids)
+    if asked is not None and asked > room:
+        raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt has "
+                            f"{len(seq.prompt_ids)} and max_tokens asks for {asked} more", param="max_tokens",
+                       code="context_length_exceeded")
+    if engine.outstanding >= llm.runner.num_slots + config.max_waiting:
+        raise APIError(429, f"the server is at capacity ({engine.outstanding} requests running or waiting); "
+                            "retry later", code="queue_full")
+    builder = ResponseBuilder(rid, config.model_name, chat)
+    handle = engine.add(seq)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(engine, handle, builder, include_usage), media_type="text/event-stream",
+                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
+    completion = await _until_finished(engine, handle, request)
+    if completion is None:  # the client left; its request was cancelled
+        return Response(status_code=499)
+    return JSONResponse(builder.full(completion))
+
+
+def _completion_prompt(llm, prompt: str | list[int]) -> list[int]:
+    """The legacy endpoint takes raw text, never the chat template: its token ids."""
+    if isinstance(prompt, str):
+        return list(llm.tokenizer(prompt)["input_ids"])
+    vocab = len(llm.tokenizer)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise OcEngineError(f"prompt: token ids must be in [0, {vocab})")
+    return prompt
+
+
+async def _until_finished(engine: AsyncLLM, handle, request: Request):
+    """The completion, or None if the client disconnected first (then the request is cancelled)."""
+    async def collect():
+        async for events in engine.events(handle):
+            for event in events:
+                if isinstance(event, Finished):
+                    return event.completion
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    result, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()  # leaving `events` cancels the request in the engine
+            await asyncio.gather(result, return_exceptions=True)
+    if result.cancelled():
+        return None
+    try:
+        return result.result()
+    except EngineDead as exc:
+        raise APIError(503, str(exc)) from None
+
+
+async def _sse(engine: AsyncLLM, handle, builder: ResponseBuilder, include_usage: bool):
+    """Server-sent events: text chunks as the guard releases text, a chunk per pause and verdict
+    (`oc_engine`, no text), the refusal as the last content of a blocked answer, the finish
+    chunk (with the guard's report), the usage if asked, then [DONE]."""
+    def data(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    yield data(builder.chunk("", include_usage=include_usage))
+    shown = ""
+    try:
+        async for events in engine.events(handle):
+            text = ""
+            for event in events:
+                if isinstance(event, (TextReleased, Refused)):
+                    piece = event.text if isinstance(event, TextReleased) else refusal_piece(shown + text, event.text)
+                    text += piece
+                    continue
+                shown += text
+                if text:
+                    yield data(builder.chunk(text, include_usage=include_usage))
+                    text = ""
+                if isinstance(event, Finished):
+                    completion = event.completion
+                    yield data(builder.chunk(finish=finish_reason(completion), include_usage=include_usage,
+                                             oc_engine=guard_json(completion)))
+                    if include_usage:
+                        yield data(builder.usage_chunk(completion))
+                elif (detail := event_json(event)) is not None:
+                    yield data(builder.chunk(include_usage=include_usage, oc_engine=detail))
+            if text:
+                shown += text
+                yield data(builder.chunk(text, include_usage=include_usage))
+    except EngineDead as exc:
+        yield data(APIError(503, str(exc)).body())
+    yield "data: [DONE]\n\n"
+
+
+def _error_response(request: Request, exc: APIError) -> JSONResponse:
+    state: ServerState = request.app.state.oc
+    request_id = getattr(request.state, "request_id", None) or "req-" + uuid.uuid4().hex
+    state.metrics.rejected(exc.status)
+    if state.audit is not None and request.url.path.startswith("/v1/"):
+        state.audit.error(request_id, exc.status, exc.message)
+    return JSONResponse(exc.body(), status_code=exc.status, headers={"x-request-id": request_id})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line for the first problem, naming the field (OpenAI's `param`)."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "extra_forbidden":
+        return f"unrecognized request argument supplied: {field}", field
+    if field == "n":
+        return "n: only n=1 is supported (one choice per request)", "n"
+    if field and field.startswith("messages") and len(errors) > 1 and loc[-1] in ("str", "list[TextPart]"):
+        field = ".".join(loc[:-1])  # a union's branch names say nothing to a client
+        return f"{field}: content must be a string or a list of text parts", field
+    return f"{field}: {first.get('msg', 'invalid')}" if field else first.get("msg", "invalid request body"), field
