@@ -84,3 +84,18 @@ def test_urgent_and_background_sessions_give_the_same_probabilities(tiny_classif
         urgent = classifier.probabilities([p], [r], urgent=True)
         assert np.array_equal(background, urgent)
     classifier.close()
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_noticed():
+    """ONNX Runtime swaps in its CPU provider, with only a warning, when CUDA's cannot load."""
+    from oc_engine.engine.classifier import runs_on_cuda
+
+    class Session:
+        def __init__(self, providers):
+            self.providers = providers
+
+        def get_providers(self):
+            return self.providers
+
+    assert runs_on_cuda(Session(["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    assert not runs_on_cuda(Session(["CPUExecutionProvider"]))

@@ -61,3 +61,30 @@ def test_a_long_cache_bounds_attention_by_the_live_span_without_recompiling(tiny
     assert compiled_before >= 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
     assert list(first.token_ids) == hf_greedy(loaded, prompt, 24)
     assert list(second.token_ids) == hf_greedy(loaded, prompt[:20], 30)
+
+
+def test_twenty_sampling_settings_share_one_graph(tiny):
+    """Sampling parameters are per-slot tensors: a server cycling through settings never
+    recompiles (nor reaches the recompile limit, past which `fullgraph=True` raises)."""
+    llm = plain_llm(tiny("llama"), compile=True, max_num_seqs=2)
+    llm.generate([PROMPT], fixed(2, temperature=0.5, seed=0))  # warm-up: the sampled step
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    settings = [dict(temperature=0.1 + 0.1 * i, top_k=None if i % 3 else 5 + i, top_p=None if i % 2 else 0.5 + i / 50,
+                     seed=i) for i in range(20)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        done = llm.generate([PROMPT] * 20, [fixed(3, **s) for s in settings])
+    assert [len(c.token_ids) for c in done] == [3] * 20
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
+
+
+def test_each_runner_compiles_its_own_step(tiny):
+    """Every runner's step gets a code object of its own, so the compiled graphs of many
+    configurations in one process never share dynamo's recompile limit of 8."""
+    loaded = tiny("llama")
+    codes = set()
+    for i in range(10):  # more than the limit: models, shapes and settings of one process
+        llm = plain_llm(loaded, compile=True, max_num_seqs=1 + i % 3, max_model_len=64 + 8 * i)
+        (done,) = llm.generate([PROMPT[:4]], fixed(2))
+        assert len(done.token_ids) == 2
+        codes.add(llm.runner._steps[False]._torchdynamo_orig_callable.__code__)
+    assert len(codes) == 10

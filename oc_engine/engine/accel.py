@@ -8,13 +8,22 @@ The decode loop calls these few functions and is otherwise the same code on both
 
 from __future__ import annotations
 
+import types
 from typing import Callable
 
 import torch
 
 
-def compile_step(fn: Callable, device: torch.device) -> Callable:
-    """Compile the per-token step: full graph, no host sync inside."""
+def compile_step(fn: Callable, device: torch.device, name: str | None = None) -> Callable:
+    """Compile the per-token step: full graph, no host sync inside.
+
+    The step is compiled as a copy of `fn` with a code object of its own (named `name`): dynamo
+    keeps compiled graphs, and counts its recompile limit (8; past it `fullgraph=True` raises),
+    per code object, and every runner's step is the same inner function. So models, dtypes,
+    batch shapes and probe settings each get their own budget."""
+    name = name or fn.__name__
+    fn = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__,
+                            fn.__closure__)
     if device.type == "cuda":
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
     return torch.compile(fn, fullgraph=True)
@@ -55,6 +64,7 @@ class StepReader:
             raise ValueError(f"output lag must be >= 0, got {lag}")
         self.device, self.lag = device, lag
         self._slots: list[list[torch.Tensor]] = []  # pinned buffers, reused round-robin
+        self._events: list = []  # one CUDA event per buffer set, reused with it (not one per step)
         self._next = 0
 
     def stage(self, tensors: list[torch.Tensor]):
@@ -63,12 +73,13 @@ class StepReader:
             return None, [t.clone() if self.lag else t for t in tensors]
         if len(self._slots) < self.lag + 1:
             self._slots.append([torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors])
-        slot = self._slots[self._next]
+            self._events.append(torch.cuda.Event())
+        index = self._next
+        slot, event = self._slots[index], self._events[index]
         self._next = (self._next + 1) % (self.lag + 1)
         for host, t in zip(slot, tensors):
             host.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        event.record()  # re-recording is safe: this set's previous step was read `lag + 1` steps ago
         return event, slot
 
     @staticmethod

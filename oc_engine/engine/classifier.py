@@ -275,6 +275,14 @@ class ExchangeClassifier:
                 self._session = ort.InferenceSession(str(self.path / "model.onnx"), options, providers=providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
                 raise OcEngineError(f"{self.path / 'model.onnx'} cannot be loaded: {exc}") from exc
+            if cuda and not runs_on_cuda(self._session):
+                # ONNX Runtime falls back to its CPU provider with only a warning when the CUDA
+                # provider cannot load (onnxruntime-gpu needs CUDA libraries, cuRAND among them,
+                # that nothing in uv.lock installs): the check would then take the CPU.
+                log.warning("oc-engine: ONNX Runtime's CUDA provider did not load (providers: %s); the "
+                            "classifier runs in PyTorch on a side CUDA stream", self._session.get_providers())
+                self._session = None
+                return self._load_torch()
             self._urgent_session = self._session
             if not cuda and (threads := os.cpu_count() or 1) > 1:
                 options.intra_op_num_threads = threads
@@ -304,15 +312,25 @@ class ExchangeClassifier:
             return (self._urgent_session if urgent else self._session).run(["logits"], feeds)[0]
         import torch
 
-        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in model_inputs(self._model, encoded).items()}
+        arrays = model_inputs(self._model, encoded)
         with torch.inference_mode():
             if self._stream is not None:
+                # Everything on the classifier's own stream, the copies from pinned memory: on
+                # the default stream they would queue behind the decode graphs.
                 with torch.cuda.stream(self._stream):
+                    inputs = {k: torch.from_numpy(v).pin_memory().to(self.device, non_blocking=True)
+                              for k, v in arrays.items()}
                     logits = self._model(**inputs).logits.float()
                 self._stream.synchronize()
             else:
+                inputs = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
                 logits = self._model(**inputs).logits.float()
         return logits.cpu().numpy()
+
+
+def runs_on_cuda(session) -> bool:
+    """Whether an ONNX Runtime session really runs on the CUDA provider (not its CPU fallback)."""
+    return "CUDAExecutionProvider" in session.get_providers()
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -181,7 +181,8 @@ class ModelRunner:
         if sampled not in self._steps:
             def step(tokens, pos, rows, probe, keys, sampling, span_ref, _sampled=sampled):
                 return self.decode_one_token(tokens, pos, rows, probe, keys, sampling if _sampled else None, span_ref)
-            self._steps[sampled] = accel.compile_step(step, self.device) if self.compile else step
+            name = f"decode_step_{'sampled' if sampled else 'greedy'}_{id(self):x}"
+            self._steps[sampled] = accel.compile_step(step, self.device, name) if self.compile else step
         return self._steps[sampled]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import oc_engine.kernels.probe_ema  # noqa: F401  (registers torch.ops.oc_engine.probe_ema)
+from oc_engine.engine.accel import mark_static
 from oc_engine.engine.probe import Probe
 
 
@@ -12,15 +13,18 @@ class ProbeRuntime:
     """Weight, bias, per-row EMA and thresholds on the device; rows that wait keep their EMA.
 
     Thresholds are a tensor (alpha, warn, pause), so new values never recompile the step.
+    One set per runner (one batch shape), written only in place and marked static: the step
+    updates the EMA in place, and a mutated input that is not static would make inductor skip
+    CUDA graphs for the whole step.
     """
 
     def __init__(self, probe: Probe, batch: int, device: torch.device):
         cfg = probe.config
-        self.weight = probe.weight.to(device, copy=True)  # [L, H] fp32; `load` writes into it
-        self.bias = probe.bias.to(device, copy=True)  # [1]
-        self.thresholds = torch.tensor([cfg.alpha, cfg.warn, cfg.pause], device=device)
-        self.ema = torch.full((batch,), -1.0, device=device)  # -1: no score yet
-        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # False: row is frozen this step
+        self.weight = mark_static(probe.weight.to(device, copy=True))  # [L, H] fp32; `load` writes into it
+        self.bias = mark_static(probe.bias.to(device, copy=True))  # [1]
+        self.thresholds = mark_static(torch.tensor([cfg.alpha, cfg.warn, cfg.pause], device=device))
+        self.ema = mark_static(torch.full((batch,), -1.0, device=device))  # -1: no score yet
+        self.active = mark_static(torch.ones(batch, dtype=torch.bool, device=device))  # False: frozen this step
 
     def load(self, probe: Probe) -> None:
         """Another probe of the same shape: copied in place, so the compiled step is reused."""
