@@ -234,7 +234,10 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
         raise APIError(429, f"the server is at capacity ({engine.outstanding} requests running or waiting); "
                             "retry later", code="queue_full")
     builder = ResponseBuilder(rid, config.model_name, chat)
-    handle = engine.add(seq)
+    try:
+        handle = engine.add(seq)
+    except EngineDead as exc:  # it stopped since `engine_or_503`
+        raise APIError(503, str(exc)) from None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_sse(engine, handle, builder, include_usage), media_type="text/event-stream",
@@ -249,7 +252,7 @@ def _completion_prompt(llm, prompt: str | list[int]) -> list[int]:
     """The legacy endpoint takes raw text, never the chat template: its token ids."""
     if isinstance(prompt, str):
         return list(llm.tokenizer(prompt)["input_ids"])
-    vocab = len(llm.tokenizer)
+    vocab = min(len(llm.tokenizer), llm.runner.vocab)  # an id past the embedding would crash the step
     if any(not 0 <= t < vocab for t in prompt):
         raise OcEngineError(f"prompt: token ids must be in [0, {vocab})")
     return prompt
