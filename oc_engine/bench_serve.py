@@ -146,7 +146,7 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
     results = {}
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="oc-bench-serve-"))
     for kind in servers:
-        port = _free_port()
+        port = free_port()
         log = log_dir / f"{kind}.log"
         progress(f"{kind}: starting (log {log})")
         with open(log, "w") as out:
@@ -260,7 +260,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float =
     raise OcEngineError(f"the server at {base} was not ready after {timeout:.0f} s; see {log}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

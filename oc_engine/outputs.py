@@ -58,6 +58,16 @@ class Completion:
     timings: Timings
     generated_tokens: int  # tokens the model produced, shown or not
 
+    @property
+    def shown_text(self) -> str:
+        """What the user saw: the released text, then the refusal (if blocked) on a line of its own."""
+        return self.text if self.refusal is None else self.text + refusal_piece(self.text, self.refusal)
+
+
+def refusal_piece(shown: str, refusal: str) -> str:
+    """The refusal as it follows the text already shown: on a line of its own."""
+    return ("\n" if shown and not shown.endswith("\n") else "") + refusal
+
 
 # -- stream events (`LLM.stream`, `LLM.step`) -------------------------------------------
 

@@ -11,7 +11,7 @@ from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Completion, GuardReport, Timings
 from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard, weakenings
 from oc_engine.server.protocol import ChatCompletionRequest, GuardRequest
-from oc_engine.server.responses import ResponseBuilder, finish_reason, shown_text
+from oc_engine.server.responses import ResponseBuilder, finish_reason
 
 BASE = GuardConfig(every=4, deadline_s=5.0)
 
@@ -97,8 +97,8 @@ def test_finish_reasons_map_to_openai_values(finish, status, expected):
 
 def test_a_blocked_answer_ends_with_the_refusal_on_its_own_line():
     blocked = _completion("guard", "blocked", text="Sure, first", refusal="No.")
-    assert shown_text(blocked) == "Sure, first\nNo."
-    assert shown_text(_completion("guard", "blocked", text="", refusal="No.")) == "No."
+    assert blocked.shown_text == "Sure, first\nNo."
+    assert _completion("guard", "blocked", text="", refusal="No.").shown_text == "No."
     body = ResponseBuilder("chatcmpl-1", "m", chat=True).full(blocked)
     assert body["choices"][0]["finish_reason"] == "content_filter"
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}

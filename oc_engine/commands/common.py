@@ -98,6 +98,9 @@ def guard_options(fn):
     return fn
 
 
+NEEDS_PROBE = "--classifier, --final-check, --input-check and --trace need --probe"
+
+
 def probe_and_guard(model, no_guard: bool, probe_dir, classifier_dir, fields: dict, log, **thresholds):
     """The `Probe` (with --warn/--pause/--every/--alpha applied) and the `GuardConfig` that the
     guard options ask for; (None, None) for unguarded generation."""
@@ -113,7 +116,7 @@ def probe_and_guard(model, no_guard: bool, probe_dir, classifier_dir, fields: di
     guard_fields = {k: v for k, v in pick_fields(fields, GuardConfig).items() if v is not None}  # None: default
     if probe_path is None:
         if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check"):
-            raise OcEngineError("--classifier, --final-check, --input-check and --trace need --probe")
+            raise OcEngineError(NEEDS_PROBE)
         return None, None
     probe = load_probe(probe_path)
     probe = dataclasses.replace(probe, config=probe.config.with_overrides(**thresholds))

@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_file, device_option, dtype_option, guard_options,
-                                       json_option, model_option, pick_fields, probe_and_guard, seed_option,
-                                       user_errors, write_text_file)
+from oc_engine.commands.common import (NEEDS_PROBE, FiniteFloat, check_output_file, device_option, dtype_option,
+                                       guard_options, json_option, model_option, pick_fields, probe_and_guard,
+                                       seed_option, user_errors, write_text_file)
 from oc_engine.errors import OcEngineError
 
 
@@ -69,7 +69,7 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
     probe, guard = probe_and_guard(model, no_guard, probe_dir, classifier_dir, fields, announce, warn=warn,
                                    pause=pause, every=every, alpha=alpha)
     if probe is None and trace_file:
-        raise OcEngineError("--classifier, --final-check, --input-check and --trace need --probe")
+        raise OcEngineError(NEEDS_PROBE)
     with LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
              compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
              chat_template=not no_chat_template, trust_remote_code=trust_remote_code,
@@ -95,7 +95,7 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
             else:
                 status = f", {c.guard.status}" if c.guard else ""
                 click.echo(f"=== [{i}] {c.finish_reason}{status}, {c.generated_tokens} tokens ===")
-                click.echo(_shown(c.text, c.refusal))
+                click.echo(c.shown_text)
 
 
 class _Printer:
@@ -105,12 +105,12 @@ class _Printer:
         self.last = "\n"
 
     def event(self, event) -> None:
-        from oc_engine.outputs import Finished, Refused, TextReleased
+        from oc_engine.outputs import Finished, Refused, TextReleased, refusal_piece
 
         if isinstance(event, TextReleased):
             self._write(event.text)
         elif isinstance(event, Refused):
-            self._write(("" if self.last == "\n" else "\n") + event.text)
+            self._write(refusal_piece(self.last, event.text))  # `last` is "\n" until text is shown
         elif isinstance(event, Finished) and self.last != "\n":
             self._write("\n")
 
@@ -119,13 +119,6 @@ class _Printer:
             sys.stdout.write(text)
             sys.stdout.flush()
             self.last = text[-1]
-
-
-def _shown(text: str, refusal: str | None) -> str:
-    """What the user saw: the released text, then the refusal on a line of its own."""
-    if refusal is None:
-        return text
-    return f"{text}\n{refusal}" if text and not text.endswith("\n") else text + refusal
 
 
 def _json_row(index: int, prompt: str, c, llm) -> dict:

@@ -56,14 +56,8 @@ class CheckBatcher:
         if not self.inline:
             return
         while True:
-            jobs = []
-            while len(jobs) < self.max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not _STOP:
-                    jobs.append(job)
+            jobs: list = []
+            self._fill(jobs)  # inline, `close` puts no stop marker
             if not jobs:
                 return
             self._run(jobs, urgent=True)  # decoding waits meanwhile: use every core
@@ -83,19 +77,24 @@ class CheckBatcher:
             first = self._queue.get()
             if first is _STOP:
                 return self._cancel_rest()
-            jobs, stop = [first], False
-            while len(jobs) < self.max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is _STOP:
-                    stop = True
-                    break
-                jobs.append(job)
+            jobs = [first]
+            stop = self._fill(jobs)
             self._run(jobs)
             if stop:
                 return self._cancel_rest()
+
+    def _fill(self, jobs: list) -> bool:
+        """Add queued checks to `jobs`, up to `max_batch`, without waiting; True if the stop
+        marker came."""
+        while len(jobs) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if job is _STOP:
+                return True
+            jobs.append(job)
+        return False
 
     def _run(self, jobs: list, urgent: bool = False) -> None:
         jobs = [job for job in jobs if job[2].set_running_or_notify_cancel()]  # drop cancelled checks

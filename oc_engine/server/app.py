@@ -27,13 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from oc_engine.async_llm import AsyncLLM, EngineDead
 from oc_engine.errors import OcEngineError
-from oc_engine.outputs import Finished, Refused, TextReleased
+from oc_engine.outputs import Finished, Refused, TextReleased, refusal_piece
 from oc_engine.params import SamplingParams
 from oc_engine.server.audit import AuditLog
 from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard
 from oc_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from oc_engine.server.protocol import ChatCompletionRequest, CompletionRequest
-from oc_engine.server.responses import ResponseBuilder, event_json, finish_reason, guard_json, refusal_piece
+from oc_engine.server.responses import ResponseBuilder, event_json, finish_reason, guard_json
 
 log = logging.getLogger("oc_engine.server")
 
@@ -118,13 +118,20 @@ class ServerState:
         if self.audit is not None:
             self.audit.close()
 
-    def engine_or_503(self) -> AsyncLLM:
+    def unavailable(self) -> str | None:
+        """Why no request can be served now, or None (for /health and every request)."""
         if self.stopping or self.exiting():
-            raise APIError(503, "the server is shutting down")
+            return "the server is shutting down"
         if not self.ready.is_set() or self.engine is None:
-            raise APIError(503, self.load_error or "the model is still loading")
+            return self.load_error or "the model is still loading"
         if not self.engine.alive:
-            raise APIError(503, f"the engine stopped: {self.engine.error!r}")
+            return f"the engine stopped: {self.engine.error!r}"
+        return None
+
+    def engine_or_503(self) -> AsyncLLM:
+        reason = self.unavailable()
+        if reason is not None:
+            raise APIError(503, reason)
         return self.engine
 
 
@@ -178,10 +185,9 @@ def build_app(config: ServerConfig, make_llm: Callable[[], object]) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        stopping = state.stopping or state.exiting()
-        if stopping or not state.ready.is_set() or state.engine is None or not state.engine.alive:
-            reason = "stopping" if stopping else (state.load_error or "loading")
-            return JSONResponse({"status": reason}, status_code=503)
+        reason = state.unavailable()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

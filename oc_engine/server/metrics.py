@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from oc_engine.outputs import Finished, Paused, Refused, TextReleased, VerdictReceived
+from oc_engine.server.responses import finish_reason
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -83,8 +84,6 @@ class ServerMetrics:
                 self.finished(event.completion)
 
     def finished(self, completion) -> None:
-        from oc_engine.server.responses import finish_reason
-
         m, timings = self.model_name, completion.timings
         self.requests.labels(m, finish_reason(completion)).inc()
         self.prompt_tokens.labels(m).inc(len(completion.prompt_token_ids))

@@ -53,18 +53,6 @@ def usage(completion: Completion) -> dict:
             "total_tokens": prompt + completion.generated_tokens}
 
 
-def shown_text(completion: Completion) -> str:
-    """What the client sees: the released text, then the refusal if the answer was blocked."""
-    if completion.refusal is None:
-        return completion.text
-    return completion.text + refusal_piece(completion.text, completion.refusal)
-
-
-def refusal_piece(shown: str, refusal: str) -> str:
-    """The refusal as it follows the text already shown: on a line of its own."""
-    return ("\n" if shown and not shown.endswith("\n") else "") + refusal
-
-
 class ResponseBuilder:
     """Responses of one request to one endpoint (`chat` or `text` completions)."""
 
@@ -79,11 +67,11 @@ class ResponseBuilder:
     def full(self, completion: Completion) -> dict:
         reason = finish_reason(completion)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": shown_text(completion)},
+            choice = {"index": 0, "message": {"role": "assistant", "content": completion.shown_text},
                       "logprobs": None, "finish_reason": reason}
             body = self._base("chat.completion")
         else:
-            choice = {"index": 0, "text": shown_text(completion), "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": completion.shown_text, "logprobs": None, "finish_reason": reason}
             body = self._base("text_completion")
         return {**body, "choices": [choice], "usage": usage(completion), "oc_engine": guard_json(completion)}
 
