@@ -30,11 +30,13 @@ def _register() -> None:
     from oc_engine.commands.generate import generate
     from oc_engine.commands.guard import calibrate_guard
     from oc_engine.commands.plot import plot_trace
-    from oc_engine.commands.probe import collect, eval_command, headroom_command, sweep_layers, train_probe
+    from oc_engine.commands.probe import (collect, eval_command, headroom_command, revalidate_probe, sweep_layers,
+                                         train_probe)
     from oc_engine.commands.serve import serve
 
     for command in (generate, serve, bench, plot_trace, export_classifier, train_classifier, calibrate_classifier,
-                    collect, train_probe, sweep_layers, calibrate_guard, eval_command, headroom_command):
+                    collect, train_probe, revalidate_probe, sweep_layers, calibrate_guard, eval_command,
+                    headroom_command):
         main.add_command(command)
 
 

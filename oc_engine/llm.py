@@ -49,11 +49,15 @@ class LLM:
     `on_event`: what does not stream is judged whole.
     max_num_seqs: cache slots (requests decoded together); each costs compute every step.
     max_model_len: prompt plus answer, in tokens (default: the model's, at most 2048).
+    quantize: "int8" or "int4" stores the linear layers' weights quantized (weight-only; faster
+    decoding, slightly different tokens). A probe made on the unquantized model is accepted
+    only if it was re-validated on this quantization (`oc-engine revalidate-probe`).
     log: called with one-line notices (which defaults were chosen)."""
 
     def __init__(self, model=None, *, probe=DEFAULT, classifier=DEFAULT, guard: GuardConfig | None = None,
                  dtype: str = "auto", device: str = "auto", compile: bool = True, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, chat_template: bool = True, trust_remote_code: bool = False,
+                 max_model_len: int | None = None, quantize: str | None = None, chat_template: bool = True,
+                 trust_remote_code: bool = False,
                  record_trace: bool = False, tap=None, prefer_fused: bool = True, output_lag: int | None = None,
                  log: Callable[[str], None] | None = None):
         from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
@@ -61,7 +65,13 @@ class LLM:
         from oc_engine.engine.model_runner import ModelRunner
         from oc_engine.engine.probe import Probe, load_probe
 
+        from oc_engine.engine.quantize import check_scheme
+
         self.log = log or (lambda message: None)
+        quantize = check_scheme(quantize)
+        if isinstance(model, LoadedModel) and quantize is not None and quantize != model.quantization:
+            raise OcEngineError(f"this LoadedModel is {model.quantization or 'not quantized'}: load it with "
+                                f"load_model(..., quantize={quantize!r}) to run it {quantize}")
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise OcEngineError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         embedded = model is None
@@ -89,7 +99,7 @@ class LLM:
                 self.classifier = classifier
         try:
             self.loaded = model if isinstance(model, LoadedModel) else load_model(
-                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
             self.tokenizer = self.loaded.tokenizer
             config = self.loaded.model.config.get_text_config()
             self.context = int(getattr(config, "max_position_embeddings", 0) or 2 ** 31)

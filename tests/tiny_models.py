@@ -20,12 +20,13 @@ def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
                                    unk_token="w3")
 
 
-def _config(family: str):
+def _config(family: str, **overrides):
     from transformers import Gemma3TextConfig, Gemma4TextConfig, LlamaConfig, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0,
                   eos_token_id=1, bos_token_id=2)
+    common.update(overrides)
     if family == "llama":
         return LlamaConfig(num_hidden_layers=3, tie_word_embeddings=False, **common)
     if family == "qwen3":
@@ -46,11 +47,12 @@ def _config(family: str):
 FAMILIES = ("llama", "qwen3", "gemma3", "gemma4")
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> LoadedModel:
+    """overrides: config fields (e.g. num_key_value_heads=4, which int4's 64-row blocks need)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = _config(family)
+    config = _config(family, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     # Random init is near-uniform; widen it so greedy decoding has clear winners.
     with torch.no_grad():

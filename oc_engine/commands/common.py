@@ -42,6 +42,13 @@ def dtype_option(fn):
                         help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")(fn)
 
 
+def quantize_option(fn):
+    return click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+                        help="Weight-only quantization of the linear layers: int8 (per channel) or int4 (groups "
+                             "of 32, like Q4_1). A probe made without it must be re-validated first "
+                             "(oc-engine revalidate-probe).")(fn)
+
+
 def device_option(fn):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
 

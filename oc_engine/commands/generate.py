@@ -10,7 +10,7 @@ import click
 
 from oc_engine.commands.common import (NEEDS_PROBE, FiniteFloat, check_output_file, device_option, dtype_option,
                                        guard_options, json_option, model_option, pick_fields, probe_and_guard,
-                                       seed_option, user_errors, write_text_file)
+                                       quantize_option, seed_option, user_errors, write_text_file)
 from oc_engine.errors import OcEngineError
 
 
@@ -29,6 +29,7 @@ from oc_engine.errors import OcEngineError
               help="Sample from the smallest set holding this much probability.")
 @seed_option(None, "Seed for sampling (reproducible runs).")
 @dtype_option
+@quantize_option
 @device_option
 @click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up).")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
@@ -42,7 +43,7 @@ from oc_engine.errors import OcEngineError
                    "(held, then blocked or stopped) are written with a null token id unless --trace-held.")
 @click.option("--trace-held", is_flag=True, help="With --trace: also write the ids of tokens the guard never showed.")
 @user_errors
-def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_template, max_num_seqs,
+def generate(model, prompt, prompts_file, dtype, quantize, device, no_compile, no_chat_template, max_num_seqs,
              trust_remote_code, as_json, probe_dir, no_guard, classifier_dir, warn, pause, every, alpha,
              trace_file, trace_held, **fields):
     """Generate text for one prompt or several, streaming it as the guard releases it.
@@ -71,7 +72,7 @@ def generate(model, prompt, prompts_file, dtype, device, no_compile, no_chat_tem
     if probe is None and trace_file:
         raise OcEngineError(NEEDS_PROBE)
     with LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
-             compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
+             quantize=quantize, compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
              chat_template=not no_chat_template, trust_remote_code=trust_remote_code,
              record_trace=trace_file is not None, log=announce) as llm:
         llm.fit(prompts, params)
@@ -129,8 +130,8 @@ def _json_row(index: int, prompt: str, c, llm) -> dict:
            "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "ttft_ms": t.ttft_ms,
            "first_text_ms": t.first_text_ms,
            "decode_tokens_per_s": t.decode_tokens_per_s, "compile_ms": llm.compile_ms,
-           "dtype": str(llm.loaded.dtype).removeprefix("torch."), "device": str(llm.loaded.device),
-           "compiled": llm.runner.compile}
+           "dtype": str(llm.loaded.dtype).removeprefix("torch."), "quantization": llm.loaded.quantization,
+           "device": str(llm.loaded.device), "compiled": llm.runner.compile}
     if c.guard is not None:
         row.update(status=c.guard.status, reason=c.guard.reason, pause_points=list(c.guard.pause_points),
                    verdicts=[{k: v for k, v in dataclasses.asdict(v).items() if v is not None}

@@ -10,14 +10,15 @@ import click
 from oc_engine.commands.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
                                        classifier_option, dtype_option, final_check_option, input_check_option,
                                        json_option, model_option, out_option, probe_option, progress_log,
+                                       quantize_option,
                                        seed_option, user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
-def _load(model, dtype):
+def _load(model, dtype, quantize=None):
     from oc_engine.engine.loading import load_model
 
-    return load_model(model, dtype=dtype, progress=False)
+    return load_model(model, dtype=dtype, progress=False, quantize=quantize)
 
 
 def _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed):
@@ -32,6 +33,7 @@ def common_probe_options(fn):
     for option in reversed([
         model_option,
         dtype_option,
+        quantize_option,
         click.option("--data", "data_specs", multiple=True, metavar="FILE[@SOURCE]",
                      help="Labelled JSONL exchanges (repeatable); @SOURCE keeps rows of that source."),
         click.option("--mode", type=click.Choice(["tokens", "final"]), default="tokens", show_default=True,
@@ -105,8 +107,8 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
                    "../shared/data/train plus on-policy answers collected once into the user cache.")
 @click.option("--force", is_flag=True, help="With --default: replace the shipped probe.")
 @user_errors
-def train_probe(model, dtype, data_specs, mode, max_response_tokens, validation, target, batch_size, max_exchanges,
-                steps, weight_decay, seed, as_json, layers, out, build_default, force):
+def train_probe(model, dtype, quantize, data_specs, mode, max_response_tokens, validation, target, batch_size,
+                max_exchanges, steps, weight_decay, seed, as_json, layers, out, build_default, force):
     """Train a linear probe on the target's own activations and calibrate the guard's thresholds.
 
     \b
@@ -117,7 +119,9 @@ def train_probe(model, dtype, data_specs, mode, max_response_tokens, validation,
     Examples:
       oc-engine train-probe --default
       oc-engine train-probe --data exchanges.jsonl --layer -4 --out ./probe
+      oc-engine train-probe --data exchanges.jsonl --quantize int4 --out ./probe-int4
     """
+    from oc_engine.errors import OcEngineError
     from oc_engine.training.probe_default import build_default_probe
     from oc_engine.training.probe_pipeline import train_probe as train
     from oc_engine.training.probe_training import ProbeTrainConfig
@@ -127,13 +131,14 @@ def train_probe(model, dtype, data_specs, mode, max_response_tokens, validation,
     job = _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
     config = ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed)
     if build_default:
+        if quantize != "none":
+            raise OcEngineError("--default builds the shipped probe for the unquantized model; re-validate it "
+                                "with `oc-engine revalidate-probe --quantize ...`, or train with --data and --out")
         report = build_default_probe(job, config, force=force, log=log, progress=not as_json)
     else:
-        from oc_engine.errors import OcEngineError
-
         if not data_specs or out is None:
             raise OcEngineError("give --data FILE (repeatable) and --out DIR, or --default")
-        loaded = _load(model, dtype)
+        loaded = _load(model, dtype, quantize)
         job = dataclasses.replace(job, layers=job.layers or (-4,))
         report = train(loaded, [parse_data_spec(s) for s in data_specs], out, job, config, log=log,
                        progress=not as_json)
@@ -162,8 +167,8 @@ def _probe_summary(report: dict) -> str:
 @click.option("--layer", "layers", multiple=True, type=int, help="Layers to sweep (default: all).")
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write the curve as PNG.")
 @user_errors
-def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation, target, batch_size, max_exchanges,
-                 steps, weight_decay, seed, as_json, layers, plot):
+def sweep_layers(model, dtype, quantize, data_specs, mode, max_response_tokens, validation, target, batch_size,
+                 max_exchanges, steps, weight_decay, seed, as_json, layers, plot):
     """Per-layer validation AUROC, F1 and streaming detection, and the best two-layer probe.
 
     \b
@@ -179,7 +184,7 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
     if not data_specs:
         raise OcEngineError("give --data FILE (repeatable)")
     check_output_file(plot, "--plot", PLOT_SUFFIXES)
-    loaded = _load(model, dtype)
+    loaded = _load(model, dtype, quantize)
     job = _job((), mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
     report = sweep(loaded, [parse_data_spec(s) for s in data_specs], job,
                    ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed), layers=list(layers) or None,
@@ -189,6 +194,7 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 
 @click.command("eval")
 @model_option
+@quantize_option
 @probe_option()
 @classifier_option()
 @click.option("--no-classifier", is_flag=True, help="Evaluate the probe alone (a pause blocks).")
@@ -210,8 +216,8 @@ def sweep_layers(model, dtype, data_specs, mode, max_response_tokens, validation
 @json_option("Print the report as JSON.")
 @seed_option(0)
 @user_errors
-def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
-                 max_response_tokens, batch_size, out, plot, final_check, input_check, as_json, seed):
+def eval_command(model, quantize, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit,
+                 max_new_tokens, max_response_tokens, batch_size, out, plot, final_check, input_check, as_json, seed):
     """Measure the guard end to end: replay labelled exchanges, or generate live on prompt files.
 
     \b
@@ -224,8 +230,8 @@ def eval_command(model, probe_dir, classifier_dir, no_classifier, replay_specs, 
 
     check_output_file(out, "--out")
     check_output_file(plot, "--plot", PLOT_SUFFIXES)
-    report = run_eval(model=model, probe_dir=probe_dir, classifier_dir=classifier_dir, no_classifier=no_classifier,
-                      replay_specs=[parse_data_spec(s) for s in replay_specs],
+    report = run_eval(model=model, quantize=quantize, probe_dir=probe_dir, classifier_dir=classifier_dir,
+                      no_classifier=no_classifier, replay_specs=[parse_data_spec(s) for s in replay_specs],
                       live_specs=[parse_data_spec(s) for s in live_specs], limit=limit,
                       max_new_tokens=max_new_tokens, max_response_tokens=max_response_tokens,
                       batch_size=batch_size, plot=plot, seed=seed, progress=not as_json,
@@ -283,3 +289,99 @@ def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, n
                           config=config, progress=not as_json, log=progress_log("oc-engine headroom", quiet=as_json))
     write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else headroom_markdown(report))
+
+
+@click.command("revalidate-probe")
+@probe_option("Probe directory to re-validate (default: the shipped probe, with the embedded model).")
+@model_option
+@dtype_option
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), required=True,
+              help="The quantization to accept the probe on.")
+@click.option("--data", "data_specs", multiple=True, metavar="FILE[@SOURCE]",
+              help="The labelled exchanges the probe was trained on (repeatable) [default: the files its "
+                   "metrics name]; their held-out part is replayed.")
+@click.option("--max-exchanges", type=click.IntRange(min=1), default=None,
+              help="As in training [default: as the probe recorded; 1000 for the shipped probe].")
+@click.option("--validation", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
+              help="Held-out share, as in training [default: as recorded, else 0.2].")
+@click.option("--max-response-tokens", type=click.IntRange(min=1), default=None,
+              help="Response tokens per exchange, as in training [default: as recorded, else 64].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--tolerance", type=FiniteFloat(0, 1), default=0.02, show_default=True,
+              help="AUROC points the quantized model may lose against the probe's own model.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write the probe, with the record, to this new directory.")
+@click.option("--in-place", is_flag=True, help="Add the record to the probe directory itself.")
+@seed_option(None, "Split seed, as in training [default: as recorded, else 0].")
+@json_option("Print the record as JSON.")
+@user_errors
+def revalidate_probe(probe_dir, model, dtype, quantize, data_specs, max_exchanges, validation, max_response_tokens,
+                     batch_size, tolerance, out, in_place, seed, as_json):
+    """Check that a probe still separates unsafe answers on a quantized model, and record it.
+
+    \b
+    The probe's held-out exchanges (the same files, cap, share and seed as its training) run
+    through the model it was made on and through the quantized one; it passes if its AUROC
+    drops by at most --tolerance. `--quantize` then accepts the probe only with a passing
+    record (`generate`, `serve` and `eval` check it before decoding). Exits 1 if it fails.
+    Examples:
+      oc-engine revalidate-probe --quantize int4 --in-place
+      oc-engine revalidate-probe --probe ./probe --quantize int8 --out ./probe-int8-checked
+    """
+    import dataclasses
+
+    from oc_engine.engine.defaults import require_probe
+    from oc_engine.engine.probe import rewrite_probe_config, save_probe
+    from oc_engine.errors import OcEngineError
+    from oc_engine.training.probe_default import MAX_EXCHANGES
+    from oc_engine.training.probe_pipeline import ProbeJob
+    from oc_engine.training.probe_revalidation import revalidate, with_record
+
+    if (out is None) == (not in_place):
+        raise OcEngineError("give --out DIR (a new probe directory) or --in-place")
+    check_output_dir(out, "--out")
+    log = progress_log("oc-engine revalidate-probe", quiet=as_json)
+    reference = _load(model, dtype)
+    directory, probe = require_probe(reference, probe_dir, model is None, log)
+    recorded = probe.config.metrics.get("split", {})
+    specs = [parse_data_spec(s) for s in data_specs or probe.config.metrics.get("data", [])]
+    if not specs:
+        raise OcEngineError("the probe names no training data: give --data FILE (repeatable)")
+    shipped_cap = MAX_EXCHANGES if probe_dir is None and model is None else None
+    job = ProbeJob(layers=tuple(probe.config.layers), mode=probe.config.metrics.get("mode", "tokens"),
+                   max_response_tokens=_first(max_response_tokens, recorded.get("max_response_tokens"), 64),
+                   validation=_first(validation, recorded.get("validation"), 0.2), batch_size=batch_size,
+                   max_exchanges=_first(max_exchanges, recorded.get("max_exchanges"), shipped_cap),
+                   seed=_first(seed, recorded.get("seed"), 0))
+    quantized = _load(model, dtype, quantize)
+    record = revalidate(probe, reference, quantized, specs, job, tolerance=tolerance, log=log,
+                        progress=not as_json)
+    record["split"] = dataclasses.asdict(job) | {"layers": list(job.layers)}
+    checked = with_record(probe, record)
+    if in_place:
+        rewrite_probe_config(directory, checked.config)
+    else:
+        save_probe(checked, out)
+    click.echo(json.dumps(record, indent=2) if as_json else _revalidation_summary(record, out or directory))
+    if not record["passed"]:
+        raise SystemExit(1)
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _revalidation_summary(record: dict, where) -> str:
+    from oc_engine.commands.common import markdown_rows
+
+    ref, got = record["at_pause"]["reference"], record["at_pause"]["quantized"]
+    rows = [("quantization", record["quantization"]),
+            ("validation AUROC: unquantized / quantized", f"{record['reference_auroc']:.4f} / "
+                                                          f"{record['validation_auroc']:.4f}"),
+            ("tolerance", f"{record['tolerance']}"), ("passed", "yes" if record["passed"] else "NO"),
+            (f"detection at pause {record['at_pause']['pause']:.4f}",
+             f"{ref['detection_rate']:.1%} / {got['detection_rate']:.1%}"),
+            ("benign pause rate", f"{ref['benign_pause_rate']:.1%} / {got['benign_pause_rate']:.1%}"),
+            ("held-out exchanges", str(record["exchanges"])), ("recorded in", str(where)),
+            ("seconds", str(record["seconds"]))]
+    return markdown_rows(rows, header=("re-validation", "value"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from oc_engine.commands.common import (check_output_file, device_option, dtype_option, guard_options, model_option,
-                                       probe_and_guard, progress_log, user_errors)
+                                       probe_and_guard, progress_log, quantize_option, user_errors)
 
 
 @click.command()
@@ -15,6 +15,7 @@ from oc_engine.commands.common import (check_output_file, device_option, dtype_o
 @click.option("--served-model-name", default=None,
               help="The name clients send as 'model' [default: the model's name or path].")
 @dtype_option
+@quantize_option
 @device_option
 @click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up).")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=8, show_default=True,
@@ -35,7 +36,7 @@ from oc_engine.commands.common import (check_output_file, device_option, dtype_o
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
-def serve(model, host, port, served_model_name, dtype, device, no_compile, max_num_seqs, max_model_len,
+def serve(model, host, port, served_model_name, dtype, quantize, device, no_compile, max_num_seqs, max_model_len,
           trust_remote_code, probe_dir, no_guard, classifier_dir, warn, pause, every, alpha, api_key, max_waiting,
           allow_guard_override, audit_log, log_level, **fields):
     """Serve guarded generation over OpenAI's API (chat and completions, streamed or not).
@@ -66,7 +67,7 @@ def serve(model, host, port, served_model_name, dtype, device, no_compile, max_n
 
     def make_llm():
         return LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
-                   compile=not no_compile, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                   quantize=quantize, compile=not no_compile, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    trust_remote_code=trust_remote_code, log=announce)
 
     announce(f"serving {name} on http://{host}:{port}/v1 ({'guarded' if probe is not None else 'unguarded'}); "

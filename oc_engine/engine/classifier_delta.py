@@ -101,7 +101,9 @@ def fingerprint_of(model) -> dict:
 
     from oc_engine.engine.probe import ModelFingerprint
 
-    return asdict(ModelFingerprint.of(model))
+    fingerprint = asdict(ModelFingerprint.of(model))
+    fingerprint.pop("quantization")  # a classifier backbone is never quantized; deltas predate the field
+    return fingerprint
 
 
 def save_delta(peft_model, out: Path, *, backbone: str, fingerprint: dict, labels, max_length: int,

@@ -38,6 +38,7 @@ class LoadedModel:
     source: str  # a local path or hub id that `from_pretrained` accepts
     device: torch.device
     dtype: torch.dtype
+    quantization: str | None = None  # "int8" | "int4": the linear layers' weights (see quantize.py)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -75,10 +76,14 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_model(source: str | None = None, *, device: str | None = None, dtype: str | None = None,
-               trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
-    """Load `source` (see the module docstring) onto `device` in `dtype`."""
+               trust_remote_code: bool = False, progress: bool = True, quantize: str | None = None) -> LoadedModel:
+    """Load `source` (see the module docstring) onto `device` in `dtype`; `quantize` ("int8",
+    "int4") then stores the linear layers' weights quantized (activations stay in `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from oc_engine.engine.quantize import check_scheme, quantize_model
+
+    quantize = check_scheme(quantize)  # a bad name fails before anything loads
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     path = resolve_model_source(source, progress=progress)
@@ -99,7 +104,9 @@ def load_model(source: str | None = None, *, device: str | None = None, dtype: s
         raise OcEngineError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from exc
     model.to(torch_device).eval()
     model.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), device=torch_device, dtype=torch_dtype)
+    quantize_model(model, quantize)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), device=torch_device, dtype=torch_dtype,
+                       quantization=quantize)
 
 
 def resolve_model_source(source: str | None, *, progress: bool = True) -> str:

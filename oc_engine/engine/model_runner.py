@@ -55,7 +55,7 @@ class ModelRunner:
             tap = probe.config.layers
         self.taps = normalize_taps(tap, self.num_layers)
         self.num_slots, self.max_model_len = num_slots, max_model_len
-        self.vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.vocab = int(self.model.get_output_embeddings().out_features)
         # + output_lag: with a lagged read, a slot may run that many steps past its last token
         # before the host sees it finish; those writes must stay inside the cache.
         self.cache = StaticKVCache(num_slots, max_model_len + self.output_lag, self.device, self.dtype)

@@ -24,6 +24,7 @@ from oc_engine.errors import OcEngineError
 
 PROBE_FORMAT = "oc-engine-probe/1"
 WEIGHTS_FILE, CONFIG_FILE = "probe.safetensors", "probe_config.json"
+REVALIDATION_KEY = "revalidated"  # metrics[...][quantization]: AUROC replayed through a quantized model
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,12 @@ class ModelFingerprint:
     hidden_size: int
     num_layers: int
     weights_hash: str  # sha256 of the sign bits of 4096 embedding values: the same in fp32, bf16, fp16
+    quantization: str | None = None  # "int8" | "int4": the linear layers the probe's activations came through
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelFingerprint":
+        from oc_engine.engine.quantize import model_quantization
+
         config = model.config.get_text_config()
         embed = model.get_input_embeddings().weight.detach()
         flat = embed.reshape(-1)
@@ -42,7 +46,13 @@ class ModelFingerprint:
         sample = flat[(torch.arange(4096, dtype=torch.long) * (flat.numel() - 1) // 4095).to(flat.device)]
         signs = torch.signbit(sample).to(torch.uint8).cpu().numpy().tobytes()
         return cls(architecture=type(model).__name__, hidden_size=int(config.hidden_size),
-                   num_layers=int(config.num_hidden_layers), weights_hash=hashlib.sha256(signs).hexdigest()[:32])
+                   num_layers=int(config.num_hidden_layers), weights_hash=hashlib.sha256(signs).hexdigest()[:32],
+                   quantization=model_quantization(model))
+
+    def describe(self) -> str:
+        quantized = f", {self.quantization}" if self.quantization else ""
+        return (f"{self.architecture}, hidden {self.hidden_size}, {self.num_layers} layers, "
+                f"weights {self.weights_hash[:8]}{quantized}")
 
 
 @dataclass(frozen=True)
@@ -88,18 +98,41 @@ class Probe:
     bias: torch.Tensor  # [1] fp32
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise unless this probe was trained on `model`."""
+        """Raise unless this probe was trained on `model`, or on the same model quantized otherwise
+        and re-validated on this quantization (see `revalidation`)."""
         actual = ModelFingerprint.of(model)
         expected = self.config.model
-        if actual != expected:
-            raise OcEngineError(
-                f"probe was trained for another model ({expected.architecture}, hidden {expected.hidden_size}, "
-                f"{expected.num_layers} layers, weights {expected.weights_hash[:8]}); this model is "
-                f"{actual.architecture}, hidden {actual.hidden_size}, {actual.num_layers} layers, "
-                f"weights {actual.weights_hash[:8]}")
+        if replace(actual, quantization=None) != replace(expected, quantization=None):
+            raise OcEngineError(f"probe was trained for another model ({expected.describe()}); this model is "
+                                f"{actual.describe()}")
+        if actual.quantization is None and expected.quantization is not None:
+            raise OcEngineError(f"probe was made on the {expected.quantization} model and this one is unquantized: "
+                                f"run with --quantize {expected.quantization}, or use a probe made without it")
+        if actual.quantization != expected.quantization:
+            from oc_engine.engine.quantize import QUANTIZER_VERSION
+
+            record = self.revalidation(actual.quantization)
+            current = record is not None and record.get("quantizer_version") == QUANTIZER_VERSION
+            if not current or not record.get("passed"):
+                if record is None:
+                    found = "it was never re-validated there"
+                elif not current:
+                    found = "it was re-validated with another version of the quantizer"
+                else:
+                    found = (f"its AUROC there was {record['validation_auroc']} against {record['reference_auroc']} "
+                             f"(tolerance {record['tolerance']})")
+                raise OcEngineError(
+                    f"probe was made on the {expected.quantization or 'unquantized'} model and this one is "
+                    f"{actual.quantization}: {found}. Re-validate it with `oc-engine revalidate-probe --quantize "
+                    f"{actual.quantization}` or train one with `oc-engine train-probe --quantize "
+                    f"{actual.quantization}`")
         if actual.hidden_size != self.config.hidden_size:
             raise OcEngineError(f"probe expects hidden size {self.config.hidden_size}, "
                                 f"the model has {actual.hidden_size}")
+
+    def revalidation(self, quantization: str | None) -> dict | None:
+        """The record `revalidate-probe` left for `quantization` (None: unquantized), if any."""
+        return self.config.metrics.get(REVALIDATION_KEY, {}).get(quantization or "none")
 
 
 def save_probe(probe: Probe, out_dir: str | Path) -> Path:
@@ -126,14 +159,32 @@ def save_probe(probe: Probe, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def rewrite_probe_config(path: str | Path, config: ProbeConfig) -> None:
+    """Replace a probe directory's config atomically (its weights stay as they are)."""
+    target = Path(path) / CONFIG_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}-", dir=path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(config.to_json(), indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def probe_config_from_json(raw: dict, where: str) -> ProbeConfig:
     """A ProbeConfig from probe_config.json's object, every field type-checked (never coerced)."""
     from oc_engine.config_fields import Fields
 
     fields = Fields(raw, where)
     model = fields.child("model")
+    quantization = model.string("quantization", None)
+    if quantization is not None and quantization not in ("int8", "int4"):
+        raise OcEngineError(f"{where}: model 'quantization' must be int8, int4 or null, got {quantization!r}")
     fingerprint = ModelFingerprint(architecture=model.string("architecture"), hidden_size=model.integer("hidden_size"),
-                                   num_layers=model.integer("num_layers"), weights_hash=model.string("weights_hash"))
+                                   num_layers=model.integer("num_layers"), weights_hash=model.string("weights_hash"),
+                                   quantization=quantization)
     hidden_size = fields.integer("hidden_size")
     if hidden_size < 1:
         raise OcEngineError(f"{where}: 'hidden_size' must be >= 1, got {hidden_size}")

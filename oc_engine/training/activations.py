@@ -153,10 +153,16 @@ def normalize_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
 # -- cache --------------------------------------------------------------------------------
 def _cache_dir(model, exchanges: list[Exchange], spec: CollectSpec) -> Path:
     from oc_engine.engine.embedded import cache_root
+    from oc_engine.engine.quantize import QUANTIZER_VERSION
 
     fingerprint = ModelFingerprint.of(model)
     digest = hashlib.sha256()
-    digest.update(json.dumps([asdict(fingerprint), asdict(spec), str(next(model.parameters()).dtype)]).encode())
+    described = asdict(fingerprint)
+    if described["quantization"] is None:  # unquantized keys stay as they were before the field existed
+        del described["quantization"]
+    else:  # a change to the quantizer changes the activations
+        described["quantization"] += f"/{QUANTIZER_VERSION}"
+    digest.update(json.dumps([described, asdict(spec), str(next(model.parameters()).dtype)]).encode())
     for e in exchanges:
         digest.update(json.dumps([e.prompt, e.response, e.label]).encode())
     layers = "-".join(map(str, spec.layers))

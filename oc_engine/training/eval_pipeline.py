@@ -8,7 +8,8 @@ from oc_engine.errors import OcEngineError
 
 
 def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
-             max_response_tokens, batch_size, plot, seed, progress, log, final_check=None, input_check=None) -> dict:
+             max_response_tokens, batch_size, plot, seed, progress, log, final_check=None, input_check=None,
+             quantize: str | None = None) -> dict:
     from oc_engine.engine.defaults import require_probe, resolve_classifier
     from oc_engine.engine.loading import load_model
 
@@ -19,10 +20,10 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
     # The data files are read (and any bad line reported) before the model loads.
     exchanges = read_specs(replay_specs, limit, seed) if replay_specs else []
     live_rows = _live_rows(live_specs, limit, seed) if live_specs else []
-    loaded = load_model(model, progress=False)
+    loaded = load_model(model, progress=False, quantize=quantize)
     _, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = None if no_classifier else resolve_classifier(classifier_dir, str(loaded.device), log=log)
-    report = {"model": loaded.source, "probe": probe_dir or "default",
+    report = {"model": loaded.source, "quantization": loaded.quantization, "probe": probe_dir or "default",
               "classifier": str(classifier.path) if classifier else None,
               "probe_settings": {"layers": list(probe.config.layers), "alpha": probe.config.alpha,
                                  "warn": probe.config.warn, "pause": probe.config.pause}}

@@ -82,7 +82,9 @@ def train_probe(loaded, specs: list[tuple[str, str | None]], out: str | Path | N
                                           acts_train.labels.numpy() == UNSAFE), 4),
                "calibration": calibration.as_dict(), "mode": job.mode, "layers": list(layers),
                "train_exchanges": len(acts_train.labels), "validation_exchanges": len(acts_val.labels),
-               "data": [p + (f"@{s}" if s else "") for p, s in specs], "objective": "ema" if job.mode == "tokens"
+               "data": [p + (f"@{s}" if s else "") for p, s in specs],
+               "split": {"max_exchanges": job.max_exchanges, "validation": job.validation, "seed": job.seed,
+                         "max_response_tokens": job.max_response_tokens}, "objective": "ema" if job.mode == "tokens"
                else "logistic", "dtype": str(loaded.dtype).removeprefix("torch."),
                "seconds": round(time.perf_counter() - started, 1)}
     fingerprint = ModelFingerprint.of(loaded.model)

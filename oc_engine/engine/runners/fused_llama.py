@@ -16,6 +16,7 @@ from torch import nn
 
 from oc_engine.engine.kv_cache import CacheRows
 from oc_engine.engine.masks import attention_mask
+from oc_engine.engine.quantize import QuantizedLinear
 
 FUSED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 
@@ -49,14 +50,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a few rows on CPU inside torch.compile.
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the quantized layer's packed matmul, except for a few rows on CPU inside
+    torch.compile with a float weight.
 
     Decoding multiplies one row per sequence by each weight: a GEMV bound by how fast the
     weight streams from memory. oneDNN's bf16 GEMV reaches about 13 GB/s on this 2-core
     machine; written as multiply-and-sum, inductor emits one vectorised loop that reaches
     about 25 GB/s (fp32 accumulation either way).
     """
+    if isinstance(weight, QuantizedLinear):
+        out = weight.matmul(x)
+        return out if bias is None else out + bias
     rows = x.numel() // x.shape[-1]
     if rows <= 4 and x.device.type == "cpu" and torch.compiler.is_compiling():
         out = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
@@ -91,9 +96,11 @@ def decode_attention(q, keys, values, mask, scale: float, bounded: bool = False)
     return out.reshape(batch, heads, 1, dim)
 
 
-def _fuse(modules: list[nn.Linear]) -> tuple[nn.Parameter, nn.Parameter | None]:
+def _fuse(modules: list[nn.Linear]) -> tuple[nn.Parameter | QuantizedLinear, nn.Parameter | None]:
     """Concatenate the weights (and biases) of `modules` along the output dim; re-point the
     modules' parameters at views of the fused tensor so memory is not doubled."""
+    if isinstance(modules[0], QuantizedLinear):
+        return _fuse_quantized(modules)
     weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), requires_grad=False)
     has_bias = modules[0].bias is not None
     bias = nn.Parameter(torch.cat([m.bias.detach() for m in modules]), requires_grad=False) if has_bias else None
@@ -107,6 +114,23 @@ def _fuse(modules: list[nn.Linear]) -> tuple[nn.Parameter, nn.Parameter | None]:
     return weight, bias
 
 
+def _fuse_quantized(modules: list[QuantizedLinear]) -> tuple[QuantizedLinear, torch.Tensor | None]:
+    """The same for quantized layers: the fused layer carries no bias (returned apart, as above)."""
+    fused = QuantizedLinear.cat(modules)
+    bias, fused.bias = fused.bias, None
+    start = 0
+    for m in modules:
+        view = fused.rows(start, start + m.out_features)
+        m.data, m.scales = view.data, view.scales
+        start += m.out_features
+    return fused, bias
+
+
+def _weight(module: nn.Module) -> torch.Tensor | QuantizedLinear:
+    """What `linear` multiplies by: the weight, or the quantized layer itself."""
+    return module if isinstance(module, QuantizedLinear) else module.weight
+
+
 class FusedLayer(nn.Module):
     def __init__(self, hf_layer: nn.Module, config, index: int):
         super().__init__()
@@ -118,15 +142,15 @@ class FusedLayer(nn.Module):
         self.scaling = attn.scaling
         self.eps = config.rms_norm_eps
         self.wqkv, self.bqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.wo = attn.o_proj.weight
+        self.wo = _weight(attn.o_proj)
         self.bo = attn.o_proj.bias
         self.w_gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.w_down = mlp.down_proj.weight
+        self.w_down = _weight(mlp.down_proj)
         self.input_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight
         self.q_norm = attn.q_norm.weight if hasattr(attn, "q_norm") else None
         self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
-        self.intermediate = mlp.gate_proj.weight.shape[0]
+        self.intermediate = mlp.gate_proj.out_features
 
     def forward(self, x, cos, sin, mask, pos, cache: CacheRows, span=None):
         batch, length, _ = x.shape
@@ -175,7 +199,7 @@ class FusedLlamaRunner(nn.Module):
         self.layers = nn.ModuleList(FusedLayer(layer, config, i) for i, layer in enumerate(base.layers))
         self.norm = base.norm.weight
         self.eps = config.rms_norm_eps
-        self.lm_head = model.lm_head.weight
+        self.lm_head = _weight(model.get_output_embeddings())
 
     def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
         x = self.embed(input_ids)

@@ -63,7 +63,7 @@ class HFModulesRunner(nn.Module):
         self.windows = {t: (window if t == "sliding_attention" else None) for t in set(layer_types)}
 
     def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
-        dtype = self.lm_head.weight.dtype
+        dtype = self.text_model.get_input_embeddings().weight.dtype
         length = cache.max_len if span is None else span
         masks = {t: attention_mask(pos, length, dtype, w) for t, w in self.windows.items()}
         if len(masks) == 1:  # models with one layer type take a prepared 4D mask, not a dict
