@@ -150,14 +150,19 @@ def run_decode_bench(loaded: LoadedModel, *, modes=MODES, new_tokens: int = 128,
         r.ratio_to_hf = r.tokens_per_s / hf.tokens_per_s if hf else None
     same_tokens = {r.mode: (r.tokens == hf.tokens) for r in rows} if hf else {}
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": package_version("transformers"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment(loaded),
         "batch": 1, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
         "greedy_tokens_equal_hf": same_tokens,
         "results": [{k: v for k, v in asdict(r).items() if k != "tokens"} for r in rows],
     }
+
+
+def environment(loaded: LoadedModel) -> dict:
+    """What a result depends on besides the code: model, dtype, quantization, machine, versions."""
+    return {"model": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
+            "quantization": loaded.quantization, "device": str(loaded.device),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": package_version("transformers")}
 
 
 def markdown_table(report: dict) -> str:

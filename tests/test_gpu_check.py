@@ -14,7 +14,7 @@ def test_the_gpu_check_script_runs_every_section_at_tiny_sizes(tmp_path):
     spec.loader.exec_module(check)
     assert check.main(["--out", str(tmp_path), "--tiny"]) == 0
     sections = json.loads((tmp_path / "check.json").read_text())["sections"]
-    assert list(sections) == ["environment", "kernel", "correctness", "speed", "guard"]
+    assert list(sections) == ["environment", "kernel", "correctness", "speed", "guard", "quantized"]
     assert not [name for name, result in sections.items() if "error" in result]
     assert sections["kernel"]["all_match"] and len(sections["kernel"]["rows"]) == 8
     assert sections["correctness"]["ok"], sections["correctness"]
@@ -22,3 +22,6 @@ def test_the_gpu_check_script_runs_every_section_at_tiny_sizes(tmp_path):
     assert set(modes) == {"hf_generate", "engine_eager", "engine_compiled", "engine_compiled_probe"}
     assert all(m["tokens_per_s"] > 0 and m["gb_per_s"] >= 0 for m in modes.values())
     assert sections["guard"]["runs"]["escalating"][0]["checks"] > 0
+    quantized = sections["quantized"]
+    assert quantized["ok"] and set(quantized["speed"]) == {"none", "int8", "int4"}, quantized
+    assert all(row["engine_compiled"]["tokens_per_s"] > 0 for row in quantized["speed"].values())

@@ -19,7 +19,9 @@ error and the next one runs. Sections:
    `generate`, engine eager, compiled, compiled with the probe; ms/token and achieved GB/s
    (weights and K/V read per token) against the H200's 4.8 TB/s;
 4. the guard: escalations forced as in `oc-engine bench guard`, the classifier beside
-   decoding: tokens/s against unguarded and the largest gap while a check is pending.
+   decoding: tokens/s against unguarded and the largest gap while a check is pending;
+5. int8 and int4 weight-only decode (`--quantize`): the kernels against their reference, tokens
+   against Hugging Face on the same quantized model, bf16 speed with and without the probe.
 """
 
 from __future__ import annotations
@@ -324,6 +326,61 @@ def guard(device: torch.device, tiny: bool) -> dict:
             "max_gap_during_check_over_median": round(worst, 2), "runs": rows}
 
 
+def quantized(device: torch.device, tiny: bool) -> dict:
+    """int8 and int4 weight-only: each packed kernel against its dequantized reference; the engine
+    against Hugging Face `generate` on the same quantized model (bf16: closeness, as the prompt
+    and the steps round differently); bf16 decode speed beside unquantized, with and without the
+    probe; recompiles after warm-up."""
+    import torch._dynamo
+
+    from oc_engine.bench import bench_mode
+    from oc_engine.engine.quantize import QuantizedLinear, linear_weight_bytes, quantize_model
+
+    out: dict = {"kernel": {}}
+    torch.manual_seed(0)
+    for scheme in ("int8", "int4"):
+        weight = (torch.randn(256, 512, device=device) * 0.05).bfloat16()
+        layer = QuantizedLinear.from_weight(weight, scheme)
+        x = torch.randn(5, 512, device=device).bfloat16()
+        expected = x.float() @ layer.dequantized().float().t()
+        out["kernel"][scheme] = round(float((layer(x).float() - expected).abs().max() / expected.abs().max()), 5)
+    shape = dict(TINY_SHAPE, num_key_value_heads=4) if tiny else SHAPES["smollm2-135m"]
+    new, repeats = (8, 1) if tiny else (256, 3)
+    prompt = [2] + [5 + i for i in range(31)]
+    counters = torch._dynamo.utils.counters
+    out["speed"], out["tokens"] = {}, {}
+    for scheme in ("none", "int8", "int4"):
+        loaded = random_model(shape, torch.bfloat16, device)
+        if scheme != "none":
+            quantize_model(loaded.model, scheme)
+            loaded.quantization = scheme
+        ids = torch.tensor([prompt], device=device)
+        hf = loaded.model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(prompt):]
+        rows = {}
+        for mode in ("engine_compiled", "engine_compiled_probe"):
+            before = counters["stats"]["unique_graphs"]
+            r = bench_mode(mode, loaded, prompt, new, repeats)
+            rows[mode] = {"tokens_per_s": round(r.tokens_per_s, 1), "ms_per_token": round(r.ms_per_token, 3),
+                          "graphs": counters["stats"]["unique_graphs"] - before}
+            if mode == "engine_compiled":
+                same = [a == b for a, b in zip(r.tokens, hf.tolist())]
+                out["tokens"][scheme] = {"first_difference_from_hf": same.index(False) if False in same else None,
+                                         "of": new}
+        weights = linear_weight_bytes(loaded.model)
+        rows["weight_gb_per_s"] = round(weights * rows["engine_compiled"]["tokens_per_s"] / 1e9, 1)
+        rows["probe_share_of_step"] = round(1 - rows["engine_compiled_probe"]["tokens_per_s"]
+                                            / rows["engine_compiled"]["tokens_per_s"], 4)
+        out["speed"][scheme] = rows
+        del loaded
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = out["speed"]["none"]["engine_compiled"]["tokens_per_s"]
+    for scheme in ("int8", "int4"):
+        out["speed"][scheme]["x_unquantized"] = round(out["speed"][scheme]["engine_compiled"]["tokens_per_s"] / base, 3)
+    out["ok"] = bool(max(out["kernel"].values()) < 0.02)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="directory for check.json")
@@ -334,7 +391,7 @@ def main(argv=None) -> int:
     report = Report(args.out)
     sections = {"environment": (environment, device), "kernel": (kernel, device, args.tiny),
                 "correctness": (correctness, device, args.tiny), "speed": (speed, device, args.tiny),
-                "guard": (guard, device, args.tiny)}
+                "guard": (guard, device, args.tiny), "quantized": (quantized, device, args.tiny)}
     for name, (fn, *fn_args) in sections.items():
         if not args.section or name in args.section:
             report.run(name, fn, *fn_args)

