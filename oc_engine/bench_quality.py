@@ -32,10 +32,11 @@ def run_quality_bench(model: str | None, *, dtype: str, device: str, quantizatio
 
     text_value = _read_text(text)
     gguf = None
-    if llama_cpp is not None:
+    if llama_cpp is not None:  # fails before anything loads
         from oc_engine.bench_quantized import _gguf_for
 
         gguf = _gguf_for(model)
+        _perplexity_binary(llama_cpp)
     answers, perplexities, env = {}, {}, None
     for quantization in ["none"] + [q for q in quantizations if q != "none"]:
         progress(f"{quantization}: {len(prompts)} greedy answers and the perplexity")
@@ -75,11 +76,9 @@ def perplexity(loaded, text: str, context: int) -> float:
 
 def llama_perplexity(llama_cpp: str, gguf, text: str, context: int) -> float:
     """llama.cpp's own `llama-perplexity` (beside its server binary) on the same text."""
-    from oc_engine.llama_cpp import find_llama_server, llama_environment
+    from oc_engine.llama_cpp import llama_environment
 
-    binary = find_llama_server(llama_cpp).with_name("llama-perplexity")
-    if not binary.is_file():
-        raise OcEngineError(f"no llama-perplexity beside {binary.parent}")
+    binary = _perplexity_binary(llama_cpp)
     with llama_environment(binary) as env:
         done = subprocess.run([str(binary), "-m", str(gguf), "-f", text, "-c", str(context), "-t",
                                str(torch.get_num_threads())], env=env, capture_output=True, text=True, timeout=1800)
@@ -90,12 +89,23 @@ def llama_perplexity(llama_cpp: str, gguf, text: str, context: int) -> float:
     return float(found.group(1))
 
 
+def _perplexity_binary(llama_cpp: str) -> Path:
+    from oc_engine.llama_cpp import find_llama_server
+
+    binary = find_llama_server(llama_cpp).with_name("llama-perplexity")
+    if not binary.is_file():
+        raise OcEngineError(f"no llama-perplexity beside {binary.parent}")
+    return binary
+
+
 def _greedy(loaded, prompts: list[str], max_tokens: int, batch_size: int) -> list[list[int]]:
     from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
 
-    with LLM(loaded, probe=None, max_num_seqs=batch_size, max_model_len=512) as llm:
-        return [list(c.token_ids) for c in llm.generate(prompts, SamplingParams(max_tokens=max_tokens))]
+    params = SamplingParams(max_tokens=max_tokens)
+    with LLM(loaded, probe=None, max_num_seqs=batch_size) as llm:
+        llm.fit(prompts, params)
+        return [list(c.token_ids) for c in llm.generate(prompts, params)]
 
 
 def _agreement(reference: list[list[int]], answers: list[list[int]]) -> dict:

@@ -43,7 +43,11 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
     from oc_engine.engine.quantize import linear_weight_bytes
     from oc_engine.params import SamplingParams
 
-    gguf = _gguf_for(model) if llama_cpp is not None else None  # fails before anything loads
+    gguf = binary = None
+    if llama_cpp is not None:  # fails before anything loads
+        from oc_engine.llama_cpp import find_llama_server
+
+        gguf, binary = _gguf_for(model), find_llama_server(llama_cpp)
     contenders, loaded = [], None
     for quantization in quantizations:
         progress(f"loading and compiling ({quantization})")
@@ -60,10 +64,10 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
     server = None
     try:
         if gguf is not None:
-            from oc_engine.llama_cpp import LlamaServer, find_llama_server, gguf_weight_bytes
+            from oc_engine.llama_cpp import LlamaServer, gguf_weight_bytes
 
             progress("starting llama.cpp's server")
-            server = LlamaServer(find_llama_server(llama_cpp), gguf, threads=threads or torch.get_num_threads())
+            server = LlamaServer(binary, gguf, threads=threads or torch.get_num_threads())
             contenders.append(_llama_contender(server, prompt, gguf_weight_bytes(gguf)))
         rows = _round_robin(contenders, new_tokens, repeats, loaded.device, progress)
     finally:
@@ -110,10 +114,9 @@ def _round_robin(contenders: list[Contender], n: int, repeats: int, device, prog
         for c in contenders:
             progress(f"warming up {c.name}")
             c.run(n)
-        if any(c.server_timings is not None for c in contenders):
-            for c in contenders:
-                if c.server_timings is not None:
-                    c.server_timings.clear()
+        for c in contenders:
+            if c.server_timings is not None:
+                c.server_timings.clear()  # the warm-up's own timings are not kept
         firsts = {c.name: [] for c in contenders}
         fulls = {c.name: [] for c in contenders}
         tokens = {}

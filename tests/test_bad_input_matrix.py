@@ -204,6 +204,22 @@ CASES = {
     "serve a port in use": ("serve --model {in}/model --no-guard --no-compile --port {busy_port}", 1,
                             "cannot listen on 127.0.0.1:{busy_port}"),
     "bench serve unequal lists": ("bench serve --concurrency 1,4 --requests 8", 1, "one count per --concurrency"),
+    # quantization
+    "unknown quantization": (GENERATE + " --prompt w5 --quantize int3", 2, "'--quantize'"),
+    "int4 on layers its packing cannot cut": ("generate --model {in}/model --no-guard --prompt w5 --quantize int4", 1,
+                                              "int4 needs layers whose inputs are a multiple of 32"),
+    "unquantized probe on a quantized model": (GENERATE + " --prompt w5 --quantize int8", 1,
+                                               "it was never re-validated there"),
+    "revalidate without --out or --in-place": ("revalidate-probe --model {in}/model --probe {in}/probe --quantize int8 "
+                                               "--data {in}/exchanges.jsonl", 1, "give --out DIR"),
+    "revalidate out under a file": ("revalidate-probe --model {in}/model --probe {in}/probe --quantize int8 "
+                                    "--data {in}/exchanges.jsonl --out {file}/p", 1, "cannot write in"),
+    "revalidate tolerance above 1": ("revalidate-probe --probe {in}/probe --quantize int8 --tolerance 2 --in-place", 2,
+                                     "'--tolerance'"),
+    "bench quality text missing": ("bench quality --model {in}/model --prompts {in}/prompts.jsonl --text {tmp}/no.txt",
+                                   1, "cannot read the perplexity text"),
+    "bench decode llama.cpp binary missing": ("bench decode --quantize int8 --llama-cpp {tmp}/llama-server", 1,
+                                              "no llama-server binary at"),
 }
 
 SPOILED_FILES = {
