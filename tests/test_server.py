@@ -239,8 +239,9 @@ def small(tmp_path_factory):
     server.stop()
 
 
-def _open_stream(server, max_tokens=400):
-    """A streamed request held open; returns (client, response) after its first chunk."""
+def _open_stream(server, max_tokens=1500):
+    """A streamed request held open; returns (client, response) after its first chunk. Long
+    enough by default that it cannot finish while a test on a slow machine acts on it."""
     http = httpx.Client(timeout=60)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}], "stream": True,
             "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
