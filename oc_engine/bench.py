@@ -100,7 +100,7 @@ def mode_runner(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: i
     return runs[mode]()
 
 
-def _timed(run: Callable[[int], list[int]], n: int, device: torch.device) -> tuple[float, list[int]]:
+def timed_run(run: Callable[[int], list[int]], n: int, device: torch.device) -> tuple[float, list[int]]:
     accel.synchronize(device)
     start = time.perf_counter()
     tokens = run(n)
@@ -114,8 +114,8 @@ def bench_mode(mode: str, loaded: LoadedModel, prompt: list[int], new_tokens: in
         run(new_tokens)  # warm-up: compilation, allocator, caches
         firsts, fulls, tokens = [], [], None
         for _ in range(repeats):
-            firsts.append(_timed(run, 1, loaded.device)[0])
-            elapsed, tokens = _timed(run, new_tokens, loaded.device)
+            firsts.append(timed_run(run, 1, loaded.device)[0])
+            elapsed, tokens = timed_run(run, new_tokens, loaded.device)
             fulls.append(elapsed)
     first, full = statistics.median(firsts), statistics.median(fulls)
     # The tokens made, not the tokens asked for: a run stops at the model's context.

