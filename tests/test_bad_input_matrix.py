@@ -203,6 +203,11 @@ CASES = {
                                          "the model could not be loaded: "),
     "serve a port in use": ("serve --model {in}/model --no-guard --no-compile --port {busy_port}", 1,
                             "cannot listen on 127.0.0.1:{busy_port}"),
+    "serve vllm backend not installed": ("serve --model {in}/model --backend vllm --port {port}", 1,
+                                         "uv run --project integrations/vllm"),
+    "serve unknown backend": ("serve --backend tgi", 2, "'--backend'"),
+    "bench serve vllm servers not installed": ("bench serve --server vllm-guarded", 1,
+                                               "uv run --project integrations/vllm"),
     "bench serve unequal lists": ("bench serve --concurrency 1,4 --requests 8", 1, "one count per --concurrency"),
     # quantization
     "unknown quantization": (GENERATE + " --prompt w5 --quantize int3", 2, "'--quantize'"),

@@ -250,8 +250,11 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 @bench.command("serve")
-@click.option("--server", "servers", multiple=True, type=click.Choice(["unguarded", "guarded", "transformers"]),
-              help="Servers to run (repeatable). Default: all three.")
+@click.option("--server", "servers", multiple=True,
+              type=click.Choice(["unguarded", "guarded", "transformers", "vllm-unguarded", "vllm-guarded"]),
+              help="Servers to run (repeatable). Default: unguarded, guarded, transformers. The vllm- ones run "
+                   "`oc-engine serve --backend vllm` and need the plugin's environment (uv run --project "
+                   "integrations/vllm oc-engine bench serve ...).")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients, comma-separated.")
 @click.option("--requests", default="8,16,32", show_default=True,
               help="Requests sent at each concurrency, comma-separated (one per --concurrency value).")
@@ -276,6 +279,12 @@ def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_j
     from oc_engine.engine.loading import resolve_model_source
 
     check_output_file(out, "--out")
+    if any(kind.startswith("vllm-") for kind in servers):
+        import importlib.util
+
+        if importlib.util.find_spec("oc_engine_vllm") is None:
+            raise OcEngineError("the vllm- servers need the vLLM plugin's environment: uv run --project "
+                                "integrations/vllm oc-engine bench serve ...")
     concurrencies, counts = _int_list(concurrency, "--concurrency"), _int_list(requests, "--requests")
     if len(concurrencies) != len(counts):
         raise OcEngineError("--requests needs one count per --concurrency value")

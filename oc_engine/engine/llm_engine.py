@@ -210,7 +210,7 @@ class LLMEngine:
         if seq in self.draining:
             self.draining.remove(seq)
         self.requests.pop(seq.request_id, None)
-        seq.completion = self._completion(seq)
+        seq.completion = build_completion(seq, self.runner.compile_intervals)
         self._emit(seq, [Finished(seq.request_id, seq.completion)])
 
     def _emit(self, seq: Sequence, events: list) -> None:
@@ -218,23 +218,26 @@ class LLMEngine:
             seq.first_text_at = self.clock()  # the user's time to first token: the guard may hold the first ones
         seq.emit(events)
 
-    def _completion(self, seq: Sequence) -> Completion:
-        guard = seq.guard
-        report = guard.report() if guard is not None else None
-        released = seq.token_ids[:report.released_tokens] if report is not None else seq.token_ids
-        ms = lambda t: round(((t if t is not None else seq.finished_at) - seq.arrival) * 1000, 3)  # noqa: E731
-        start = seq.prefill_start if seq.prefill_start is not None else seq.finished_at
-        rate = None
-        if len(seq.token_ids) > 1 and seq.first_token_at is not None:
-            end = seq.decode_end if seq.decode_end is not None else seq.finished_at
-            compiling = sum(max(0.0, min(b, end) - max(a, seq.first_token_at))
-                            for a, b in self.runner.compile_intervals)
-            rate = round((len(seq.token_ids) - 1) / max(end - seq.first_token_at - compiling, 1e-9), 3)
-        timings = Timings(queued_ms=ms(start), prefill_ms=round(((seq.first_token_at or start) - start) * 1000, 3),
-                          ttft_ms=ms(seq.first_token_at), decode_tokens_per_s=rate, total_ms=ms(seq.finished_at),
-                          first_text_ms=ms(seq.first_text_at) if seq.first_text_at is not None else None)
-        return Completion(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=tuple(seq.prompt_ids),
-                          text=guard.text if guard is not None else seq.text, token_ids=tuple(released),
-                          finish_reason=seq.finish_reason or "cancelled",
-                          refusal=guard.refusal if guard is not None else None, guard=report, timings=timings,
-                          generated_tokens=len(seq.token_ids))
+
+def build_completion(seq: Sequence, compile_intervals=()) -> Completion:
+    """A finished sequence's `Completion`: the released text and tokens, the guard's report, and
+    its timings (decode rate without the time spent compiling, `compile_intervals`)."""
+    guard = seq.guard
+    report = guard.report() if guard is not None else None
+    released = seq.token_ids[:report.released_tokens] if report is not None else seq.token_ids
+    ms = lambda t: round(((t if t is not None else seq.finished_at) - seq.arrival) * 1000, 3)  # noqa: E731
+    start = seq.prefill_start if seq.prefill_start is not None else seq.finished_at
+    rate = None
+    if len(seq.token_ids) > 1 and seq.first_token_at is not None:
+        end = seq.decode_end if seq.decode_end is not None else seq.finished_at
+        compiling = sum(max(0.0, min(b, end) - max(a, seq.first_token_at))
+                        for a, b in compile_intervals)
+        rate = round((len(seq.token_ids) - 1) / max(end - seq.first_token_at - compiling, 1e-9), 3)
+    timings = Timings(queued_ms=ms(start), prefill_ms=round(((seq.first_token_at or start) - start) * 1000, 3),
+                      ttft_ms=ms(seq.first_token_at), decode_tokens_per_s=rate, total_ms=ms(seq.finished_at),
+                      first_text_ms=ms(seq.first_text_at) if seq.first_text_at is not None else None)
+    return Completion(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=tuple(seq.prompt_ids),
+                      text=guard.text if guard is not None else seq.text, token_ids=tuple(released),
+                      finish_reason=seq.finish_reason or "cancelled",
+                      refusal=guard.refusal if guard is not None else None, guard=report, timings=timings,
+                      generated_tokens=len(seq.token_ids))

@@ -39,15 +39,21 @@ class ModelFingerprint:
     def of(cls, model: torch.nn.Module) -> "ModelFingerprint":
         from oc_engine.engine.quantize import model_quantization
 
-        config = model.config.get_text_config()
-        embed = model.get_input_embeddings().weight.detach()
-        flat = embed.reshape(-1)
+        return cls.from_parts(type(model).__name__, model.config.get_text_config(),
+                              model.get_input_embeddings().weight, model_quantization(model))
+
+    @classmethod
+    def from_parts(cls, architecture: str, config, embedding: torch.Tensor,
+                   quantization: str | None = None) -> "ModelFingerprint":
+        """For engines that are not a Hugging Face module (vLLM): the architecture's HF name, its
+        text config, and the whole input embedding [vocab, H] (unpadded, not a tensor-parallel shard)."""
+        flat = embedding.detach().reshape(-1)
         # Integer spacing: float linspace rounds past the end on large embeddings.
         sample = flat[(torch.arange(4096, dtype=torch.long) * (flat.numel() - 1) // 4095).to(flat.device)]
         signs = torch.signbit(sample).to(torch.uint8).cpu().numpy().tobytes()
-        return cls(architecture=type(model).__name__, hidden_size=int(config.hidden_size),
+        return cls(architecture=architecture, hidden_size=int(config.hidden_size),
                    num_layers=int(config.num_hidden_layers), weights_hash=hashlib.sha256(signs).hexdigest()[:32],
-                   quantization=model_quantization(model))
+                   quantization=quantization)
 
     def describe(self) -> str:
         quantized = f", {self.quantization}" if self.quantization else ""
@@ -100,7 +106,10 @@ class Probe:
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise unless this probe was trained on `model`, or on the same model quantized otherwise
         and re-validated on this quantization (see `revalidation`)."""
-        actual = ModelFingerprint.of(model)
+        self.check_fingerprint(ModelFingerprint.of(model))
+
+    def check_fingerprint(self, actual: ModelFingerprint) -> None:
+        """`check_model` for a model known by its fingerprint."""
         expected = self.config.model
         if replace(actual, quantization=None) != replace(expected, quantization=None):
             raise OcEngineError(f"probe was trained for another model ({expected.describe()}); this model is "

@@ -40,13 +40,24 @@ def probe_ema_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, the same maths as the kernel; updates `ema` in place."""
     logit = torch.einsum("lbh,lh->b", hidden.float(), weight.float()) + bias.float()
-    score = torch.where(torch.isfinite(logit), torch.sigmoid(logit), torch.full_like(logit, float("nan")))
-    alpha, warn, pause = thresholds[0], thresholds[1], thresholds[2]
+    score = score_of_logit(logit)
+    new_ema, flags = ema_update(score, ema, thresholds[0], thresholds[1], thresholds[2])
+    ema.copy_(new_ema)
+    return score, flags
+
+
+def score_of_logit(logit: torch.Tensor) -> torch.Tensor:
+    """sigmoid, NaN where the logit is not finite (see the module docstring)."""
+    return torch.where(torch.isfinite(logit), torch.sigmoid(logit), torch.full_like(logit, float("nan")))
+
+
+def ema_update(score: torch.Tensor, ema: torch.Tensor, alpha, warn, pause) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new ema, flags) for scores [B] and the EMAs before them [B]; alpha, warn and pause are
+    scalars or [B] tensors (per-row settings, as the vLLM plugin keeps them)."""
     bad = ~torch.isfinite(score) | ~torch.isfinite(ema)
     new_ema = torch.where(bad, ema, torch.where(ema < 0, score, alpha * score + (1 - alpha) * ema))
-    ema.copy_(new_ema)
     flags = (new_ema >= warn).to(torch.int32) + 2 * (new_ema >= pause).to(torch.int32)
-    return score, torch.where(bad, torch.full_like(flags, 7), flags)
+    return new_ema, torch.where(bad, torch.full_like(flags, 7), flags)
 
 
 if triton is not None:

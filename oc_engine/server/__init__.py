@@ -24,8 +24,20 @@ def run_server(config: ServerConfig, make_llm: Callable[[], object], *, host: st
                log_level: str = "info") -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting connections, let the running requests
     finish, stop the engine, and return. Raises `OcEngineError` if the model could not be loaded."""
+    import socket
+
     import uvicorn
 
+    # Bound before uvicorn starts: its lifespan (which starts loading the model) runs before it
+    # binds, so a port in use would otherwise fail with the model half loaded on a thread.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise OcEngineError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     app = build_app(config, make_llm)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
     state = app.state.oc
@@ -35,10 +47,11 @@ def run_server(config: ServerConfig, make_llm: Callable[[], object], *, host: st
     # handlers in place that is a no-op, so a graceful stop returns (and the command exits 0).
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind; its log line said why
-        raise OcEngineError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None
+        server.run(sockets=[listener])
+    except SystemExit:  # uvicorn exits when it cannot serve; its log line said why
+        raise OcEngineError(f"cannot serve on {host}:{port}") from None
     finally:
+        listener.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if state.load_error:

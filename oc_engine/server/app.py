@@ -28,7 +28,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from oc_engine.async_llm import AsyncLLM, EngineDead
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Finished, Refused, TextReleased, refusal_piece
-from oc_engine.params import SamplingParams
 from oc_engine.server.audit import AuditLog
 from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard
 from oc_engine.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -95,11 +94,11 @@ class ServerState:
         """Load, warm up and start the engine (on a thread: the server answers meanwhile)."""
         try:
             llm = self.llm = self.make_llm()
-            warm_up(llm)
+            llm.warm_up()
             if self.stopping:
                 return  # the server stopped while the model loaded
             observers = (self.metrics.observe,) + ((self.audit.observe,) if self.audit else ())
-            self.engine = AsyncLLM(llm, observers)
+            self.engine = llm.async_engine(observers)
             self.engine.start()
             self.metrics.track(self.engine)
             self.ready.set()
@@ -133,13 +132,6 @@ class ServerState:
         if reason is not None:
             raise APIError(503, reason)
         return self.engine
-
-
-def warm_up(llm) -> None:
-    """Compile the greedy and the sampled decode steps and start the classifier before the first
-    request, so no client pays for them (the final check of a non-streamed call asks it)."""
-    llm.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True))
-    llm.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0, seed=0))
 
 
 def build_app(config: ServerConfig, make_llm: Callable[[], object]) -> FastAPI:

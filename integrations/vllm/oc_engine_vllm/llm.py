@@ -1,0 +1,340 @@
+"""`VllmLLM`: oc-engine's guarded generation with vLLM doing the decoding.
+
+    from oc_engine_vllm import VllmLLM
+    llm = VllmLLM()                 # the embedded model and its default probe and classifier
+    completions = llm.generate(["Write a haiku"], SamplingParams(max_tokens=64))
+    llm.close()
+
+The same requests, guard policy and results as `oc_engine.LLM` (it shares its request
+preparation, `SequenceMonitor`, classifier runtime and `Completion`), over vLLM's `AsyncLLM`:
+vLLM schedules, batches and decodes in its own processes; the probe-augmented model scores
+every token there and the logits processor writes each score and EMA to a shared-memory table
+(`score_table`); the guard runs here (`request_driver`). vLLM and every request live on one
+event loop on this object's thread, so any thread (or another event loop: the server's) can
+call in. `async_engine()` gives the server its engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import json
+import threading
+from pathlib import Path
+from typing import Callable
+
+from oc_engine.engine.guard import GuardConfig
+from oc_engine.engine.requests import DEFAULT, PreparesRequests
+from oc_engine.errors import OcEngineError
+from oc_engine.outputs import Finished
+from oc_engine.params import SamplingParams
+
+LOGITS_PROCESSOR = "oc_engine_vllm.logits_processor:ProbeEmaLogitsProcessor"
+ROWS_PER_SLOT = 2  # score-table rows per running request: vLLM keeps a backlog it can admit at once
+
+
+class RowPool:
+    """The score table's rows, handed out on the backend loop; a request waits for a free one."""
+
+    def __init__(self, rows: int):
+        self._free = list(range(rows - 1, -1, -1))
+        self._available = asyncio.Condition()
+        self.waiting = 0
+
+    async def acquire(self) -> int:
+        async with self._available:
+            self.waiting += 1
+            try:
+                await self._available.wait_for(lambda: bool(self._free))
+            finally:
+                self.waiting -= 1
+            return self._free.pop()
+
+    def release(self, row: int) -> None:
+        self._free.append(row)
+
+        async def notify():
+            async with self._available:
+                self._available.notify()
+
+        asyncio.get_running_loop().create_task(notify())
+
+
+class VllmLLM(PreparesRequests):
+    """model: a local Hugging Face directory, a .gguf file, or None for the embedded model.
+    probe_dir: "default" (the shipped probe, for the embedded model), a probe directory, or None
+    (unguarded). probe: the same probe with other thresholds (`--warn`, `--pause`, `--alpha`,
+    `--every`), if any: vLLM loads the weights from `probe_dir`, the EMA uses these settings.
+    classifier, guard, max_num_seqs, max_model_len, chat_template: as `oc_engine.LLM`.
+    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    kv_cache_bytes: vLLM's KV cache [default: room for max_num_seqs full-length requests].
+    enforce_eager: no torch.compile in vLLM (a faster start; slower decoding)."""
+
+    def __init__(self, model=None, *, probe_dir=DEFAULT, probe=None, classifier=DEFAULT,
+                 guard: GuardConfig | None = None, dtype: str = "auto", max_num_seqs: int = 8,
+                 max_model_len: int | None = None, chat_template: bool = True, trust_remote_code: bool = False,
+                 kv_cache_bytes: int | None = None, enforce_eager: bool = False, record_trace: bool = False,
+                 log: Callable[[str], None] | None = None):
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        from oc_engine.engine.classifier import ExchangeClassifier
+        from oc_engine.engine.defaults import resolve_classifier_dir, resolve_probe_dir
+        from oc_engine.engine.loading import resolve_model_source
+        from oc_engine.engine.probe import load_probe
+        from oc_engine_vllm.plugin import ARCHITECTURES
+        from oc_engine_vllm.score_table import ScoreTable
+
+        self.log = log or (lambda message: None)
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise OcEngineError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise OcEngineError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        self.model_dir = resolve_model_source(model)
+        if not Path(self.model_dir).is_dir():
+            raise OcEngineError(f"the vLLM backend needs a local model directory or .gguf file, got {model!r}")
+        config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+        self.architecture = (config.architectures or ["?"])[0]
+        if probe_dir == DEFAULT:
+            probe_dir = resolve_probe_dir(None, model is None, self.log)
+        self.probe_dir = None if probe_dir is None else Path(probe_dir)
+        self.probe = probe if probe is not None else (load_probe(self.probe_dir) if self.probe_dir else None)
+        if self.probe is not None and self.probe_dir is None:
+            raise OcEngineError("the vLLM backend loads the probe's weights from a directory: give probe_dir")
+        if self.probe is not None and self.architecture not in ARCHITECTURES:
+            raise OcEngineError(f"the vLLM plugin probes {', '.join(sorted(ARCHITECTURES))}; this model is "
+                                f"{self.architecture}")
+        if self.probe is not None:
+            self.probe.check_fingerprint(embedding_fingerprint(self.model_dir, config, self.architecture))
+        if self.probe is None and guard is not None:
+            raise OcEngineError("a guard policy needs a probe")
+        self.guard_config = (guard or GuardConfig(every=self.probe.config.every)) if self.probe is not None else None
+        self.record_trace, self.chat_template = record_trace, chat_template
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+        context = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 2 ** 31)
+        self.max_model_len = max_model_len if max_model_len is not None else min(context, 2048)
+        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) \
+                or not 2 <= self.max_model_len <= context:
+            raise OcEngineError(f"max_model_len must be an integer in [2, {context}], got {max_model_len!r}")
+        self.num_slots, self.vocab = max_num_seqs, int(config.get_text_config().vocab_size)
+        generation = GenerationConfig.from_pretrained(self.model_dir) \
+            if (Path(self.model_dir) / "generation_config.json").is_file() else None
+        eos = getattr(generation, "eos_token_id", None)
+        self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self._ids = itertools.count()
+        self._tags = itertools.count(1)
+        self._args = engine_args(self.model_dir, config, probe_dir=self.probe_dir if self.probe else None,
+                                 dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+                                 trust_remote_code=trust_remote_code, kv_cache_bytes=kv_cache_bytes,
+                                 enforce_eager=enforce_eager)
+        # From here on, what was made is undone if a later step fails.
+        self.vllm = self.table = self.loop = self.classifier = None
+        self._owns_classifier = False
+        try:
+            if self.probe is not None:
+                if classifier == DEFAULT or isinstance(classifier, (str, Path)):
+                    directory = resolve_classifier_dir(None if classifier == DEFAULT else classifier, log=self.log)
+                    # A worker thread: vLLM's loop runs in other processes and never drains an inline queue.
+                    self.classifier = None if directory is None else ExchangeClassifier(directory, inline=False)
+                    self._owns_classifier = self.classifier is not None
+                else:
+                    self.classifier = classifier
+                self.table = ScoreTable.create(max_num_seqs * ROWS_PER_SLOT, self.max_model_len)
+            self.loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self.loop.run_forever, name="oc-engine-vllm", daemon=True)
+            self._thread.start()
+            self._call(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the public API (any thread) ----------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list:
+        """As `oc_engine.LLM.generate`: completions in the prompts' order (final check on)."""
+        return [seq.completion for seq in self.run(prompts, params)]
+
+    def run(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+            guard: GuardConfig | None | str = DEFAULT) -> list:
+        """`generate`, returning the finished `Sequence`s (their per-token scores and EMA).
+        guard: as `prepare_request` (None: unguarded, the probe still scores every token)."""
+        seqs = self._sequences(prompts, params, keep_events=False, streaming=False, guard=guard)
+        futures = [asyncio.run_coroutine_threadsafe(self.run_request(seq, _ignore), self.loop) for seq in seqs]
+        try:
+            cf.wait(futures)
+        finally:
+            for future in futures:
+                future.cancel()  # a caller interrupted: the requests stop, nothing more is released
+        return [future.result() for future in futures]
+
+    def stream(self, prompt, params: SamplingParams | None = None):
+        """As `oc_engine.LLM.stream`: the request's events as they happen, `Finished` last;
+        leaving the loop early cancels the request."""
+        import queue
+
+        (seq,) = self._sequences([prompt], params, keep_events=True)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        future = asyncio.run_coroutine_threadsafe(self.run_request(seq, lambda _s, events: inbox.put(events)),
+                                                  self.loop)
+        try:
+            while True:
+                try:
+                    events = inbox.get(timeout=0.1)
+                except queue.Empty:
+                    if future.done():
+                        future.result()  # raises what stopped it
+                    continue
+                yield from events
+                if any(isinstance(e, Finished) for e in events):
+                    return
+        finally:
+            future.cancel()
+
+    def warm_up(self) -> None:
+        """vLLM compiled and warmed itself at start; this starts the classifier and runs a greedy
+        and a sampled request through the whole path."""
+        self.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True))
+        self.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0, seed=0))
+
+    def async_engine(self, observers=()):
+        from oc_engine_vllm.async_engine import VllmAsyncEngine
+
+        return VllmAsyncEngine(self, observers)
+
+    @property
+    def runner(self):
+        """What the server reads off the native engine's runner: the slots and the vocabulary."""
+        return self
+
+    def close(self) -> None:
+        """Stop vLLM (its processes), the loop, the classifier if this object made it, and
+        remove the score table."""
+        running = self.loop is not None and self.loop.is_running()
+        if self.vllm is not None and running:
+            self._call(self._shutdown())  # on its loop: its output handler is a task there
+        if running:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        if self._owns_classifier and self.classifier is not None:
+            self.classifier.close()
+            self._owns_classifier = False
+        if self.table is not None:
+            self.table.close(unlink=True)
+            self.table = None
+
+    def __enter__(self) -> "VllmLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- on the loop ----------------------------------------------------------------------
+    async def run_request(self, seq, emit):
+        """Drive one prepared request to its end (on this object's loop); returns it finished."""
+        from oc_engine_vllm.request_driver import drive
+
+        await drive(self, seq, emit)
+        return seq
+
+    def vllm_params(self, seq, row: int, tag: int):
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = seq.params
+        extra = None
+        if self.probe is not None:
+            c = self.probe.config
+            extra = {"oc_engine": {"table": self.table.path, "row": row, "tag": tag, "alpha": float(c.alpha),
+                                   "warn": float(c.warn), "pause": float(c.pause), "eos": min(self.eos_ids)}}
+        return VllmParams(max_tokens=seq.limit, temperature=p.temperature, top_p=p.top_p or 1.0,
+                          top_k=p.top_k or 0, seed=p.seed, ignore_eos=p.ignore_eos,
+                          stop_token_ids=[] if p.ignore_eos else sorted(self.eos_ids), detokenize=False,
+                          output_kind=RequestOutputKind.DELTA, extra_args=extra)
+
+    def next_tag(self) -> int:
+        return next(self._tags)
+
+    # -- internals ------------------------------------------------------------------------
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.rows = RowPool(self.num_slots * ROWS_PER_SLOT)
+        try:
+            self.vllm = AsyncLLM.from_engine_args(self._args)
+        except Exception as exc:  # noqa: BLE001 - vLLM's start-up errors are many types; one line each
+            raise OcEngineError(f"vLLM could not start: {_root_cause(exc)}") from exc
+
+    async def _shutdown(self) -> None:
+        vllm, self.vllm = self.vllm, None
+        vllm.shutdown()
+
+
+def engine_args(model_dir: str, config, *, probe_dir: Path | None, dtype: str, max_num_seqs: int,
+                max_model_len: int, trust_remote_code: bool = False, kv_cache_bytes: int | None = None,
+                enforce_eager: bool = False):
+    """vLLM's `AsyncEngineArgs`: with a probe, the probe-augmented architecture (`hf_overrides`)
+    and the logits processor; scheduling kept synchronous (the processor reads each request's
+    output tokens as of the step it samples)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from oc_engine_vllm.plugin import ARCHITECTURES
+
+    overrides, processors = {}, None
+    if probe_dir is not None:
+        overrides = {"architectures": [ARCHITECTURES[config.architectures[0]]], "oc_engine_probe": str(probe_dir)}
+        processors = [LOGITS_PROCESSOR]
+    if kv_cache_bytes is None:
+        kv_cache_bytes = _kv_cache_bytes(config, max_num_seqs, max_model_len, dtype)
+    return AsyncEngineArgs(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
+                           max_num_seqs=max_num_seqs, trust_remote_code=trust_remote_code, hf_overrides=overrides,
+                           logits_processors=processors, kv_cache_memory_bytes=kv_cache_bytes,
+                           enforce_eager=enforce_eager, async_scheduling=False, disable_log_stats=True)
+
+
+def _ignore(_seq, _events) -> None:
+    pass
+
+
+def _kv_cache_bytes(config, slots: int, max_len: int, dtype: str) -> int:
+    """Room for `slots` requests of `max_len` tokens, twice over (vLLM's blocks round up)."""
+    text = config.get_text_config()
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    width = 4 if dtype == "float32" or (dtype == "auto" and str(getattr(text, "dtype", "")) in ("float32",
+                                                                                              "torch.float32")) else 2
+    per_token = 2 * int(text.num_hidden_layers) * heads * head_dim * width
+    return max(64 << 20, 2 * slots * max_len * per_token)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def embedding_fingerprint(model_dir: str, config, architecture: str):
+    """The model's fingerprint from its safetensors files (the input embedding alone), so a probe
+    made for another model is refused here in one line, before vLLM starts."""
+    from safetensors import safe_open
+
+    from oc_engine.engine.probe import ModelFingerprint
+
+    directory = Path(model_dir)
+    index = directory / "model.safetensors.index.json"
+    names = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "embed_tokens.weight")
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        found = [(name, directory / weight_map[name]) for name in names if name in weight_map]
+    else:
+        found = [(name, directory / "model.safetensors") for name in names]
+    for name, file in found:
+        if not file.is_file():
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            if name in handle.keys():
+                return ModelFingerprint.from_parts(architecture, config.get_text_config(), handle.get_tensor(name))
+    raise OcEngineError(f"{model_dir}: no input embedding found in its safetensors files")

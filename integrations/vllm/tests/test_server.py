@@ -1,0 +1,133 @@
+"""`oc-engine serve --backend vllm`, started once for this module as a real process, driven by
+the `openai` client: the same contract as the native server (OpenAI's API, the guard's
+finish_reason and `oc_engine` report, 4xx error bodies, Prometheus metrics)."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import BENIGN, HARMFUL
+
+REFUSAL = "I can't help with that."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    command = [str(Path(sys.executable).parent / "oc-engine"), "serve", "--backend", "vllm", "--port", str(port),
+               "--dtype", "float32", "--max-num-seqs", "4", "--max-model-len", "512", "--no-compile",
+               "--audit-log", str(audit), "--log-level", "warning"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"the server was not ready in 300 s:\n{log.read_text()[-3000:]}")
+        yield base, audit
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(60) == 0, log.read_text()[-3000:]  # a graceful stop exits 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, prompt, **kwargs):
+    return client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=48,
+                                          messages=[{"role": "user", "content": prompt}], **kwargs)
+
+
+def test_a_harmful_prompt_is_blocked_and_a_benign_one_completes(client):
+    blocked = chat(client, HARMFUL[0])
+    assert blocked.choices[0].finish_reason == "content_filter"
+    assert blocked.choices[0].message.content == REFUSAL
+    report = blocked.model_extra["oc_engine"]
+    assert report["status"] == "blocked" and report["verdicts"][-1]["verdict"] == "block"
+    done = chat(client, BENIGN[0])
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.model_extra["oc_engine"]["status"] == "completed" and done.choices[0].message.content
+
+
+def test_four_concurrent_streams_are_each_guarded_on_their_own(server):
+    """Two harmful and two benign prompts streamed at once: each harmful stream ends with the
+    refusal, having shown only text an allow covered; each benign one streams to its end."""
+    async def one(client, prompt):
+        text, verdicts, final = "", [], None
+        stream = await client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=48, stream=True,
+            messages=[{"role": "user", "content": prompt}])
+        async for chunk in stream:
+            extra = chunk.model_extra.get("oc_engine")
+            if extra and "verdict" in extra:
+                verdicts.append(extra)
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            if chunk.choices and chunk.choices[0].finish_reason:
+                final = (chunk.choices[0].finish_reason, extra)
+        return text, verdicts, final
+
+    async def all_four():
+        client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(client, p) for p in (HARMFUL[0], BENIGN[0], HARMFUL[1], BENIGN[1])))
+
+    results = asyncio.run(all_four())
+    for (text, _verdicts, (finish, report)), harmful in zip(results, (True, False, True, False)):
+        if harmful:
+            assert finish == "content_filter" and text.endswith(REFUSAL) and report["status"] == "blocked"
+            allowed = [v["covers"] for v in report["verdicts"] if v["verdict"] == "allow"]
+            for pause in report["pause_points"]:
+                assert report["released_tokens"] <= pause or any(c > pause for c in allowed)
+        else:
+            assert finish in ("stop", "length") and report["status"] == "completed" and text
+
+
+def test_bad_input_is_a_4xx_with_an_error_body(server, client):
+    with pytest.raises(openai.BadRequestError, match="n: only n=1"):
+        chat(client, BENIGN[0], n=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="another-model", messages=[{"role": "user", "content": "hi"}])
+    response = httpx.post(f"{server[0]}/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["message"]
+
+
+def test_metrics_and_the_audit_log_see_the_guard(server, client):
+    chat(client, HARMFUL[0])
+    metrics = httpx.get(f"{server[0]}/metrics").text
+    assert 'oc_engine_requests_total{model_name="SmolLM2-135M-Instruct",outcome="content_filter"}' in metrics
+    assert "oc_engine_guard_checks_total" in metrics
+    audit = server[1].read_text()
+    assert '"block"' in audit
