@@ -40,21 +40,69 @@ class EngineDead(OcEngineError):
 
 
 @dataclass(eq=False)
-class _Request:
+class RequestHandle:
+    """One accepted request: its events go to `queue` on `loop` (the caller's event loop)."""
+
     seq: Sequence
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
+    task: object = None  # an engine's own handle on the work (the vLLM backend's driver future)
 
 
-class AsyncLLM:
+class EventStreams:
+    """What every asyncio engine shares (this module's `AsyncLLM`, the vLLM backend's
+    `VllmAsyncEngine`): reading a request's events, observing them, and handing them across
+    threads. A subclass sets `observers` and implements `add` and `cancel`."""
+
+    observers: list
+
+    async def events(self, request: RequestHandle) -> AsyncIterator[list[Event]]:
+        """The request's events, one list per step, the last holding `Finished`. Leaving early
+        cancels the request."""
+        try:
+            while True:
+                item = await request.queue.get()
+                if isinstance(item, OcEngineError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineDead(f"the engine stopped: {item!r}") from item
+                yield item
+                if any(isinstance(e, Finished) for e in item):
+                    return
+        finally:
+            if not request.done:
+                self.cancel(request.seq.request_id)
+
+    async def submit(self, seq: Sequence) -> AsyncIterator[list[Event]]:
+        """`add`, then `events`."""
+        request = self.add(seq)
+        async for events in self.events(request):
+            yield events
+
+    def _observe(self, seq: Sequence, batch: list) -> None:
+        for observe in self.observers:
+            try:
+                observe(seq, batch)
+            except Exception:  # noqa: BLE001 - a broken observer must not stop every request
+                log.exception("observer %r failed on request %s", observe, seq.request_id)
+
+    @staticmethod
+    def _put(request: RequestHandle, item) -> None:
+        try:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # its event loop is closed: nobody is listening any more
+
+
+class AsyncLLM(EventStreams):
     def __init__(self, llm, observers: tuple[Observer, ...] = ()):
         self.llm = llm
         self.observers = list(observers)
         self.error: BaseException | None = None  # what stopped the engine thread, if anything did
         self._cv = threading.Condition()
-        self._inbox: deque = deque()  # ("add", _Request) or ("cancel", request id), for the engine thread
-        self._requests: dict[str, _Request] = {}  # accepted and not yet finished
+        self._inbox: deque = deque()  # ("add", RequestHandle) or ("cancel", request id), for the engine thread
+        self._requests: dict[str, RequestHandle] = {}  # accepted and not yet finished
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="oc-engine-loop", daemon=True)
 
@@ -82,10 +130,10 @@ class AsyncLLM:
             queued = sum(1 for op, _ in self._inbox if op == "add")
         return queued + len(self.llm.engine.scheduler.waiting)
 
-    def add(self, seq: Sequence) -> "_Request":
+    def add(self, seq: Sequence) -> RequestHandle:
         """Accept a prepared request now (call it on the event loop that will read its events);
         `events` then yields them. Raises `EngineDead` if the engine thread is not running."""
-        request = _Request(seq, asyncio.get_running_loop())
+        request = RequestHandle(seq, asyncio.get_running_loop())
         with self._cv:
             if seq.request_id in self._requests:
                 raise OcEngineError(f"request id {seq.request_id!r} is already in use")
@@ -96,29 +144,6 @@ class AsyncLLM:
             self._cv.notify()
         self.llm.wake()  # a step blocked on verdicts lets it in now
         return request
-
-    async def events(self, request: "_Request") -> AsyncIterator[list[Event]]:
-        """The request's events, one list per step, the last holding `Finished`. Leaving early
-        cancels the request."""
-        try:
-            while True:
-                item = await request.queue.get()
-                if isinstance(item, OcEngineError):
-                    raise item
-                if isinstance(item, BaseException):
-                    raise EngineDead(f"the engine stopped: {item!r}") from item
-                yield item
-                if any(isinstance(e, Finished) for e in item):
-                    return
-        finally:
-            if not request.done:
-                self.cancel(request.seq.request_id)
-
-    async def submit(self, seq: Sequence) -> AsyncIterator[list[Event]]:
-        """`add`, then `events`."""
-        request = self.add(seq)
-        async for events in self.events(request):
-            yield events
 
     def cancel(self, request_id: str) -> None:
         """Cancel at the next step boundary (a no-op for a finished request)."""
@@ -173,20 +198,9 @@ class AsyncLLM:
             request = self._requests.get(request_id)
             if request is None:
                 continue
-            for observe in self.observers:
-                try:
-                    observe(request.seq, batch)
-                except Exception:  # noqa: BLE001 - a broken observer must not stop every request
-                    log.exception("observer %r failed on request %s", observe, request_id)
+            self._observe(request.seq, batch)
             if any(isinstance(e, Finished) for e in batch):
                 request.done = True
                 with self._cv:
                     self._requests.pop(request_id, None)
             self._put(request, batch)
-
-    @staticmethod
-    def _put(request: _Request, item) -> None:
-        try:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
-        except RuntimeError:
-            pass  # its event loop is closed: nobody is listening any more

@@ -11,34 +11,20 @@ nothing more of the answer is released.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
-from dataclasses import dataclass, field
-from typing import AsyncIterator
 
-from oc_engine.async_llm import EngineDead
+from oc_engine.async_llm import EngineDead, EventStreams, RequestHandle
 from oc_engine.engine.sequence import Sequence
 from oc_engine.errors import OcEngineError
-from oc_engine.outputs import Event, Finished
-
-log = logging.getLogger("oc_engine_vllm")
+from oc_engine.outputs import Finished
 
 
-@dataclass(eq=False)
-class _Request:
-    seq: Sequence
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    task: object = None  # the driver's concurrent future on the backend loop
-    done: bool = False
-
-
-class VllmAsyncEngine:
+class VllmAsyncEngine(EventStreams):
     def __init__(self, llm, observers=()):
         self.llm = llm
         self.observers = list(observers)
         self.error: BaseException | None = None
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestHandle] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stopping = False
@@ -64,9 +50,9 @@ class VllmAsyncEngine:
     def running(self) -> int:
         return max(0, self.outstanding - self.waiting)
 
-    def add(self, seq: Sequence) -> _Request:
+    def add(self, seq: Sequence) -> RequestHandle:
         """Accept a prepared request (on the event loop that will read its events)."""
-        request = _Request(seq, asyncio.get_running_loop())
+        request = RequestHandle(seq, asyncio.get_running_loop())
         with self._lock:
             if seq.request_id in self._requests:
                 raise OcEngineError(f"request id {seq.request_id!r} is already in use")
@@ -77,26 +63,6 @@ class VllmAsyncEngine:
                                                         self.llm.loop)
         request.task.add_done_callback(lambda future: self._ended(request, future))
         return request
-
-    async def events(self, request: _Request) -> AsyncIterator[list[Event]]:
-        """The request's events, one list at a time, the last holding `Finished`; leaving early
-        cancels the request."""
-        try:
-            while True:
-                item = await request.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if any(isinstance(e, Finished) for e in item):
-                    return
-        finally:
-            if not request.done:
-                self.cancel(request.seq.request_id)
-
-    async def submit(self, seq: Sequence) -> AsyncIterator[list[Event]]:
-        request = self.add(seq)
-        async for events in self.events(request):
-            yield events
 
     def cancel(self, request_id: str) -> None:
         request = self._requests.get(request_id)
@@ -111,19 +77,15 @@ class VllmAsyncEngine:
             self._idle.wait_for(lambda: not self._requests, timeout)
 
     # -- on the backend loop ----------------------------------------------------------------
-    def _emitter(self, request: _Request):
+    def _emitter(self, request: RequestHandle):
         def emit(seq: Sequence, events: list) -> None:
-            for observe in self.observers:
-                try:
-                    observe(seq, events)
-                except Exception:  # noqa: BLE001 - a broken observer must not stop every request
-                    log.exception("observer %r failed on request %s", observe, seq.request_id)
+            self._observe(seq, events)
             if any(isinstance(e, Finished) for e in events):
                 request.done = True
             self._put(request, list(events))
         return emit
 
-    def _ended(self, request: _Request, future) -> None:
+    def _ended(self, request: RequestHandle, future) -> None:
         error = None
         if not future.cancelled() and future.exception() is not None:
             exc = future.exception()
@@ -137,10 +99,3 @@ class VllmAsyncEngine:
         if error is not None and not request.done:
             request.done = True
             self._put(request, error)
-
-    @staticmethod
-    def _put(request: _Request, item) -> None:
-        try:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
-        except RuntimeError:
-            pass  # its loop is closed: nobody is listening any more

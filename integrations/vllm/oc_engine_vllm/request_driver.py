@@ -46,7 +46,7 @@ async def drive(backend, seq: Sequence, emit) -> None:
     wake = asyncio.Event()
     outputs: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    hooked: set[int] = set()
+    hooked = None  # the check future whose arrival wakes this loop (kept: an id could be reused)
     pump = None
     stopped = False
 
@@ -57,12 +57,13 @@ async def drive(backend, seq: Sequence, emit) -> None:
             emit(seq, events)
 
     def guard_events() -> None:
+        nonlocal hooked
         if monitor is None:
             return
         send(monitor.take_events())
         pending = monitor.pending
-        if pending is not None and id(pending.future) not in hooked:
-            hooked.add(id(pending.future))
+        if pending is not None and pending.future is not hooked:
+            hooked = pending.future
             pending.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(wake.set))
 
     async def pump_outputs(params) -> None:

@@ -26,3 +26,23 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def native_unguarded(native, prompts, params):
+    """The native engine's finished sequences for `prompts`, unguarded (so nothing stops early)
+    but scored by its probe."""
+    seqs = [native.prepare_request(prompt, params, guard=None) for prompt in prompts]
+    for seq in seqs:
+        native.add_request(seq)
+    while native.has_unfinished():
+        native.step()
+    return seqs
+
+
+def assert_same_tokens_and_scores(ours, theirs, tolerance=1e-4):
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert mine.token_ids == ref.token_ids
+        assert len(mine.scores) == len(ref.scores) == len(ref.token_ids)
+        assert max(abs(a - b) for a, b in zip(mine.scores, ref.scores)) < tolerance
+        assert max(abs(a - b) for a, b in zip(mine.emas, ref.emas)) < tolerance
+

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import BENIGN, HARMFUL
+from conftest import BENIGN, HARMFUL, assert_same_tokens_and_scores, native_unguarded
 from oc_engine.errors import OcEngineError
 from oc_engine.params import SamplingParams
 
@@ -35,16 +35,8 @@ def test_scores_and_ema_equal_the_native_probe(llm, native):
     and every token's score and EMA within 1e-4 of the native engine's."""
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     ours = llm.run(PROMPTS, params, guard=None)
-    theirs = [native.prepare_request(prompt, params, guard=None) for prompt in PROMPTS]
-    for seq in theirs:
-        native.add_request(seq)
-    while native.has_unfinished():
-        native.step()
-    for mine, ref in zip(ours, theirs):
-        assert mine.token_ids == ref.token_ids
-        assert len(mine.scores) == len(ref.scores) == 24
-        assert max(abs(a - b) for a, b in zip(mine.scores, ref.scores)) < 1e-4
-        assert max(abs(a - b) for a, b in zip(mine.emas, ref.emas)) < 1e-4
+    assert_same_tokens_and_scores(ours, native_unguarded(native, PROMPTS, params))
+    assert all(len(seq.scores) == 24 for seq in ours)
 
 
 def test_the_guard_blocks_a_harmful_answer_and_completes_a_benign_one(llm):
