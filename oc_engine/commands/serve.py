@@ -40,8 +40,8 @@ from oc_engine.commands.common import (check_output_file, device_option, dtype_o
               show_default=True)
 @user_errors
 def serve(model, backend, host, port, served_model_name, dtype, quantize, device, no_compile, max_num_seqs,
-          max_model_len, trust_remote_code, probe_dir, no_guard, classifier_dir, warn, pause, every, alpha, api_key, max_waiting,
-          allow_guard_override, audit_log, log_level, **fields):
+          max_model_len, trust_remote_code, probe_dir, no_guard, classifier_dir, warn, pause, every, alpha, api_key,
+          max_waiting, allow_guard_override, audit_log, log_level, **fields):
     """Serve guarded generation over OpenAI's API (chat and completions, streamed or not).
 
     Every stream is guarded token by token: no text the probe held is sent before the
