@@ -161,7 +161,7 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
         try:
             started = time.perf_counter()
             try:
-                _wait_healthy(base, proc, log)
+                wait_healthy(base, proc, log)
             except OcEngineError as exc:  # one server that does not start must not lose the others' runs
                 progress(f"{kind}: {exc}")
                 results[kind] = {"error": str(exc), "runs": []}
@@ -269,7 +269,7 @@ def _served_model(base: str) -> str:
     return httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout

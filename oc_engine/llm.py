@@ -117,7 +117,8 @@ class LLM(PreparesRequests):
             raise
         from oc_engine.engine.llm_engine import LLMEngine
 
-        self.engine = LLMEngine(self.runner, eos_token_ids(self.loaded.model, self.tokenizer),
+        generation = getattr(self.loaded.model, "generation_config", None)
+        self.engine = LLMEngine(self.runner, eos_token_ids(generation, self.tokenizer),
                                 run_checks=self._run_checks)
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -288,9 +289,10 @@ class LLM(PreparesRequests):
             drain()
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(generation_config, tokenizer) -> set[int]:
+    """The generation config's end-of-sequence ids (None: no config) and the tokenizer's."""
     ids = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = getattr(generation_config, "eos_token_id", None)
     for value in (eos if isinstance(eos, list) else [eos]):
         if value is not None:
             ids.add(int(value))

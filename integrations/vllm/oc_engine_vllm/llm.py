@@ -27,6 +27,7 @@ from typing import Callable
 from oc_engine.engine.guard import GuardConfig
 from oc_engine.engine.requests import DEFAULT, PreparesRequests
 from oc_engine.errors import OcEngineError
+from oc_engine.llm import eos_token_ids
 from oc_engine.outputs import Finished
 from oc_engine.params import SamplingParams
 
@@ -119,10 +120,7 @@ class VllmLLM(PreparesRequests):
         self.num_slots, self.vocab = max_num_seqs, int(config.get_text_config().vocab_size)
         generation = GenerationConfig.from_pretrained(self.model_dir) \
             if (Path(self.model_dir) / "generation_config.json").is_file() else None
-        eos = getattr(generation, "eos_token_id", None)
-        self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.eos_ids = eos_token_ids(generation, self.tokenizer)
         self._ids = itertools.count()
         self._tags = itertools.count(1)
         self._args = engine_args(self.model_dir, config, probe_dir=self.probe_dir if self.probe else None,

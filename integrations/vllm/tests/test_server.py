@@ -5,10 +5,8 @@ finish_reason and `oc_engine` report, 4xx error bodies, Prometheus metrics)."""
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,19 +14,15 @@ import openai
 import pytest
 
 from conftest import BENIGN, HARMFUL
+from oc_engine.bench_serve import free_port, wait_healthy
+from oc_engine.errors import OcEngineError
 
 REFUSAL = "I can't help with that."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
     log = tmp_path_factory.mktemp("log") / "serve.log"
     command = [str(Path(sys.executable).parent / "oc-engine"), "serve", "--backend", "vllm", "--port", str(port),
@@ -38,18 +32,10 @@ def server(tmp_path_factory):
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"the server was not ready in 300 s:\n{log.read_text()[-3000:]}")
+        try:
+            wait_healthy(base, process, log, timeout=300)
+        except OcEngineError as exc:
+            pytest.fail(f"{exc}:\n{log.read_text()[-3000:]}")
         yield base, audit
     finally:
         process.send_signal(signal.SIGTERM)
