@@ -1,4 +1,5 @@
-"""`oc-engine bench decode|guard|classifier|input-check|continuous|serve`: measure, print a table or JSON, save."""
+"""`oc-engine bench decode|guard|classifier|input-check|continuous|serve|long-context`: measure, print a
+table or JSON, save."""
 
 from __future__ import annotations
 
@@ -122,17 +123,21 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 @bench.command("classifier")
 @classifier_option()
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Calls per case.")
+@click.option("--length", "lengths", multiple=True, type=click.IntRange(16, 8192),
+              help="Window lengths in tokens to time (repeatable). Default: 128 and 512.")
 @out_option()
 @json_option("Print the JSON report instead of the table.")
 @user_errors
-def classifier(classifier_dir, repeats, out, as_json):
-    """The classifier's latency per call: ONNX Runtime fp32/int8 vs PyTorch, 128 and 512 tokens."""
+def classifier(classifier_dir, repeats, lengths, out, as_json):
+    """The classifier's latency per call (one window): ONNX Runtime fp32/int8 vs PyTorch, at
+    each --length (default 128 and 512 tokens)."""
     from oc_engine.bench_classifier import classifier_markdown_table, run_classifier_bench
     from oc_engine.engine.defaults import resolve_classifier_dir
 
     check_output_file(out, "--out")
     directory = resolve_classifier_dir(classifier_dir, required=True)
-    report = run_classifier_bench(directory, repeats=repeats, progress=_progress("classifier"))
+    report = run_classifier_bench(directory, lengths=tuple(sorted(set(lengths))) or (128, 512), repeats=repeats,
+                                  progress=_progress("classifier"))
     _report(report, classifier_markdown_table(report), out, as_json)
 
 
@@ -292,3 +297,43 @@ def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_j
                              max_tokens=max_tokens, dtype=dtype, data_dir=Path(data_dir),
                              weights=resolve_model_source(None), progress=_progress("serve"))
     _report(report, serve_markdown_table(report), out, as_json)
+
+
+@bench.command("long-context")
+@click.option("--requests", "requests_file", type=click.Path(dir_okay=False, exists=True),
+              default="bench/data/long_context_dev.jsonl", show_default=True,
+              help="Harmful and benign requests (JSONL: prompt, prompt_label, category).")
+@click.option("--contexts", "contexts_file", type=click.Path(dir_okay=False, exists=True),
+              default="bench/data/long_context_contexts.json", show_default=True,
+              help="System prompts and a chat history to put before each request.")
+@click.option("--max-tokens", type=click.IntRange(1, 2048), default=96, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
+@click.option("--stream/--no-stream", default=False, show_default=True,
+              help="Stream the answers (the final check is then off, as for any streamed answer).")
+@click.option("--server-arg", "server_args", multiple=True, metavar="ARG",
+              help="An extra argument for `oc-engine serve` (repeatable), e.g. --server-arg=--input-check.")
+@click.option("--base-url", default=None, metavar="URL",
+              help="Measure the server already running there (e.g. http://127.0.0.1:8000) instead of starting one.")
+@out_option()
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def long_context(requests_file, contexts_file, max_tokens, concurrency, dtype, stream, server_args, base_url, out,
+                 as_json):
+    """The guard behind system prompts and in chats: the same requests sent to `oc-engine serve`
+    bare, behind each system prompt and as the third user turn of a chat.
+
+    \b
+    Reports harmful stopped and benign blocked per context, and the difference from bare:
+      oc-engine bench long-context --out bench/results/cpu-long-context.json
+    """
+    from pathlib import Path
+
+    from oc_engine.bench_long_context import long_context_markdown, run_long_context_bench
+
+    check_output_file(out, "--out")
+    report = run_long_context_bench(requests_file=Path(requests_file), contexts_file=Path(contexts_file),
+                                    max_tokens=max_tokens, concurrency=concurrency, dtype=dtype, stream=stream,
+                                    server_args=tuple(server_args), base_url=base_url,
+                                    progress=_progress("long-context"))
+    _report(report, long_context_markdown(report), out, as_json)
