@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oc_engine.engine.classifier import load_sequence_classifier, model_inputs, render_exchange
+from oc_engine.engine.check_batcher import pad
+from oc_engine.engine.classifier import load_sequence_classifier, model_inputs
+from oc_engine.engine.exchange_layout import ExchangeLayout
 from oc_engine.export.samples import SAMPLE_EXCHANGES
 
 
 def _encoded(tokenizer, tokens: int) -> dict:
+    """One window of exactly `tokens` tokens, laid out as a check lays it out."""
     prompt, response = SAMPLE_EXCHANGES[1]
-    text = render_exchange(prompt, " ".join([response] * (tokens // 8 + 2)))
-    enc = tokenizer([text], truncation=True, max_length=tokens, return_tensors="np")
-    if enc["input_ids"].shape[1] != tokens:
+    window = ExchangeLayout(tokenizer, tokens).last_window(prompt, " ".join([response] * (tokens // 8 + 2)))
+    if len(window["input_ids"]) != tokens:
         raise ValueError(f"could not build a {tokens}-token exchange")
-    return dict(enc)
+    return pad([window], tokenizer.pad_token_id or 0)
 
 
 def _time(call, repeats: int) -> dict:

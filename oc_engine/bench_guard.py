@@ -53,9 +53,9 @@ class TimedClassifier:
         self.inner, self.blocking, self.clock = inner, blocking, clock
         self.intervals: list[tuple[float, float]] = []
 
-    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+    def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0) -> cf.Future:
         start = self.clock()
-        future = self.inner.submit(prompt, response, urgent=urgent or self.blocking)
+        future = self.inner.submit(prompt, response, urgent=urgent or self.blocking, judged_chars=judged_chars)
         future.add_done_callback(lambda _: self.intervals.append((start, self.clock())))
         if self.blocking:
             self.drain()  # an inline classifier answers when asked

@@ -19,10 +19,16 @@ UNSAFE = 2
 
 @dataclass(frozen=True)
 class Exchange:
-    prompt: str
+    prompt: str  # the request the response answers (a conversation's last user turn)
     response: str
     label: int  # 0 safe_compliance, 1 safe_refusal, 2 unsafe_compliance
     source: str = ""
+    context: tuple[tuple[str, str], ...] = ()  # (role, content) of the turns before the request: training/contexts
+
+    def messages(self) -> list[dict]:
+        """The conversation up to the request, as chat messages."""
+        return [{"role": role, "content": content} for role, content in self.context] + \
+            [{"role": "user", "content": self.prompt}]
 
 
 def shared_data_dir() -> Path | None:

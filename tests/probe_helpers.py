@@ -23,7 +23,7 @@ class FakeClassifier:
         self.urgent: list[bool] = []
         self.pool = cf.ThreadPoolExecutor(max_workers=1)
 
-    def submit(self, prompt, response, urgent=False):
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
         self.calls.append(response)
         self.urgent.append(urgent)
         return self.pool.submit(self._run)

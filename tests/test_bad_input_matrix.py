@@ -104,8 +104,10 @@ CASES = {
     # generate: classifier directories
     "classifier labels a string": (GENERATE + " --prompt w5 --classifier {bad_classifier_labels}", 1,
                                    "'labels' must be a list of strings"),
-    "classifier format hides the answer": (GENERATE + " --prompt w5 --classifier {bad_classifier_format}", 1,
-                                           "never shows the answer"),
+    "classifier format a glued template": (GENERATE + " --prompt w5 --classifier {bad_classifier_format}", 1,
+                                           "input_format must be 'text-pair'"),
+    "classifier of the retired format": (GENERATE + " --prompt w5 --classifier {old_classifier_format}", 1,
+                                         "retrain it with `oc-engine train-classifier`"),
     "classifier max_length a fraction": (GENERATE + " --prompt w5 --classifier {bad_classifier_length}", 1,
                                          "'max_length' must be an integer, got 128.5"),
     "classifier unsafe label out of range": (GENERATE + " --prompt w5 --classifier {bad_classifier_unsafe}", 1,
@@ -241,7 +243,7 @@ SPOILED_FILES = {
     "label_true": ("e.jsonl", '{"prompt": "p", "response": "r", "label": true}\n'),
     "label_fraction": ("e.jsonl", '{"prompt": "p", "response": "r", "label": 2.5}\n'),
     "response_list": ("e.jsonl", '{"prompt": "p", "response": ["r"], "label": 2}\n'),
-    "bad_delta": ("delta/classifier_delta.json", '{"format": "oc-engine-classifier-delta/1"}\n'),
+    "bad_delta": ("delta/classifier_delta.json", '{"format": "oc-engine-classifier-delta/0"}\n'),
 }
 SPOILED_DIRS = {
     "bad_probe_layers": ("probe", lambda c: c.update(layers="-2")),
@@ -251,6 +253,7 @@ SPOILED_DIRS = {
     "bad_probe_model": ("probe", lambda c: c.pop("model")),
     "bad_classifier_labels": ("classifier", lambda c: c.update(labels="safe,unsafe")),
     "bad_classifier_format": ("classifier", lambda c: c.update(input_format="User: {prompt}")),
+    "old_classifier_format": ("classifier", lambda c: c.update(format="oc-engine-classifier/1")),
     "bad_classifier_length": ("classifier", lambda c: c.update(max_length=128.5)),
     "bad_classifier_unsafe": ("classifier", lambda c: c.update(unsafe_label=7)),
 }
@@ -345,7 +348,8 @@ def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_pa
 @SLOW_OK
 @given(field=st.sampled_from(CLASSIFIER_FIELDS), value=json_values, drop=st.booleans())
 def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
-    from oc_engine.engine.classifier import load_classifier_config, render_exchange
+    from oc_engine.engine.classifier import load_classifier_config
+    from oc_engine.engine.exchange_layout import INPUT_FORMAT
 
     def edit(config):
         config.pop(field) if drop else config.__setitem__(field, value)
@@ -356,7 +360,7 @@ def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, t
     assert all(type(x) is str for x in loaded.labels) and len(set(loaded.labels)) == len(loaded.labels) >= 2
     assert type(loaded.unsafe_label) is int and type(loaded.max_length) is int
     assert 0 <= loaded.allow_threshold <= loaded.block_threshold <= 1
-    assert "RESPONSE" in render_exchange("p", "RESPONSE", loaded.input_format)
+    assert loaded.input_format == INPUT_FORMAT
     assert loaded.source_model is None or isinstance(loaded.source_model, str)
 
 

@@ -44,7 +44,9 @@ def cache(monkeypatch, tmp_path):
 
 
 def test_a_delta_merges_and_exports_to_the_trained_model(delta_dir, cache):
-    from oc_engine.engine.classifier import ExchangeClassifier, render_exchange
+    from oc_engine.engine.check_batcher import pad
+    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.engine.exchange_layout import ExchangeLayout
     from oc_engine.engine.defaults import resolve_classifier_dir
     from transformers import AutoTokenizer
 
@@ -60,7 +62,8 @@ def test_a_delta_merges_and_exports_to_the_trained_model(delta_dir, cache):
     with torch.no_grad():
         half = {k: v.half().float() for k, v in peft_model.state_dict().items()}
         peft_model.load_state_dict(half)
-        enc = tokenizer([render_exchange(p, r) for p, r in pairs], padding=True, return_tensors="pt")
+        layout = ExchangeLayout(tokenizer, 64)
+        enc = {k: torch.from_numpy(v) for k, v in pad([layout.last_window(p, r) for p, r in pairs], 0).items()}
         expected = peft_model(**enc).logits.softmax(-1).numpy()
     classifier = ExchangeClassifier(export)
     got = classifier.probabilities([p for p, _ in pairs], [r for _, r in pairs])
@@ -119,3 +122,12 @@ def test_the_shipped_default_is_a_small_delta_for_the_embedded_backbone():
     base = load_sequence_classifier(delta.backbone_dir(), num_labels=3, ignore_mismatched_sizes=True)
     assert classifier_delta.fingerprint_of(base) == delta.fingerprint
     assert 0 < delta.block_threshold < 1
+
+
+def test_a_delta_of_the_retired_glued_format_is_refused_with_what_to_do(delta_dir, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(delta_dir[0], copy)
+    config = json.loads((copy / DELTA_CONFIG).read_text())
+    (copy / DELTA_CONFIG).write_text(json.dumps({**config, "format": "oc-engine-classifier-delta/1"}))
+    with pytest.raises(OcEngineError, match="retired .* retrain it"):
+        read_delta(copy)

@@ -20,9 +20,8 @@ def test_onnx_runtime_matches_pytorch(tiny_classifier):
     onnx = ExchangeClassifier(onnx_dir).probabilities(prompts, responses)
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    texts = [f"User: {p}\nAssistant: {r}" for p, r in zip(prompts, responses)]
-    with torch.no_grad():
-        expected = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    with torch.no_grad():  # the tokenizer's own text-pair encoding: what the layout builds when it fits
+        expected = model(**tokenizer(prompts, responses, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
     np.testing.assert_allclose(onnx, expected, atol=1e-4)
     torch_backend = ExchangeClassifier(onnx_dir, backend="torch").probabilities(prompts, responses)
     np.testing.assert_allclose(torch_backend, expected, atol=1e-5)

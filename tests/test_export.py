@@ -38,12 +38,13 @@ def tiny_modernbert(tmp_path_factory):
     return root / "hf"
 
 
-def _torch_probabilities(hf_dir, texts):
+def _torch_probabilities(hf_dir, prompts, responses):
+    """PyTorch's probabilities for these exchanges as the tokenizer's own text pairs (they fit)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    enc = model_inputs(model, tokenizer(texts, padding=True, return_tensors="pt", truncation=True, max_length=1024))
+    enc = model_inputs(model, tokenizer(prompts, responses, padding=True, return_tensors="pt"))
     with torch.no_grad():
         return model(**enc).logits.softmax(-1).numpy(), enc["input_ids"].shape[1]
 
@@ -54,8 +55,7 @@ def test_modernbert_sliding_window_survives_export_at_600_tokens(tiny_modernbert
     assert config["parity"]["max_abs_prob_delta"] <= 1e-4
     words = " ".join(f"word{i % 50}" for i in range(400))
     prompts, responses = ["Tell me a long story", "hi"], [words, "hello there"]
-    expected, length = _torch_probabilities(tiny_modernbert, [f"User: {p}\nAssistant: {r}"
-                                                              for p, r in zip(prompts, responses)])
+    expected, length = _torch_probabilities(tiny_modernbert, prompts, responses)
     assert length >= 600  # longer than the 32-token window, many times over
     got = ExchangeClassifier(tmp_path / "onnx").probabilities(prompts, responses)
     np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -47,7 +47,7 @@ class ScriptedClassifier:
         self.valid_allows: list[str] = []  # responses that a well-formed, in-time allow judged
         self.calls = 0
 
-    def submit(self, prompt, response, urgent=False):
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
         kind = self.outcomes[self.calls % len(self.outcomes)]
         self.calls += 1
         if kind == "raise_on_submit":
@@ -195,7 +195,7 @@ class HangingClassifier:
         self.release = threading.Event()
         self.pool = cf.ThreadPoolExecutor(max_workers=2)
 
-    def submit(self, prompt, response, urgent=False):
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
         return self.pool.submit(lambda: (self.release.wait(30), {"verdict": "allow"})[1])
 
 
@@ -291,7 +291,7 @@ def test_an_interruption_while_tokens_are_held_shows_nothing_held(tiny):
     loaded = tiny("llama")
 
     class Interrupting(FakeClassifier):
-        def submit(self, prompt, response, urgent=False):
+        def submit(self, prompt, response, urgent=False, judged_chars=0):
             future = super().submit(prompt, response, urgent)
             if len(self.calls) == 2:
                 raise KeyboardInterrupt

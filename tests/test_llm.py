@@ -170,7 +170,7 @@ def _verdict_by_content(response: str) -> str:
 
 
 class ContentClassifier(FakeClassifier):
-    def submit(self, prompt, response, urgent=False):
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
         self.calls.append(response)
         return self.pool.submit(lambda: {"verdict": _verdict_by_content(response), "p_unsafe": 0.5})
 

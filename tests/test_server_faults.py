@@ -40,7 +40,7 @@ class ByPrompt:
     def __init__(self):
         self.pool = cf.ThreadPoolExecutor(max_workers=4)
 
-    def submit(self, prompt, response, urgent=False):
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
         kind = KIND_OF[prompt.split()[0]]
         if kind == "raise_on_submit":
             raise RuntimeError("injected: submit failed")

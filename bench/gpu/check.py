@@ -275,7 +275,7 @@ class RandomClassifier:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pool = cf.ThreadPoolExecutor(max_workers=1)
 
-    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+    def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0) -> cf.Future:
         words = (prompt + " " + response).split()[:128]
         ids = torch.tensor([[hash(w) % 30522 for w in words] or [0]])
         return self.pool.submit(self._run, ids)

@@ -97,7 +97,8 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
                    "then holds delta/, a few-MB classifier usable as --classifier [default: 0 (full); "
                    "32 with --default].")
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
-              help="Longest exchange in tokens [default: 256; 192 with --default].")
+              help="Tokens of one window a check reads: the request and the answer laid out as a text pair, "
+                   "a long one in windows, never cut [default: 512].")
 @click.option("--validation", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.15,
               show_default=True, help="Share of prompts held out (split grouped by prompt).")
 @click.option("--prefixes", type=click.IntRange(min=0), default=1, show_default=True,

@@ -30,6 +30,9 @@ from oc_engine.training.classifier_pipeline import parse_data_spec
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="At most this many validation exchanges per label (time budget).")
 @click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--context-share", type=FiniteFloat(0, 1), default=0.3, show_default=True,
+              help="Share of exchanges (by prompt) replayed behind a system prompt or a chat history, as real "
+                   "traffic has them (the probe's states attend to them).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write the curve (PNG or SVG).")
 @click.option("--no-split", is_flag=True,
@@ -42,8 +45,8 @@ from oc_engine.training.classifier_pipeline import parse_data_spec
 @json_option("Print the report (with the whole curve) as JSON.")
 @user_errors
 def calibrate_guard(model, probe_dir, classifier_dir, data_specs, benign_block_budget, dangerous_benign_block_budget,
-                    refusal_block_budget, escalation_budget, limit, max_response_tokens, batch_size, plot, no_split,
-                    write, out, as_json):
+                    refusal_block_budget, escalation_budget, limit, max_response_tokens, context_share, batch_size, plot,
+                    no_split, write, out, as_json):
     """Calibrate probe and classifier together on held-out exchanges replayed through the policy.
 
     \b
@@ -66,7 +69,7 @@ def calibrate_guard(model, probe_dir, classifier_dir, data_specs, benign_block_b
     report = run_calibrate_guard(model=model, probe_dir=probe_dir, classifier_dir=classifier_dir,
                                  data_specs=[parse_data_spec(s) for s in data_specs], limit=limit, budgets=budgets,
                                  max_response_tokens=max_response_tokens, batch_size=batch_size, plot=plot,
-                                 write=write, split=not no_split, progress=not as_json,
+                                 write=write, split=not no_split, progress=not as_json, context_share=context_share,
                                  log=progress_log("oc-engine calibrate-guard", quiet=as_json))
     write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else calibration_markdown(report))

@@ -21,12 +21,12 @@ def _load(model, dtype, quantize=None):
     return load_model(model, dtype=dtype, progress=False, quantize=quantize)
 
 
-def _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed):
+def _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed, context_share):
     from oc_engine.training.probe_pipeline import ProbeJob
 
     return ProbeJob(layers=tuple(layers), mode=mode, max_response_tokens=max_response_tokens,
                     validation=validation, target_benign_pause_rate=target, batch_size=batch_size,
-                    max_exchanges=max_exchanges, seed=seed)
+                    max_exchanges=max_exchanges, seed=seed, context_share=context_share)
 
 
 def common_probe_options(fn):
@@ -47,6 +47,9 @@ def common_probe_options(fn):
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--max-exchanges", type=click.IntRange(min=1), default=None,
                      help="Sample at most this many exchanges per data file (time budget)."),
+        click.option("--context-share", type=FiniteFloat(0, 1), default=0.3, show_default=True,
+                     help="Share of exchanges (by prompt) put behind a system prompt or a chat history, in "
+                          "training and validation: the probe reads hidden states that attend to them."),
         click.option("--steps", type=click.IntRange(min=1, max=100_000), default=300, show_default=True,
                      help="Optimizer steps (full batch)."),
         click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-2, show_default=True),
@@ -108,7 +111,7 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
 @click.option("--force", is_flag=True, help="With --default: replace the shipped probe.")
 @user_errors
 def train_probe(model, dtype, quantize, data_specs, mode, max_response_tokens, validation, target, batch_size,
-                max_exchanges, steps, weight_decay, seed, as_json, layers, out, build_default, force):
+                max_exchanges, context_share, steps, weight_decay, seed, as_json, layers, out, build_default, force):
     """Train a linear probe on the target's own activations and calibrate the guard's thresholds.
 
     \b
@@ -128,7 +131,7 @@ def train_probe(model, dtype, quantize, data_specs, mode, max_response_tokens, v
 
     log = progress_log("oc-engine train-probe", quiet=as_json)
     check_output_dir(out, "--out")
-    job = _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
+    job = _job(layers, mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed, context_share)
     config = ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed)
     if build_default:
         if quantize != "none":
@@ -168,7 +171,7 @@ def _probe_summary(report: dict) -> str:
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write the curve as PNG.")
 @user_errors
 def sweep_layers(model, dtype, quantize, data_specs, mode, max_response_tokens, validation, target, batch_size,
-                 max_exchanges, steps, weight_decay, seed, as_json, layers, plot):
+                 max_exchanges, context_share, steps, weight_decay, seed, as_json, layers, plot):
     """Per-layer validation AUROC, F1 and streaming detection, and the best two-layer probe.
 
     \b
@@ -185,7 +188,7 @@ def sweep_layers(model, dtype, quantize, data_specs, mode, max_response_tokens, 
         raise OcEngineError("give --data FILE (repeatable)")
     check_output_file(plot, "--plot", PLOT_SUFFIXES)
     loaded = _load(model, dtype, quantize)
-    job = _job((), mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed)
+    job = _job((), mode, max_response_tokens, validation, target, batch_size, max_exchanges, seed, context_share)
     report = sweep(loaded, [parse_data_spec(s) for s in data_specs], job,
                    ProbeTrainConfig(steps=steps, weight_decay=weight_decay, seed=seed), layers=list(layers) or None,
                    plot=plot, progress=not as_json, log=progress_log("oc-engine sweep-layers", quiet=as_json))
@@ -352,7 +355,8 @@ def revalidate_probe(probe_dir, model, dtype, quantize, data_specs, max_exchange
                    max_response_tokens=_first(max_response_tokens, recorded.get("max_response_tokens"), 64),
                    validation=_first(validation, recorded.get("validation"), 0.2), batch_size=batch_size,
                    max_exchanges=_first(max_exchanges, recorded.get("max_exchanges"), shipped_cap),
-                   seed=_first(seed, recorded.get("seed"), 0))
+                   seed=_first(seed, recorded.get("seed"), 0),
+                   context_share=recorded.get("context_share", 0.0))  # none recorded: made before contexts
     quantized = _load(model, dtype, quantize)
     record = revalidate(probe, reference, quantized, specs, job, tolerance=tolerance, log=log,
                         progress=not as_json)

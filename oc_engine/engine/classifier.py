@@ -8,8 +8,10 @@ Loads an export directory (model.onnx, tokenizer files, classifier_config.json).
   stream, so its kernels overlap the decode graph; when the CUDA provider is missing, the
   Hugging Face model (`source_model`) on a side stream, chosen automatically with one log line.
 
-`submit(prompt, response)` returns a future of {"verdict", "p_unsafe", "latency_ms"}; checks
-queued while the worker is busy run together as one batch (`check_batcher`).
+`submit(prompt, response)` returns a future of {"verdict", "p_unsafe", "latency_ms", "windows"};
+checks queued while the worker is busy run together as one batch (`check_batcher`). What a
+check reads is laid out by `exchange_layout`: a text pair within the budget, in windows when
+long; its verdict is its worst window's.
 """
 
 from __future__ import annotations
@@ -19,22 +21,21 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from oc_engine.engine.check_batcher import CheckBatcher, pad
+from oc_engine.engine.exchange_layout import INPUT_FORMAT, ExchangeLayout
 from oc_engine.errors import OcEngineError
 
-CLASSIFIER_FORMAT = "oc-engine-classifier/1"
-EXCHANGE_FORMAT = "User: {prompt}\nAssistant: {response}"
+CLASSIFIER_FORMAT = "oc-engine-classifier/2"
+RETIRED_FORMATS = ("oc-engine-classifier/1",)  # `User: ... Assistant: ...`, cut from the right at max_length
 log = logging.getLogger("oc_engine.classifier")
-
-
-def render_exchange(prompt: str, response: str, template: str = EXCHANGE_FORMAT) -> str:
-    """The one rendering of an exchange used in training, export and at run time."""
-    return template.format(prompt=prompt, response=response)
+BATCH = 32  # windows per model call outside the decode loop (calibration, evaluation)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ClassifierConfig:
     allow_threshold: float
     block_threshold: float
     max_length: int
-    input_format: str = EXCHANGE_FORMAT
+    input_format: str = INPUT_FORMAT
     source_model: str | None = None
 
     def __post_init__(self):
@@ -67,23 +68,12 @@ class ClassifierConfig:
         return "allow" if p_unsafe < self.allow_threshold else "uncertain"
 
 
-def check_input_format(template) -> None:
-    """The exchange template must show the answer: a format string with a {response} field
-    (and {prompt}, optionally), no other field, and no conversion or format spec."""
-    import string
-
-    if not isinstance(template, str):
-        raise OcEngineError(f"input_format must be a string, got {template!r}")
-    try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
-    except ValueError as exc:
-        raise OcEngineError(f"input_format {template!r} is not a format string ({exc})") from exc
-    names = {name for name, _, _ in fields}
-    if not names <= {"prompt", "response"} or any(spec or conversion for _, spec, conversion in fields):
-        raise OcEngineError(f"input_format {template!r} may hold only the fields {{prompt}} and {{response}}")
-    if "response" not in names:
-        raise OcEngineError(f"input_format {template!r} never shows the answer: it needs a {{response}} field")
+def check_input_format(input_format) -> None:
+    """Only the text-pair layout (`exchange_layout`) is read: a template string that glued the
+    prompt and the answer into one text could be forged by the prompt and was cut from the right."""
+    if input_format != INPUT_FORMAT:
+        raise OcEngineError(f"input_format must be {INPUT_FORMAT!r} (the request and the answer as a text pair), "
+                            f"got {input_format!r}")
 
 
 def load_classifier_config(path: Path) -> ClassifierConfig:
@@ -97,6 +87,10 @@ def load_classifier_config(path: Path) -> ClassifierConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OcEngineError(f"{file} is not valid JSON: {exc}") from exc
     fields = Fields(raw, str(file))
+    if raw.get("format") in RETIRED_FORMATS:
+        raise OcEngineError(f"{file}: this classifier was trained for the retired {raw['format']} input "
+                            "(`User: ... Assistant: ...`, cut at max_length, so a long prompt hid the answer); "
+                            "retrain it with `oc-engine train-classifier`")
     if raw.get("format") != CLASSIFIER_FORMAT:
         raise OcEngineError(f"{file}: not an oc-engine classifier (format {CLASSIFIER_FORMAT!r} expected)")
     try:
@@ -104,7 +98,7 @@ def load_classifier_config(path: Path) -> ClassifierConfig:
                                 allow_threshold=fields.number("allow_threshold"),
                                 block_threshold=fields.number("block_threshold"),
                                 max_length=fields.integer("max_length"),
-                                input_format=fields.string("input_format", EXCHANGE_FORMAT),
+                                input_format=fields.string("input_format", INPUT_FORMAT),
                                 source_model=fields.string("source_model", None))
     except OcEngineError as exc:
         message = str(exc)
@@ -174,71 +168,91 @@ class ExchangeClassifier:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as exc:
             raise OcEngineError(f"{self.path}: cannot load the classifier's tokenizer ({exc})") from exc
+        try:
+            self.layout = ExchangeLayout(self.tokenizer, self.config.max_length)
+        except OcEngineError as exc:
+            raise OcEngineError(f"{self.path}: {exc}") from None
         self.device = device
         self.backend = self._choose_backend(backend)
         # On CPU the check shares the cores with decoding: the worker runs at a low priority,
         # so decode steps keep their pace and the check uses the time they leave. Checks queued
         # while it is busy run together as one batch (see `check_batcher`).
-        from oc_engine.engine.check_batcher import CheckBatcher
-
         initializer = _lower_thread_priority if not device.startswith("cuda") else None
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.inline = not device.startswith("cuda") if inline is None else inline
-        self._batcher = CheckBatcher(self._logits, pad_id=pad_id, initializer=initializer, inline=self.inline)
+        self._batcher = CheckBatcher(self._logits, pad_id=self._pad_id, initializer=initializer, inline=self.inline)
 
     # -- public -------------------------------------------------------------------------
     def probabilities(self, prompts: list[str], responses: list[str], urgent: bool = False) -> np.ndarray:
-        """[N, num_labels] class probabilities for N exchanges."""
-        return self._probabilities(self._encode(prompts, responses), urgent)
+        """[N, num_labels] class probabilities for N exchanges, each whole: of an exchange judged
+        in several windows, the row of its worst window (the highest p_unsafe)."""
+        windows = [self.layout.windows(p, r) for p, r in zip(prompts, responses)]
+        flat = [item for items in windows for item in items]
+        if not flat:
+            return np.zeros((0, len(self.config.labels)), dtype=np.float32)
+        probs = np.concatenate([_softmax(self._logits(pad(flat[i:i + BATCH], self._pad_id), urgent))
+                                for i in range(0, len(flat), BATCH)])
+        rows, start = [], 0
+        for items in windows:
+            chunk = probs[start:start + len(items)]
+            rows.append(chunk[int(chunk[:, self.config.unsafe_label].argmax())])
+            start += len(items)
+        return np.stack(rows)
 
     def judge(self, prompt: str, response: str, urgent: bool = False) -> dict:
-        return self._judge_encoded(self._encode([prompt], [response]), urgent, time.perf_counter())
+        start = time.perf_counter()
+        items = self.layout.windows(prompt, response)
+        return self._verdict_of(self._logits(pad(items, self._pad_id), urgent), start)
 
-    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+    def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0) -> cf.Future:
         """Judge in the worker thread, decoding continuing meanwhile; inline, at the next `drain`.
 
-        The text is tokenized here, on the caller's thread (a fraction of a millisecond), so
-        the low-priority worker only pads and runs the model, which releases the GIL: a worker
-        preempted while holding the GIL would stall the decode loop (priority inversion).
+        The text is laid out and tokenized here, on the caller's thread (a fraction of a
+        millisecond), so the low-priority worker only pads and runs the model, which releases
+        the GIL: a worker preempted while holding the GIL would stall the decode loop (priority
+        inversion). Each window of the check is one item of the batch; the verdict waits for all.
         urgent: decoding is waiting for this verdict, so on CPU the check may use every core
         (a second session with all threads) instead of the one it shares with decoding.
+        judged_chars: the answer's first characters an earlier allowed check already judged.
         """
         start = time.perf_counter()
-        text = render_exchange(prompt, response, self.config.input_format)
-        item = dict(self.tokenizer(text, truncation=True, max_length=self.config.max_length))
-        logits = self._batcher.submit(item, urgent)
+        parts = [self._batcher.submit(item, urgent) for item in self.layout.windows(prompt, response, judged_chars)]
         result: cf.Future = cf.Future()
+        remaining = [len(parts)]
+        lock = threading.Lock()
 
-        def done(future: cf.Future) -> None:
-            if result.cancelled():
-                return
-            if future.cancelled():
+        def done(_future: cf.Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] or result.done():
+                    return
+            if any(part.cancelled() for part in parts):
                 result.cancel()
-            elif future.exception() is not None:
-                result.set_exception(future.exception())
-            else:
-                result.set_result(self._verdict_of(future.result()[None], start))
+                return
+            error = next((part.exception() for part in parts if part.exception() is not None), None)
+            if result.set_running_or_notify_cancel():
+                if error is not None:
+                    result.set_exception(error)
+                else:
+                    result.set_result(self._verdict_of(np.stack([part.result() for part in parts]), start))
 
-        logits.add_done_callback(done)
-        result.add_done_callback(lambda f: f.cancelled() and logits.cancel())  # the guard dropped it
+        for part in parts:
+            part.add_done_callback(done)
+
+        def dropped(future: cf.Future) -> None:  # the guard dropped it: drop its windows too
+            if future.cancelled():
+                for part in parts:
+                    part.cancel()
+
+        result.add_done_callback(dropped)
         return result
 
-    def _encode(self, prompts: list[str], responses: list[str]):
-        texts = [render_exchange(p, r, self.config.input_format) for p, r in zip(prompts, responses)]
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
-                              return_tensors="np")
-
-    def _probabilities(self, encoded, urgent: bool) -> np.ndarray:
-        return _softmax(self._logits(encoded, urgent))
-
-    def _judge_encoded(self, encoded, urgent: bool, start: float) -> dict:
-        return self._verdict_of(self._logits(encoded, urgent), start)
-
     def _verdict_of(self, logits: np.ndarray, start: float) -> dict:
-        """logits [1, labels] -> the verdict dict."""
-        p_unsafe = float(_softmax(logits)[0, self.config.unsafe_label])
+        """logits [windows, labels] of one check -> the verdict dict of its worst window."""
+        p_unsafe = float(_softmax(logits)[:, self.config.unsafe_label].max())
         return {"verdict": self.config.verdict(p_unsafe), "p_unsafe": round(p_unsafe, 6),
-                "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend}
+                "latency_ms": round((time.perf_counter() - start) * 1000, 3), "backend": self.backend,
+                "windows": int(logits.shape[0])}
 
     def drain(self) -> None:
         """Inline: run the queued checks now (the decode loop calls it between steps)."""

@@ -26,7 +26,7 @@ from typing import Callable
 
 from oc_engine.errors import OcEngineError
 
-DELTA_FORMAT = "oc-engine-classifier-delta/1"
+DELTA_FORMAT = "oc-engine-classifier-delta/2"  # /1 read `User: ... Assistant: ...`, cut at max_length
 DELTA_CONFIG, ADAPTER_CONFIG, ADAPTER_WEIGHTS = "classifier_delta.json", "adapter_config.json", \
     "adapter_model.safetensors"
 DELTA_FILES = (DELTA_CONFIG, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
@@ -83,6 +83,10 @@ def read_delta(path: str | Path) -> ClassifierDelta:
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise OcEngineError(f"classifier delta file is corrupt: {path / ADAPTER_WEIGHTS} ({exc})") from None
     raw = json.loads((path / DELTA_CONFIG).read_text(encoding="utf-8"))
+    if raw.get("format") == "oc-engine-classifier-delta/1":
+        raise OcEngineError(f"{path / DELTA_CONFIG}: this delta was trained for the retired `User: ... Assistant: "
+                            "...` input, cut at max_length (a long prompt hid the answer); retrain it with "
+                            "`oc-engine train-classifier`")
     if raw.get("format") != DELTA_FORMAT:
         raise OcEngineError(f"{path / DELTA_CONFIG}: not an oc-engine classifier delta ({DELTA_FORMAT!r} expected)")
     fields = Fields(raw, str(path / DELTA_CONFIG))

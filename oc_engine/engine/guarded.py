@@ -35,10 +35,13 @@ class Classifier(Protocol):
     """An optional `drain()` is called by the decode loop between steps and before it waits
     for a verdict: an inline classifier runs its queued checks then (see `check_batcher`)."""
 
-    def submit(self, prompt: str, response: str, urgent: bool = False) -> cf.Future:
+    def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0) -> cf.Future:
         """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'.
 
-        urgent: the sequence's decoding waits for this verdict."""
+        urgent: the sequence's decoding waits for this verdict.
+        judged_chars: the first characters of `response` that an earlier allowed check of this
+        answer already judged (a classifier that reads a long answer in windows may start its
+        windows there; one that reads it whole may ignore it)."""
 
 
 @dataclass
@@ -50,10 +53,16 @@ class PendingCheck:
 
 
 class SequenceMonitor:
+    """prompt: the request the answer answers (a conversation's last user turn), which the
+    answer checks judge the answer against; conversation: what the input check judges (every
+    turn, the system prompt included; default: `prompt`)."""
+
     def __init__(self, tokenizer, prompt: str, config: GuardConfig, classifier: Classifier | None, *,
                  request_id: str = "0", stop_strings: tuple[str, ...] = (), record_trace: bool = False,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, conversation: str | None = None):
         self.tokenizer, self.prompt, self.config, self.classifier = tokenizer, prompt, config, classifier
+        self.conversation = prompt if conversation is None else conversation
+        self.judged = 0  # the answer's first tokens that an allowed check judged
         self.request_id, self.record_trace, self.clock = request_id, record_trace, clock
         self.guard = SequenceGuard(config)
         self.stream = TextStream(tokenizer, stop_strings)  # the released text, stop strings honoured
@@ -173,12 +182,18 @@ class SequenceMonitor:
             self._pauses_seen += 1
 
     def _submit(self, check: Check) -> None:
-        response = self.tokenizer.decode(self.tokens[:check.covers], skip_special_tokens=True)
+        if check.input:
+            prompt, response, judged_chars = self.conversation, "", 0
+        else:
+            prompt = self.prompt
+            response = self.tokenizer.decode(self.tokens[:check.covers], skip_special_tokens=True)
+            judged_chars = len(self.tokenizer.decode(self.tokens[:self.judged], skip_special_tokens=True)) \
+                if self.judged else 0
         submitted = self.clock()
         try:
             # urgent: this sequence's decoding waits for the verdict (held at max_held, or ended).
             urgent = self.guard.must_wait or self.guard.finished
-            future = self.classifier.submit(self.prompt, response, urgent=urgent)
+            future = self.classifier.submit(prompt, response, urgent=urgent, judged_chars=judged_chars)
             if not isinstance(future, cf.Future):
                 raise TypeError(f"submit returned {type(future).__name__}, not a future")
         except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed
@@ -200,6 +215,8 @@ class SequenceMonitor:
         record = Verdict(verdict=verdict, covers=check.covers, final=check.final, p_unsafe=detail.get("p_unsafe"),
                          latency_ms=detail.get("latency_ms"), error=detail.get("error"), input=check.input)
         self.verdicts.append(record)
+        if verdict == "allow" and not check.input:
+            self.judged = max(self.judged, check.covers)
         self._events.append(VerdictReceived(self.request_id, record))
         self._apply(self.guard.on_verdict(check, verdict, detail))
 

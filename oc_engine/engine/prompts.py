@@ -85,7 +85,17 @@ def render_messages(tokenizer, messages) -> list[int]:
 
 
 def conversation_text(messages) -> str:
-    """What the classifier judges as the prompt of a conversation: every turn's text, in order.
-    One user turn is exactly its text, as for a plain prompt; earlier turns stay in, so a request
-    split over several turns (or hidden in a system prompt) is judged whole."""
+    """What the input check judges: every turn's text, in order, the system prompt included (in
+    windows when long: see `exchange_layout`). One user turn is exactly its text, as for a plain
+    prompt; earlier turns stay in, so a request split over several turns (or hidden in a system
+    prompt) is judged whole. Role names are not written in: the text is judged as text."""
     return "\n\n".join(m["content"] for m in check_messages(messages) if m["content"])
+
+
+def last_request(messages) -> str:
+    """The request an answer answers, which the answer checks judge it against: the last user
+    turn (else, with no user turn, every turn's text). Never the system prompt alone: a verdict
+    on the answer must not be a function of the deployment's instructions."""
+    checked = check_messages(messages)
+    users = [m["content"] for m in checked if m["role"] == "user"]
+    return users[-1] if users else conversation_text(checked)

@@ -34,7 +34,7 @@ class PreparesRequests:
                    guard: GuardConfig | None | str = DEFAULT) -> list[Sequence]:
         """Validated sequences for these prompts; an error for any bad one before any is queued."""
         from oc_engine.engine.guarded import SequenceMonitor
-        from oc_engine.engine.prompts import conversation_text, is_messages, render_messages, render_prompt
+        from oc_engine.engine.prompts import conversation_text, is_messages, last_request, render_messages, render_prompt
         from oc_engine.engine.sampling import sequence_keys
         from oc_engine.engine.text_stream import TextStream
 
@@ -59,10 +59,12 @@ class PreparesRequests:
                                     len(prompts)).tolist() for seed in seeds}
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            conversation = None  # what the input check judges, when more than the request
             if isinstance(prompt, str):
                 ids, text = render_prompt(self.tokenizer, prompt, chat_template=self.chat_template), prompt
             elif is_messages(prompt):
-                ids, text = render_messages(self.tokenizer, prompt), conversation_text(prompt)
+                ids, text = render_messages(self.tokenizer, prompt), last_request(prompt)
+                conversation = conversation_text(prompt)
             elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                            for t in prompt):
                 ids, text = list(prompt), None
@@ -81,7 +83,8 @@ class PreparesRequests:
                 config = policy.for_request(streaming=keep_events if streaming is None else streaming,
                                             has_classifier=self.classifier is not None)
                 monitor = SequenceMonitor(self.tokenizer, guard_prompt, config, self.classifier,
-                                          request_id=rid, stop_strings=p.stop, record_trace=self.record_trace)
+                                          request_id=rid, stop_strings=p.stop, record_trace=self.record_trace,
+                                          conversation=conversation)
             seqs.append(Sequence(request_id=rid, prompt_ids=ids, params=p, key=keys[p.seed][i],
                                  limit=max(1, min(p.max_tokens, self.max_model_len - len(ids))),
                                  stream=TextStream(self.tokenizer, p.stop), prompt=text, guard=monitor,

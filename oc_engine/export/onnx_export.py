@@ -6,8 +6,8 @@
    ONNX Runtime's own portable graph optimizations for the others, ModernBERT and DeBERTa);
 3. optionally fp16 (for CUDA) or int8 (dynamic quantization, for CPU);
 4. parity against PyTorch in fp32 on real exchanges (`../shared/data` when present, else
-   samples built into the package) plus one exchange as long as `max_length`, which
-   exercises ModernBERT's sliding-window layers: max |delta probability| within the
+   samples built into the package), laid out as the runtime lays them out (`exchange_layout`),
+   plus one exchange as long as `max_length`, which exercises ModernBERT's sliding-window layers: max |delta probability| within the
    precision's tolerance and a label-flip rate within the stated one.
 
 Everything is written into a temporary directory beside OUT and renamed into place only
@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oc_engine.engine.classifier import CLASSIFIER_FORMAT, EXCHANGE_FORMAT, load_sequence_classifier, render_exchange
+from oc_engine.engine.check_batcher import pad
+from oc_engine.engine.classifier import CLASSIFIER_FORMAT, load_sequence_classifier
+from oc_engine.engine.exchange_layout import INPUT_FORMAT, ExchangeLayout
 from oc_engine.errors import OcEngineError
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
@@ -95,18 +97,19 @@ def _export_into(src, out: Path, options: ExportOptions, samples, log) -> dict:
     max_length = options.max_length or min(512, _positions(model))
     if max_length > _positions(model):
         raise OcEngineError(f"max length {max_length} is longer than the model's {_positions(model)} positions")
-    texts = _parity_texts(samples, options.parity_samples, max_length, tokenizer)
+    layout = ExchangeLayout(tokenizer, max_length)
+    texts = _parity_inputs(samples, options.parity_samples, layout)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         log("exporting with torch.onnx (dynamo)")
-        names = _export(model, tokenizer, texts, max_length, tmp / "raw.onnx")
+        names = _export(model, layout, texts, tmp / "raw.onnx")
         log("optimizing with ONNX Runtime" if options.optimize else "skipping graph optimization")
         optimizer = _optimize(tmp / "raw.onnx", tmp / "model.onnx", model.config, options)
         (tmp / "raw.onnx").unlink()
         for extra in tmp.glob("raw.onnx*"):
             extra.unlink()
         log(f"checking parity on {len(texts)} exchanges")
-        parity = _parity(model, tokenizer, tmp / "model.onnx", texts, names, unsafe, max_length, options)
+        parity = _parity(model, layout, tmp / "model.onnx", texts, names, unsafe, options)
         tolerance, flips = options.parity_tolerance, parity["label_flips"] / parity["samples"]
         if parity["max_abs_prob_delta"] > tolerance or flips > options.max_flip_rate:
             raise OcEngineError(
@@ -117,7 +120,7 @@ def _export_into(src, out: Path, options: ExportOptions, samples, log) -> dict:
         allow, block = _thresholds(Path(src))
         config = {"format": CLASSIFIER_FORMAT, "labels": labels, "unsafe_label": unsafe,
                   "allow_threshold": allow, "block_threshold": block, "max_length": max_length,
-                  "input_format": EXCHANGE_FORMAT, "source_model": str(src),
+                  "input_format": INPUT_FORMAT, "source_model": str(src),
                   "architecture": model.config.architectures[0] if model.config.architectures else None,
                   "precision": options.precision, "optimizer": optimizer,
                   "exporter": f"torch.onnx dynamo, torch {torch.__version__}",
@@ -190,24 +193,30 @@ def _positions(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 512) or 512)
 
 
-def _parity_texts(samples, count: int, max_length: int, tokenizer) -> list[str]:
+def _parity_inputs(samples, count: int, layout: ExchangeLayout) -> list[dict]:
+    """Model inputs (unpadded) of real exchanges, and one window of exactly `max_length` tokens:
+    sliding-window layers must survive the export."""
     from oc_engine.data import parity_exchanges
     from oc_engine.export.samples import SAMPLE_EXCHANGES
 
     pairs = list(samples or parity_exchanges(count) or SAMPLE_EXCHANGES)
-    texts = [render_exchange(p, r) for p, r in pairs]
-    # One exchange at least max_length tokens long: sliding-window layers must survive the export.
+    items = [layout.last_window(p, r) for p, r in pairs]
     long_response = " ".join(r for _, r in pairs)
-    while len(tokenizer(render_exchange(pairs[0][0], long_response), truncation=True,
-                        max_length=max_length + 1)["input_ids"]) <= max_length:
+    while len(layout.last_window(pairs[0][0], long_response)["input_ids"]) < layout.max_length:
         long_response += " " + long_response
-    return texts + [render_exchange(pairs[0][0], long_response)]
+    return items + [layout.last_window(pairs[0][0], long_response)]
 
 
-def _export(model, tokenizer, texts, max_length: int, path: Path) -> list[str]:
+def _batch(layout: ExchangeLayout, items: list[dict]) -> dict:
+    """Padded tensors [B, T] of these inputs."""
+    pad_id = layout.tokenizer.pad_token_id if layout.tokenizer.pad_token_id is not None else 0
+    return {k: torch.from_numpy(v) for k, v in pad(items, pad_id).items()}
+
+
+def _export(model, layout: ExchangeLayout, items: list[dict], path: Path) -> list[str]:
     import inspect
 
-    encoded = tokenizer(texts[:2], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    encoded = _batch(layout, items[:2])
     accepted = inspect.signature(model.forward).parameters
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in encoded and n in accepted]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -269,7 +278,7 @@ def _optimize(raw: Path, path: Path, config, options: ExportOptions) -> dict:
     return summary
 
 
-def _parity(model, tokenizer, onnx_path: Path, texts, names, unsafe: int, max_length: int,
+def _parity(model, layout: ExchangeLayout, onnx_path: Path, texts: list[dict], names, unsafe: int,
             options: ExportOptions) -> dict:
     import onnxruntime as ort
 
@@ -283,8 +292,7 @@ def _parity(model, tokenizer, onnx_path: Path, texts, names, unsafe: int, max_le
             from exc
     reference, exported, seconds = [], [], 0.0
     for start in range(0, len(texts), 8):  # small batches: padding stays realistic
-        enc = tokenizer(texts[start:start + 8], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
+        enc = _batch(layout, texts[start:start + 8])
         with torch.no_grad():
             reference.append(model(**{n: enc[n] for n in names}).logits.float().softmax(-1).numpy())
         t0 = time.perf_counter()
@@ -298,8 +306,7 @@ def _parity(model, tokenizer, onnx_path: Path, texts, names, unsafe: int, max_le
             "max_abs_unsafe_delta": float(np.abs(got[:, unsafe] - ref[:, unsafe]).max()),
             "label_flips": int((got.argmax(-1) != ref.argmax(-1)).sum()),
             "tolerance": options.parity_tolerance, "max_flip_rate": options.max_flip_rate,
-            "longest_tokens": int(max(len(ids) for ids in tokenizer(texts, truncation=True,
-                                                                    max_length=max_length)["input_ids"])),
+            "longest_tokens": int(max(len(item["input_ids"]) for item in texts)),
             "onnx_seconds": round(seconds, 3)}
 
 

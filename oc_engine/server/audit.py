@@ -55,7 +55,7 @@ class AuditLog:
         monitor = seq.guard
         shown = monitor.guard.shown
         held = monitor.tokenizer.decode(monitor.tokens[shown:], skip_special_tokens=True)
-        self._write({"event": kind, "request_id": seq.request_id, "prompt": monitor.prompt,
+        self._write({"event": kind, "request_id": seq.request_id, "prompt": monitor.conversation,
                      "released_text": monitor.text, "held_text": held, **fields,
                      "verdicts": [_verdict(v) for v in monitor.verdicts]})
 

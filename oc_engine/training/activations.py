@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from oc_engine.data import Exchange
 from oc_engine.engine.probe import ModelFingerprint
-from oc_engine.engine.prompts import render_prompt
+from oc_engine.engine.prompts import render_messages, render_prompt
 from oc_engine.errors import OcEngineError
 
 SHARD_EXCHANGES = 512
@@ -75,10 +75,17 @@ class Activations:
 
 
 def exchange_ids(tokenizer, exchange: Exchange, spec: CollectSpec) -> tuple[list[int], int]:
-    """(token ids, prompt length P) for an exchange, as generation renders it; truncated per spec."""
-    prompt_ids = render_prompt(tokenizer, exchange.prompt, chat_template=spec.chat_template)
-    full = render_prompt(tokenizer, exchange.prompt, chat_template=spec.chat_template, response=exchange.response)
-    response_ids = full[len(prompt_ids):]
+    """(token ids, prompt length P) for an exchange, as generation renders it (behind its context,
+    a system prompt and earlier turns, when it has one); truncated per spec."""
+    if exchange.context:
+        prompt_ids = render_messages(tokenizer, exchange.messages())
+        response_ids = list(tokenizer(exchange.response, add_special_tokens=False)["input_ids"]) \
+            if exchange.response else []
+    else:
+        prompt_ids = render_prompt(tokenizer, exchange.prompt, chat_template=spec.chat_template)
+        full = render_prompt(tokenizer, exchange.prompt, chat_template=spec.chat_template,
+                             response=exchange.response)
+        response_ids = full[len(prompt_ids):]
     if len(prompt_ids) > spec.max_prompt_tokens:
         prompt_ids = prompt_ids[-spec.max_prompt_tokens:]
     if spec.mode == "tokens":
@@ -163,8 +170,8 @@ def _cache_dir(model, exchanges: list[Exchange], spec: CollectSpec) -> Path:
     else:  # a change to the quantizer changes the activations
         described["quantization"] += f"/{QUANTIZER_VERSION}"
     digest.update(json.dumps([described, asdict(spec), str(next(model.parameters()).dtype)]).encode())
-    for e in exchanges:
-        digest.update(json.dumps([e.prompt, e.response, e.label]).encode())
+    for e in exchanges:  # an exchange without a context keys as it did before contexts existed
+        digest.update(json.dumps([e.prompt, e.response, e.label] + ([list(e.context)] if e.context else [])).encode())
     layers = "-".join(map(str, spec.layers))
     return cache_root() / "activations" / f"{fingerprint.weights_hash[:12]}-{spec.mode}-L{layers}-{digest.hexdigest()[:16]}"
 

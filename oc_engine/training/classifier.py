@@ -7,7 +7,8 @@ calibrates the block threshold on the validation split, and writes a Hugging Fac
 checkpoint directory (plus `oc_engine_training.json`: labels, data, split, calibration,
 metrics) atomically: a failure leaves nothing behind.
 
-Every exchange is rendered exactly as the runtime renders it (`render_exchange`).
+Every exchange is laid out exactly as the runtime lays out a check (`exchange_layout`): a text
+pair within `max_length`, the window that ends at the (partial) answer's last token.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE, Exchange, read_exchanges
-from oc_engine.engine.classifier import load_sequence_classifier, model_inputs, render_exchange
+from oc_engine.engine.check_batcher import pad
+from oc_engine.engine.classifier import load_sequence_classifier, model_inputs
+from oc_engine.engine.exchange_layout import ExchangeLayout
 from oc_engine.errors import OcEngineError
 from oc_engine.export.onnx_export import TRAINING_FILE
 from oc_engine.training.calibration import calibrate_block_threshold
+from oc_engine.training.contexts import with_long_requests
 from oc_engine.training.metrics import block_rates, per_class_report
-from oc_engine.training.splits import grouped_split, response_prefixes
+from oc_engine.training.splits import grouped_split, response_prefixes, response_slices
 
 BINARY_LABELS = ("safe", "unsafe_compliance")
 DELTA_SUBDIR = "delta"  # in a LoRA checkpoint: the shippable delta (see engine/classifier_delta.py)
@@ -47,14 +51,15 @@ class ClassifierTrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
-    max_length: int = 256
+    max_length: int = 512  # one window's tokens (exchange_layout): MiniLM's and BERT's full length
     validation: float = 0.15  # share of prompts held out
-    prefixes: int = 1  # random response prefixes added per training exchange
+    prefixes: int = 1  # random response prefixes, and as many mid-answer slices, added per training exchange
     max_train_rows: int | None = None  # cap on training rows after augmentation (time budget)
     target_safe_block_rate: float = 0.01
     bf16: bool | None = None  # autocast to bf16 on CPU; None: when the CPU has native bf16
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank and the head (a small delta), not every weight
     seed: int = 0
+    long_request_share: float = 0.25  # requests asked after benign text in the same turn (training/contexts)
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -69,6 +74,8 @@ class ClassifierTrainConfig:
             raise OcEngineError(f"prefixes must be >= 0, got {self.prefixes}")
         if self.lora_rank < 0:
             raise OcEngineError(f"LoRA rank must be >= 0 (0: full fine-tune), got {self.lora_rank}")
+        if not 0 <= self.long_request_share <= 1:
+            raise OcEngineError(f"long request share must be in [0, 1], got {self.long_request_share}")
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -96,6 +103,9 @@ def load_training_data(files: list[tuple[str, str | None]], config: ClassifierTr
     train, validation = grouped_split(rows, lambda e: e.prompt, config.validation, config.seed)
     if not validation or not train:
         raise OcEngineError(f"too few prompts ({len(rows)} rows) to hold out a validation split")
+    # Long requests need not be harmful ones: some of each side asked after benign text.
+    train = with_long_requests(train, config.long_request_share, config.seed)
+    validation = with_long_requests(validation, config.long_request_share, config.seed)
     return LabelledData(train, validation, skipped, counts)
 
 
@@ -103,8 +113,8 @@ def augment(train: list[Exchange], config: ClassifierTrainConfig) -> list[Exchan
     rng = random.Random(config.seed)
     out = list(train)
     for e in train:
-        out += [Exchange(e.prompt, prefix, e.label, e.source) for prefix in response_prefixes(e.response,
-                                                                                               config.prefixes, rng)]
+        parts = response_prefixes(e.response, config.prefixes, rng) + response_slices(e.response, config.prefixes, rng)
+        out += [Exchange(e.prompt, part, e.label, e.source) for part in parts]
     rng.shuffle(out)
     return out[:config.max_train_rows] if config.max_train_rows else out
 
@@ -253,12 +263,13 @@ def predict(model, tokenizer, exchanges: list[Exchange], max_length: int, bf16: 
             ) -> np.ndarray:
     """[N, num_labels] probabilities from the PyTorch model, length-sorted batches."""
     model.eval()
+    layout = ExchangeLayout(tokenizer, max_length)
     order = sorted(range(len(exchanges)), key=lambda i: len(exchanges[i].prompt) + len(exchanges[i].response))
     out = np.zeros((len(exchanges), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            enc = model_inputs(model, _encode(tokenizer, [exchanges[i] for i in chunk], max_length))
+            enc = model_inputs(model, _encode(layout, [exchanges[i] for i in chunk]))
             out[chunk] = model(**enc).logits.float().softmax(-1).numpy()
     return out
 
@@ -283,6 +294,7 @@ def fit_classifier(model, tokenizer, rows: list[Exchange], config: ClassifierTra
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 20), total)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    layout = ExchangeLayout(tokenizer, config.max_length)
     model.train()
     step = 0
     with tqdm(total=total, desc=desc, unit="batch", disable=not progress) as bar:
@@ -290,7 +302,7 @@ def fit_classifier(model, tokenizer, rows: list[Exchange], config: ClassifierTra
             for batch in _batches(rows, config.batch_size, rng):
                 if step >= total:
                     return
-                enc = model_inputs(model, _encode(tokenizer, batch, config.max_length))
+                enc = model_inputs(model, _encode(layout, batch))
                 targets = torch.tensor([target_of(e.label, config.binary) for e in batch])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logits = model(**enc).logits
@@ -306,9 +318,11 @@ def fit_classifier(model, tokenizer, rows: list[Exchange], config: ClassifierTra
 
 
 # -- internals ----------------------------------------------------------------------------
-def _encode(tokenizer, exchanges: list[Exchange], max_length: int):
-    texts = [render_exchange(e.prompt, e.response) for e in exchanges]
-    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def _encode(layout: ExchangeLayout, exchanges: list[Exchange]) -> dict:
+    """Padded tensors [B, T] of each exchange's last window (`ExchangeLayout.last_window`)."""
+    pad_id = layout.tokenizer.pad_token_id if layout.tokenizer.pad_token_id is not None else 0
+    batch = pad([layout.last_window(e.prompt, e.response) for e in exchanges], pad_id)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def _use_bf16(requested: bool | None) -> bool:

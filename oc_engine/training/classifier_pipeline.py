@@ -17,11 +17,12 @@ from oc_engine.errors import OcEngineError
 from oc_engine.jsonl import write_json_file
 
 
-# The default build's training fits 15 minutes on a 2-core CPU: one pass over 10,000 rows
-# (exchanges and their prefixes) of at most 192 tokens (measured about 15 rows/s in bf16 here).
+# The default build's training fits 20 minutes on a 2-core CPU: one pass over 10,000 rows
+# (exchanges, their prefixes and mid-answer slices), each laid out as a check reads it in a
+# window of up to 512 tokens (MiniLM's full length; most rows are far shorter).
 # On a fresh cache, collecting the embedded model's own answers (once) adds to that. LoRA of
 # rank 32 on every linear layer and the head in full: a 3 MB fp16 delta instead of a 90 MB model.
-DEFAULT_BUILD = {"max_train_rows": 10_000, "max_length": 192, "lora_rank": 32, "learning_rate": 5e-4}
+DEFAULT_BUILD = {"max_train_rows": 10_000, "max_length": 512, "lora_rank": 32, "learning_rate": 5e-4}
 
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:

@@ -14,7 +14,7 @@ VALIDATION, SEED = 0.15, 0
 
 
 def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, budgets, max_response_tokens,
-                        batch_size, plot, write, progress, log, split: bool = True) -> dict:
+                        batch_size, plot, write, progress, log, split: bool = True, context_share: float = 0.0) -> dict:
     import numpy as np
 
     from oc_engine.engine.defaults import require_probe, resolve_classifier
@@ -27,6 +27,9 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
         raise OcEngineError("--write chooses the defaults from held-out data only: drop --no-split")
     loaded = load_model(model, progress=False)
     exchanges, files = validation_exchanges(data_specs, limit, loaded, log, progress, split)
+    from oc_engine.training.contexts import with_contexts
+
+    exchanges = with_contexts(exchanges, context_share, SEED)  # the probe's states attend to the context
     probe_path, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True, log=log)
     try:
@@ -42,7 +45,8 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
         classifier.close()
     report.update(model=loaded.source, probe=str(probe_path), classifier=str(classifier.path), data=files,
                   validation={"share": VALIDATION, "seed": SEED, "grouped_by": "prompt"} if split else "all rows",
-                  max_response_tokens=max_response_tokens)
+                  max_response_tokens=max_response_tokens, context_share=context_share,
+                  behind_context=sum(bool(e.context) for e in exchanges))
     if plot:
         plot_curve(report, plot)
         report["plot"] = str(plot)

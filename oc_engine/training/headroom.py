@@ -45,7 +45,7 @@ class HeadroomConfig:
     classifier_epochs: float = 3.0
     classifier_learning_rate: float = 3e-5
     classifier_batch_size: int = 16
-    classifier_max_length: int = 192  # tokens of `User: ... Assistant: ...`, as the default classifier reads
+    classifier_max_length: int = 512  # positions of a check's window, as the default classifier reads
     batch_size: int = 8
     seed: int = 0
 

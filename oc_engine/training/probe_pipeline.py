@@ -24,6 +24,7 @@ class ProbeJob:
     batch_size: int = 8
     max_exchanges: int | None = None  # per data file, sampled (time budget)
     seed: int = 0
+    context_share: float = 0.0  # exchanges put behind a system prompt or a chat (training/contexts)
 
 
 def read_specs(specs: list[tuple[str, str | None]], limit: int | None, seed: int) -> list[Exchange]:
@@ -40,8 +41,13 @@ def read_specs(specs: list[tuple[str, str | None]], limit: int | None, seed: int
     return rows
 
 
-def split_exchanges(rows: list[Exchange], validation: float, seed: int) -> tuple[list[Exchange], list[Exchange]]:
+def split_exchanges(rows: list[Exchange], validation: float, seed: int,
+                    context_share: float = 0.0) -> tuple[list[Exchange], list[Exchange]]:
+    """(train, validation) grouped by prompt; `context_share` of each put behind a context."""
+    from oc_engine.training.contexts import with_contexts
+
     train, held = grouped_split(rows, lambda e: e.prompt, validation, seed)
+    train, held = with_contexts(train, context_share, seed), with_contexts(held, context_share, seed)
     if not held or not any(e.label == UNSAFE for e in held) or not any(e.label == 0 for e in held):
         raise OcEngineError("the validation split needs unsafe_compliance and safe_compliance exchanges; "
                             "add data or raise --validation")
@@ -54,8 +60,10 @@ def collect_split(loaded, specs, job: ProbeJob, layers, *, progress: bool, log):
 
     layers = normalize_layers(layers, loaded.model.config.get_text_config().num_hidden_layers)
     spec = CollectSpec(layers=layers, mode=job.mode, max_response_tokens=job.max_response_tokens)
-    train, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed)
-    log(f"{len(train)} training and {len(held)} validation exchanges (split by prompt); layers {list(layers)}, "
+    train, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed,
+                                  job.context_share)
+    log(f"{len(train)} training and {len(held)} validation exchanges (split by prompt; "
+        f"{sum(bool(e.context) for e in train + held)} behind a system prompt or a chat); layers {list(layers)}, "
         f"mode {job.mode}")
     return (layers, collect(loaded.model, loaded.tokenizer, train, spec, batch_size=job.batch_size, progress=progress),
             collect(loaded.model, loaded.tokenizer, held, spec, batch_size=job.batch_size, progress=progress))
@@ -84,7 +92,7 @@ def train_probe(loaded, specs: list[tuple[str, str | None]], out: str | Path | N
                "train_exchanges": len(acts_train.labels), "validation_exchanges": len(acts_val.labels),
                "data": [p + (f"@{s}" if s else "") for p, s in specs],
                "split": {"max_exchanges": job.max_exchanges, "validation": job.validation, "seed": job.seed,
-                         "max_response_tokens": job.max_response_tokens}, "objective": "ema" if job.mode == "tokens"
+                         "max_response_tokens": job.max_response_tokens, "context_share": job.context_share}, "objective": "ema" if job.mode == "tokens"
                else "logistic", "dtype": str(loaded.dtype).removeprefix("torch."),
                "seconds": round(time.perf_counter() - started, 1)}
     fingerprint = ModelFingerprint.of(loaded.model)

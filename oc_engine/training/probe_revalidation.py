@@ -28,7 +28,8 @@ def revalidate(probe: Probe, reference, quantized, specs, job, *, tolerance: flo
 
     started = time.perf_counter()
     probe.check_model(reference.model)
-    _, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed)
+    _, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed,
+                              job.context_share)
     expected = probe.config.metrics.get("validation_exchanges")
     if expected is not None and expected != len(held):
         log(f"warning: {len(held)} held-out exchanges, the probe's training held {expected} out: "

@@ -1,7 +1,8 @@
 """Splits grouped by prompt, and response-prefix augmentation: plain Python, no torch.
 
 At run time the classifier judges partial answers (the guard asks mid-answer), so training
-shows it prefixes of each response too. A split puts every row of one prompt on one side, so
+shows it prefixes of each response too, and slices that start mid-answer: a long answer is
+judged in windows (`exchange_layout`), and a later window starts inside the answer. A split puts every row of one prompt on one side, so
 validation never sees a prompt that training saw (the same goal recurs under many attacks and
 models; the prompt text is the grouping key the data gives us).
 """
@@ -45,3 +46,17 @@ def response_prefixes(response: str, count: int, rng: random.Random, min_fractio
     low = max(1, int(len(words) * min_fraction))
     cuts = sorted({rng.randint(low, len(words) - 1) for _ in range(count)})
     return [" ".join(words[:cut]) for cut in cuts]
+
+
+def response_slices(response: str, count: int, rng: random.Random, min_words: int = 12) -> list[str]:
+    """`count` random word-boundary slices of `response` that start after its first fifth and
+    end after their start plus a quarter of its words (a later window of a long answer)."""
+    words = response.split(" ")
+    if len(words) < min_words or count < 1:
+        return []
+    out = []
+    for _ in range(count):
+        start = rng.randint(max(1, len(words) // 5), len(words) // 2)
+        end = rng.randint(min(len(words), start + len(words) // 4), len(words))
+        out.append(" ".join(words[start:end]))
+    return out

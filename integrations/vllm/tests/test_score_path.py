@@ -173,7 +173,7 @@ class DelayedClassifier:
         self.verdicts, self.delays, self.calls = verdicts, delays, 0
         self.pool = cf.ThreadPoolExecutor(2)
 
-    def submit(self, prompt, response, urgent=False):
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
         verdict, delay = self.verdicts[self.calls % len(self.verdicts)], self.delays[self.calls % len(self.delays)]
         self.calls += 1
 
@@ -187,8 +187,8 @@ class DelayedClassifier:
 
 
 class ImmediateClassifier(DelayedClassifier):
-    def submit(self, prompt, response, urgent=False):
-        future = super().submit(prompt, response, urgent)
+    def submit(self, prompt, response, urgent=False, judged_chars=0):
+        future = super().submit(prompt, response, urgent, judged_chars)
         future.exception()  # resolved before the guard polls: the blocking design
         return future
 
