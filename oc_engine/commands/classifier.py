@@ -96,6 +96,10 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
               help="Train LoRA adapters of this rank and the head instead of every weight; the checkpoint "
                    "then holds delta/, a few-MB classifier usable as --classifier [default: 0 (full); "
                    "32 with --default].")
+@click.option("--long-request-share", type=FiniteFloat(0, 1), default=None,
+              help="Share of training and validation requests asked after benign text in the same user turn "
+                   "(a system prompt's text or earlier requests), labels kept, so a long request alone does not "
+                   "read as harm [default: 0].")
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
               help="Tokens of one window a check reads: the request and the answer laid out as a text pair, "
                    "a long one in windows, never cut [default: 512].")
@@ -111,8 +115,8 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
 @user_errors
 def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_default, force, backbone, binary, epochs,
-                     batch_size, learning_rate, lora_rank, max_length, validation, prefixes, max_train_rows,
-                     target_safe_block_rate, seed, as_json):
+                     batch_size, learning_rate, lora_rank, long_request_share, max_length, validation, prefixes,
+                     max_train_rows, target_safe_block_rate, seed, as_json):
     """Fine-tune the exchange classifier on labelled JSONL and calibrate its block threshold.
 
     \b
@@ -132,7 +136,7 @@ def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_defaul
     report = build(data_specs=data_specs, out=out, export_dir=export_dir, int8=int8, eval_specs=eval_specs,
                    build_default=build_default, force=force, backbone=backbone, binary=binary, epochs=epochs,
                    batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, max_length=max_length,
-                   validation=validation,
+                   validation=validation, long_request_share=long_request_share,
                    prefixes=prefixes, max_train_rows=max_train_rows, target_safe_block_rate=target_safe_block_rate,
                    seed=seed, quiet=as_json)
     if as_json:

@@ -59,7 +59,10 @@ class ClassifierTrainConfig:
     bf16: bool | None = None  # autocast to bf16 on CPU; None: when the CPU has native bf16
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank and the head (a small delta), not every weight
     seed: int = 0
-    long_request_share: float = 0.25  # requests asked after benign text in the same turn (training/contexts)
+    # Requests asked after benign text in the same turn (training/contexts.with_long_requests).
+    # Off by default: the shipped delta was built without it (measured: a long benign user turn
+    # still pushes p_unsafe up; bench/results/cpu-long-context-2026-12-07.md).
+    long_request_share: float = 0.0
 
     def __post_init__(self):
         if self.epochs <= 0:

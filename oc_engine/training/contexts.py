@@ -14,8 +14,9 @@ The classifier's answer checks read only the request an answer answers (`exchang
 never the system prompt; but a user turn may itself be long (a pasted document, a role-play
 set-up), and the shared data's only long requests are jailbreaks, whose answers are either
 refusals or unsafe. A classifier trained on them learns that a long request means harm: a haiku
-answering a request with 600 words of a shop's rules before it scored 0.98. So `with_long_requests`
-puts benign text before a share of the training requests (labels unchanged).
+answering a request with 600 words of a shop's rules before it scored 0.98. `with_long_requests`
+puts benign text before a share of the training requests (labels unchanged); it is
+`train-classifier --long-request-share`, off by default until a build with it is measured.
 """
 
 from __future__ import annotations
