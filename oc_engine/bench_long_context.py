@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from oc_engine.bench import package_version
+from oc_engine.bench_serve import served_model, free_port, server_command, sse_chunks, wait_healthy
 from oc_engine.errors import OcEngineError
 from oc_engine.jsonl import iter_jsonl
 from oc_engine.training.onpolicy import is_refusal
@@ -60,20 +61,14 @@ async def _ask(client, url: str, model: str, messages: list[dict], max_tokens: i
         return {"finish_reason": data["choices"][0]["finish_reason"], "oc_engine": data["oc_engine"],
                 "text": data["choices"][0]["message"]["content"] or ""}
     finish, guard, text = None, {}, ""
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            raise OcEngineError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                text += choices[0]["delta"]["content"]
-            if choices and choices[0].get("finish_reason"):
-                finish = choices[0]["finish_reason"]
-            if isinstance(chunk.get("oc_engine"), dict) and "status" in chunk["oc_engine"]:
-                guard = chunk["oc_engine"]
+    async for chunk in sse_chunks(client, url, body):
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            text += choices[0]["delta"]["content"]
+        if choices and choices[0].get("finish_reason"):
+            finish = choices[0]["finish_reason"]
+        if isinstance(chunk.get("oc_engine"), dict) and "status" in chunk["oc_engine"]:
+            guard = chunk["oc_engine"]
     return {"finish_reason": finish, "oc_engine": guard, "text": text}
 
 
@@ -128,9 +123,7 @@ def summarize(rows: list[dict], answers: dict, context: str) -> dict:
 
 
 def _measure(base: str, jobs, rows, contexts, max_tokens: int, concurrency: int, stream: bool, progress):
-    from oc_engine.bench_serve import _served_model
-
-    model = _served_model(base)
+    model = served_model(base)
     progress(f"{len(jobs)} requests ({len(rows)} in each of {len(contexts)} contexts) to {base}")
     started = time.perf_counter()
     answers = asyncio.run(_run_all(base, model, jobs, max_tokens, concurrency, stream, progress))
@@ -142,7 +135,6 @@ def run_long_context_bench(*, requests_file: Path, contexts_file: Path, max_toke
                            progress: Callable[[str], None] = lambda s: None, log_dir: Path | None = None) -> dict:
     """Start `oc-engine serve` (guarded, `server_args` added) and measure it, or measure the
     server at `base_url`."""
-    from oc_engine.bench_serve import free_port, server_command, wait_healthy
     from oc_engine.engine.loading import resolve_model_source
 
     rows = read_requests(requests_file)

@@ -76,26 +76,30 @@ def server_command(kind: str, port: int, weights: str, dtype: str, slots: int) -
     return command + (["--no-guard"] if kind.endswith("unguarded") else [])
 
 
-async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> RequestTiming:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    timing = RequestTiming(time.perf_counter())
+async def sse_chunks(client, url: str, body: dict):
+    """The JSON chunks of one streamed OpenAI-style response (server-sent events)."""
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             raise OcEngineError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                timing.tokens = chunk["usage"]["completion_tokens"]
-            choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                now = time.perf_counter()
-                timing.first = timing.first or now
-                timing.chunks.append(now)
-            if choices and choices[0].get("finish_reason"):
-                timing.finish = choices[0]["finish_reason"]
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    timing = RequestTiming(time.perf_counter())
+    async for chunk in sse_chunks(client, url, body):
+        if chunk.get("usage"):
+            timing.tokens = chunk["usage"]["completion_tokens"]
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            now = time.perf_counter()
+            timing.first = timing.first or now
+            timing.chunks.append(now)
+        if choices and choices[0].get("finish_reason"):
+            timing.finish = choices[0]["finish_reason"]
     timing.end = time.perf_counter()
     return timing
 
@@ -166,7 +170,7 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
                 progress(f"{kind}: {exc}")
                 results[kind] = {"error": str(exc), "runs": []}
                 continue
-            model = weights if kind == "transformers" else _served_model(base)
+            model = weights if kind == "transformers" else served_model(base)
             asyncio.run(run_load(base, model, prompts, max(concurrencies), max(concurrencies), 8))  # warm-up
             results[kind] = {"ready_s": round(time.perf_counter() - started, 1), "runs": []}
             for concurrency, count in zip(concurrencies, requests):
@@ -263,7 +267,7 @@ def serve_markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _served_model(base: str) -> str:
+def served_model(base: str) -> str:
     import httpx
 
     return httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
