@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -25,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from oc_engine.bench import package_version
-from oc_engine.bench_serve import served_model, free_port, server_command, sse_chunks, wait_healthy
+from oc_engine.bench_serve import (free_port, served_model, server_command, sse_chunks, start_server, stop_server,
+                                   wait_healthy)
 from oc_engine.errors import OcEngineError
 from oc_engine.jsonl import iter_jsonl
 from oc_engine.training.onpolicy import is_refusal
@@ -151,19 +150,13 @@ def run_long_context_bench(*, requests_file: Path, contexts_file: Path, max_toke
         log = Path(log_dir or tempfile.mkdtemp(prefix="oc-bench-long-context-")) / "server.log"
         command = server_command("guarded", port, resolve_model_source(None), dtype, concurrency) + list(server_args)
         progress(f"starting the guarded server (log {log})")
-        with open(log, "w") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = start_server(command, log)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base, proc, log)
             answers, wall = _measure(base, jobs, rows, contexts, max_tokens, concurrency, stream, progress)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     results = {name: summarize(rows, answers, name) for name in contexts}
     # Per request, without the answers' text (a results file must not carry harmful answers).
     outcomes = [{"context": name, "index": i, "prompt_label": rows[i]["prompt_label"],

@@ -158,9 +158,7 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
         port = free_port()
         log = log_dir / f"{kind}.log"
         progress(f"{kind}: starting (log {log})")
-        with open(log, "w") as out:
-            proc = subprocess.Popen(server_command(kind, port, weights, dtype, max(concurrencies)), stdout=out,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = start_server(server_command(kind, port, weights, dtype, max(concurrencies)), log)
         base = f"http://127.0.0.1:{port}"
         try:
             started = time.perf_counter()
@@ -182,11 +180,7 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
                     run["guard"] = {name: round(after[name] - before[name], 3) for name in after}
                 results[kind]["runs"].append(run)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     import torch
     import transformers
 
@@ -265,6 +259,22 @@ def serve_markdown_table(report: dict) -> str:
     for name, target in report["targets"].items():
         lines.append(f"\n{name}: {json.dumps(target)}")
     return "\n".join(lines)
+
+
+def start_server(command: list[str], log: Path) -> subprocess.Popen:
+    """A server subprocess with its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then kill after a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def served_model(base: str) -> str:
