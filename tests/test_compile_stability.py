@@ -50,14 +50,16 @@ def test_a_long_cache_bounds_attention_by_the_live_span_without_recompiling(tiny
     monkeypatch.setattr(model_runner, "SPAN_MIN_CACHE", SPAN_BUCKET)  # the tiny model's context is 256
     loaded = tiny("llama")
     llm = plain_llm(loaded, compile=True, max_num_seqs=2, max_model_len=2 * SPAN_BUCKET)
-    assert llm.runner.span_attention
+    # Under torch 2.11 (the GPU image's) the compiled step attends over the whole cache instead.
+    assert llm.runner.span_attention == model_runner.SPAN_COMPILES
     prompt = [2] + [5 + i % 50 for i in range(SPAN_BUCKET - 8)]  # its answer crosses into the second bucket
     torch._dynamo.reset()
     llm.generate([prompt[:5]], fixed(4))  # warm-up: compiles the greedy step at span 128
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         first, second = llm.generate([prompt, prompt[:20]], [fixed(24), fixed(30)])
-    assert sorted(llm.runner._span_refs) == [SPAN_BUCKET, 2 * SPAN_BUCKET]  # both spans ran
+    spans_ran = [SPAN_BUCKET, 2 * SPAN_BUCKET] if model_runner.SPAN_COMPILES else []
+    assert sorted(llm.runner._span_refs) == spans_ran
     assert compiled_before >= 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
     assert list(first.token_ids) == hf_greedy(loaded, prompt, 24)
     assert list(second.token_ids) == hf_greedy(loaded, prompt[:20], 30)

@@ -13,7 +13,9 @@ the cache's first `span` positions: the live slots' furthest position + 1, round
 `SPAN_BUCKET` (the host counts positions, so this needs no sync). The span reaches the step as
 the length of a marker tensor whose size is marked unbacked, so one compiled graph serves
 every span: a short answer in a 2048-token cache costs about what it would in a short cache.
-A short cache keeps the fixed-length attention, which is faster at its own length.
+A short cache keeps the fixed-length attention, which is faster at its own length. Compiled
+span attention needs torch >= 2.12: torch 2.11's inductor (the GPU image's) cannot slice the
+written cache by an unbacked size, so there a long cache attends over all of it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from oc_engine.errors import OcEngineError
 
 SPAN_BUCKET = 128  # attention spans are multiples of this (or the whole cache)
 SPAN_MIN_CACHE = 512  # bound attention by the span only in caches longer than this
+SPAN_COMPILES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 12)
 
 
 class ModelRunner:
@@ -187,7 +190,8 @@ class ModelRunner:
 
 
     def _wants_span(self) -> bool:
-        return getattr(self.runner, "supports_span", False) and self.cache.max_len > SPAN_MIN_CACHE
+        return (getattr(self.runner, "supports_span", False) and self.cache.max_len > SPAN_MIN_CACHE
+                and (SPAN_COMPILES or not self.compile))
 
     def _span_ref(self) -> torch.Tensor | None:
         """A tensor whose length is this step's attention span: every live slot's write

@@ -65,14 +65,17 @@ if triton is not None:
 
     @triton.jit
     def _probe_ema_kernel(hidden_ptr, weight_ptr, bias_ptr, ema_ptr, thresholds_ptr, score_ptr, flags_ptr,
-                          num_layers, hidden_size, stride_hl, stride_hb, stride_wl,
-                          BLOCK: tl.constexpr):
+                          stride_hl, stride_hb, stride_wl,
+                          NUM_LAYERS: tl.constexpr, HIDDEN_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+        # The layer count and width are fixed per model, so they are compile-time constants: the
+        # compiler knows the trip counts, and triton 3.6's interpreter (under numpy >= 2.4) cannot
+        # take a runtime scalar as a loop bound at all.
         b = tl.program_id(0)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for layer in range(0, num_layers):
-            for start in range(0, hidden_size, BLOCK):
+        for layer in range(0, NUM_LAYERS):
+            for start in range(0, HIDDEN_SIZE, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
-                mask = offs < hidden_size
+                mask = offs < HIDDEN_SIZE
                 h = tl.load(hidden_ptr + layer * stride_hl + b * stride_hb + offs, mask=mask, other=0.0)
                 w = tl.load(weight_ptr + layer * stride_wl + offs, mask=mask, other=0.0)
                 acc += h.to(tl.float32) * w.to(tl.float32)
@@ -105,8 +108,8 @@ def probe_ema_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     flags = torch.empty(batch, device=hidden.device, dtype=torch.int32)
     block = min(1024, triton.next_power_of_2(hidden_size))
     _probe_ema_kernel[(batch,)](hidden, weight, bias, ema, thresholds, score, flags,
-                                num_layers, hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0),
-                                BLOCK=block)
+                                hidden.stride(0), hidden.stride(1), weight.stride(0),
+                                NUM_LAYERS=num_layers, HIDDEN_SIZE=hidden_size, BLOCK=block)
     return score, flags
 
 

@@ -10,6 +10,8 @@ tensors and never recompiles. Gemma 4's shared-KV layers read the full-length K/
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -46,6 +48,14 @@ def text_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, object]:
     return text_model, model.get_output_embeddings(), model.config.get_text_config()
 
 
+def cache_kwarg(text_model: nn.Module) -> str:
+    """The name the text stack's forward gives its cache: `cache` in newer transformers (5.24),
+    `past_key_values` before (5.17, the GPU image's). Passed under the wrong name, the cache
+    would be ignored and the model would build its own."""
+    params = inspect.signature(type(text_model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class HFModulesRunner(nn.Module):
     """Same contract as FusedLlamaRunner: (logits [B, V] fp32, tapped [len(taps), B, H] | None), last position.
     A `span` bounds attention when given, but the step never gives one: Hugging Face's attention
@@ -61,6 +71,7 @@ class HFModulesRunner(nn.Module):
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * self.num_layers
         window = getattr(config, "sliding_window", None)
         self.windows = {t: (window if t == "sliding_attention" else None) for t in set(layer_types)}
+        self.cache_kwarg = cache_kwarg(self.text_model)
 
     def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
         dtype = self.text_model.get_input_embeddings().weight.dtype
@@ -69,7 +80,7 @@ class HFModulesRunner(nn.Module):
         if len(masks) == 1:  # models with one layer type take a prepared 4D mask, not a dict
             (masks,) = masks.values()
         out = self.text_model(input_ids=input_ids, position_ids=pos, attention_mask=masks,
-                              cache=EngineCache(cache, pos, span), use_cache=True,
+                              **{self.cache_kwarg: EngineCache(cache, pos, span)}, use_cache=True,
                               output_hidden_states=bool(taps))
         hidden = out.last_hidden_state[:, -1]
         logits = self.lm_head(hidden).float()
