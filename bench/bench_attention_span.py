@@ -17,6 +17,7 @@ import time
 import torch
 
 import oc_engine.engine.model_runner as model_runner
+from oc_engine.config import UNGUARDED, EngineConfig
 from oc_engine.llm import LLM
 from oc_engine.params import SamplingParams
 
@@ -28,7 +29,7 @@ def main(mode: str, slots: int, cache: int) -> None:
         model_runner.ModelRunner._span_ref = lambda self: None
     if mode == "span-always":
         model_runner.SPAN_MIN_CACHE = 0
-    llm = LLM(probe=None, dtype="bfloat16", max_num_seqs=slots, max_model_len=cache)
+    llm = LLM(None, EngineConfig(dtype="bfloat16", max_num_seqs=slots, max_model_len=cache), UNGUARDED)
     params = SamplingParams(max_tokens=128, ignore_eos=True)
     llm.generate(["Hello"] * slots, params)  # warm-up: compiles
     start = time.perf_counter()

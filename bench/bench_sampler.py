@@ -16,6 +16,7 @@ import torch
 import oc_engine.engine.model_runner as model_runner
 from oc_engine.engine.loading import load_model
 from oc_engine.engine.prompts import render_prompt
+from oc_engine.config import UNGUARDED, EngineConfig
 from oc_engine.llm import LLM
 from oc_engine.params import SamplingParams
 
@@ -34,7 +35,7 @@ def main(mode: str) -> None:
     loaded = load_model(None, dtype="bfloat16", progress=False)
     prompt = render_prompt(loaded.tokenizer, "Write a story about a lighthouse keeper.")
     params = SamplingParams(max_tokens=128, ignore_eos=True, seed=1, temperature=0.8)
-    llm = LLM(loaded, probe=None, max_num_seqs=1)
+    llm = LLM(loaded, EngineConfig(max_num_seqs=1), UNGUARDED)
     llm.fit([prompt], params)
     llm.generate([prompt], params)  # warm-up: compilation
     rates = [llm.generate([prompt], params)[0].timings.decode_tokens_per_s for _ in range(7)]

@@ -25,14 +25,14 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
+from oc_engine.engine.interface import Observer
 from oc_engine.engine.sequence import Sequence
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Event, Finished
 
 log = logging.getLogger("oc_engine.async_llm")
-Observer = Callable[[Sequence, list], None]
 
 
 class EngineDead(OcEngineError):
@@ -121,14 +121,14 @@ class AsyncLLM(EventStreams):
 
     @property
     def running(self) -> int:
-        return len(self.llm.engine.scheduler.running)
+        return self.llm.num_running
 
     @property
     def waiting(self) -> int:
         """Requests accepted that hold no cache slot yet."""
         with self._cv:
             queued = sum(1 for op, _ in self._inbox if op == "add")
-        return queued + len(self.llm.engine.scheduler.waiting)
+        return queued + self.llm.num_waiting
 
     def add(self, seq: Sequence) -> RequestHandle:
         """Accept a prepared request now (call it on the event loop that will read its events);

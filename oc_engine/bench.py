@@ -59,10 +59,12 @@ def _no_kv_cache(loaded: LoadedModel, prompt: list[int]) -> Callable[[int], list
 def bench_llm(loaded: LoadedModel, prompt: list[int], new_tokens: int, *, compile: bool = True, probe=None,
               guard=None, slots: int = 1):
     """An `LLM` over `loaded` with its cache sized to this prompt and `new_tokens`."""
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
 
-    llm = LLM(loaded, probe=probe, classifier=None, guard=guard, compile=compile, max_num_seqs=slots)
+    llm = LLM(loaded, EngineConfig(compile=compile, max_num_seqs=slots),
+              GuardSetup(probe=probe, classifier=None, policy=guard))
     llm.fit([prompt], SamplingParams(max_tokens=new_tokens))
     return llm
 

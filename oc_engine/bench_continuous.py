@@ -106,11 +106,12 @@ def run_continuous_bench(loaded: LoadedModel, *, requests: int = 32, slots: int 
                          arrival_gap_s: float = 0.25, repeats: int = 1, compile: bool = True,
                          progress: Callable[[str], None] | None = None) -> dict:
     from oc_engine.engine.prompts import render_prompt
+    from oc_engine.config import UNGUARDED, EngineConfig
     from oc_engine.llm import LLM
 
     reqs = make_requests(requests, seed, arrival_gap_s)
     lengths = [len(render_prompt(loaded.tokenizer, r.prompt)) for r in reqs]
-    llm = LLM(loaded, probe=None, compile=compile, max_num_seqs=slots)
+    llm = LLM(loaded, EngineConfig(compile=compile, max_num_seqs=slots), UNGUARDED)
     llm.fit([r.prompt for r in reqs], [SamplingParams(max_tokens=r.max_tokens) for r in reqs])
     if progress:
         progress("warm-up (compiles the step)")

@@ -94,7 +94,7 @@ def escalating_probe(loaded: LoadedModel, llm, prompt: list[int], new_tokens: in
 
 
 def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, repeats: int = 3,
-                    quantile: float = 0.9, max_held: int = 64,
+                    quantile: float = 0.9, max_held: int = GuardConfig.max_held,
                     progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark the modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
     prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)

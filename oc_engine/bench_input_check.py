@@ -28,10 +28,12 @@ MODES = ("off", "input_check")
 
 def run_input_check_bench(loaded: LoadedModel, classifier, *, rounds: int = 5, new_tokens: int = 8,
                           progress=None) -> dict:
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from oc_engine.outputs import Finished
 
-    llm = LLM(loaded, probe=quiet_probe(loaded), classifier=classifier, guard=GuardConfig(), max_num_seqs=1)
+    llm = LLM(loaded, EngineConfig(max_num_seqs=1),
+              GuardSetup(probe=quiet_probe(loaded), classifier=classifier, policy=GuardConfig()))
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     llm.fit(list(PROMPTS), params)
     configs = {"off": GuardConfig(input_check=False), "input_check": GuardConfig(input_check=True)}

@@ -99,11 +99,12 @@ def _perplexity_binary(llama_cpp: str) -> Path:
 
 
 def _greedy(loaded, prompts: list[str], max_tokens: int, batch_size: int) -> list[list[int]]:
+    from oc_engine.config import UNGUARDED, EngineConfig
     from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens)
-    with LLM(loaded, probe=None, max_num_seqs=batch_size) as llm:
+    with LLM(loaded, EngineConfig(max_num_seqs=batch_size), UNGUARDED) as llm:
         llm.fit(prompts, params)
         return [list(c.token_ids) for c in llm.generate(prompts, params)]
 

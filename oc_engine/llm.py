@@ -1,14 +1,15 @@
 """The public API: one `LLM` loads a model (and its guard) once and serves requests.
 
-    from oc_engine import LLM, SamplingParams
+    from oc_engine import LLM, EngineConfig, GuardSetup, SamplingParams
 
     llm = LLM()                                   # the embedded model with its default guard
+    llm = LLM("org/model", EngineConfig(dtype="bfloat16"), GuardSetup(probe="probe-dir/"))
     for c in llm.generate(["Write a haiku", "Explain DNS"], SamplingParams(max_tokens=64)):
         print(c.text, c.finish_reason, c.guard.status)
     for event in llm.stream("Explain SQL injection"):   # TextReleased, Paused, VerdictReceived, ...
         ...
 
-Requests are decoded together with continuous batching: `max_num_seqs` cache slots, a
+Requests are decoded together with continuous batching: `config.max_num_seqs` cache slots, a
 request joining a free slot between decode steps and leaving it the moment it ends. A prompt
 is text (the user turn of the chat template), token ids, or a list of chat messages. Callers
 that drive the loop themselves use `add_request` (or `prepare_request`, then `add_request`),
@@ -23,72 +24,62 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
+from oc_engine.config import DEFAULT, DebugOptions, EngineConfig, GuardSetup
 from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.requests import DEFAULT, PreparesRequests, Prompt
+from oc_engine.engine.requests import PreparesRequests, Prompt
 from oc_engine.engine.sequence import FINISHED, WAITING, Sequence
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Completion, Event, Finished
 from oc_engine.params import SamplingParams
 
-DEFAULT_MAX_MODEL_LEN = 2048  # per slot; memory, and (for models whose attention reads the whole cache) time
 CACHE_BUCKET = 128  # `fit` rounds cache lengths up to this, so nearby jobs share compiled steps
 
 
 class LLM(PreparesRequests):
     """model: a hub id, a local Hugging Face directory, a .gguf file, or None for the embedded
     SmolLM2-135M-Instruct (a `LoadedModel` is accepted too).
-    probe: "default" (the probe shipped for the embedded model; none for other models), a probe
-    directory, a `Probe`, or None for unguarded generation.
-    classifier: "default" (the classifier shipped in the package, built into the cache on first
-    use), an export or delta directory, an object with `submit(prompt, response, urgent)`
-    returning a future, or None (a pause blocks).
-    guard: the guard policy; default `GuardConfig(every=<the probe's cadence>)`. Its final check
-    (`final_check=None`) is on for `generate` and off for `stream`, `add_request` and `run` with
-    `on_event`: what does not stream is judged whole.
-    max_num_seqs: cache slots (requests decoded together); each costs compute every step.
-    max_model_len: prompt plus answer, in tokens (default: the model's, at most 2048).
-    quantize: "int8" or "int4" stores the linear layers' weights quantized (weight-only; faster
-    decoding, slightly different tokens). A probe made on the unquantized model is accepted
-    only if it was re-validated on this quantization (`oc-engine revalidate-probe`).
+    config: how the model is loaded and run (`EngineConfig`; default: its defaults).
+    guard: what guards it (`GuardSetup`: probe, classifier, policy; default: the shipped guard
+    with the embedded model, none with another). `UNGUARDED` is plain generation. A probe made
+    on the unquantized model is accepted under `quantize` only if it was re-validated on that
+    quantization (`oc-engine revalidate-probe`).
+    debug: `DebugOptions` for tools and tests.
     log: called with one-line notices (which defaults were chosen)."""
 
-    def __init__(self, model=None, *, probe=DEFAULT, classifier=DEFAULT, guard: GuardConfig | None = None,
-                 dtype: str = "auto", device: str = "auto", compile: bool = True, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, quantize: str | None = None, chat_template: bool = True,
-                 trust_remote_code: bool = False,
-                 record_trace: bool = False, tap=None, prefer_fused: bool = True, output_lag: int | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, model=None, config: EngineConfig | None = None, guard: GuardSetup | None = None, *,
+                 debug: DebugOptions | None = None, log: Callable[[str], None] | None = None):
         from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
         from oc_engine.engine.loading import LoadedModel, load_model, resolve_device
         from oc_engine.engine.model_runner import ModelRunner
         from oc_engine.engine.probe import Probe, load_probe
 
-        from oc_engine.engine.quantize import check_scheme
-
+        self.config = config = config if config is not None else EngineConfig()
+        setup = guard if guard is not None else GuardSetup()
+        debug = debug if debug is not None else DebugOptions()
+        if not isinstance(config, EngineConfig) or not isinstance(setup, GuardSetup):
+            raise OcEngineError("LLM(model, config, guard) takes an EngineConfig and a GuardSetup")
         self.log = log or (lambda message: None)
-        quantize = check_scheme(quantize)
-        if isinstance(model, LoadedModel) and quantize is not None and quantize != model.quantization:
+        if isinstance(model, LoadedModel) and config.quantize not in (None, model.quantization):
             raise OcEngineError(f"this LoadedModel is {model.quantization or 'not quantized'}: load it with "
-                                f"load_model(..., quantize={quantize!r}) to run it {quantize}")
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise OcEngineError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
-        embedded = model is None
+                                f"load_model(..., quantize={config.quantize!r}) to run it {config.quantize}")
+        probe = setup.probe
         if probe == DEFAULT:
-            probe = resolve_probe_dir(None, embedded, self.log)
+            probe = resolve_probe_dir(None, model is None, self.log)
         if probe is not None and not isinstance(probe, Probe):
             probe = load_probe(probe)
         self.probe = probe
-        if probe is None and guard is not None:
+        if probe is None and setup.policy is not None:
             raise OcEngineError("a guard policy needs a probe")
-        self.guard_config = (guard or GuardConfig(every=probe.config.every)) if probe is not None else None
-        self.record_trace = record_trace
+        self.guard_config = (setup.policy or GuardConfig(every=probe.config.every)) if probe is not None else None
+        self.record_trace = setup.record_trace
         self._owns_classifier = False
         self.classifier = None
         if probe is not None:
+            classifier = setup.classifier
             # Resolved before the model loads: a bad classifier export fails in a second.
             if classifier == DEFAULT or isinstance(classifier, (str, Path)):
                 target = None if classifier == DEFAULT else classifier
-                device_name = str(resolve_device(device)) if not isinstance(model, LoadedModel) else str(model.device)
+                device_name = str(model.device) if isinstance(model, LoadedModel) else str(resolve_device(config.device))
                 self.classifier = resolve_classifier(target, device_name, log=self.log)
                 self._owns_classifier = self.classifier is not None
                 if self.classifier is None:
@@ -97,21 +88,16 @@ class LLM(PreparesRequests):
                 self.classifier = classifier
         try:
             self.loaded = model if isinstance(model, LoadedModel) else load_model(
-                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
+                model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                quantize=config.quantize)
             self.tokenizer = self.loaded.tokenizer
-            config = self.loaded.model.config.get_text_config()
-            self.context = int(getattr(config, "max_position_embeddings", 0) or 2 ** 31)
-            if max_model_len is None:
-                max_model_len = min(self.context, DEFAULT_MAX_MODEL_LEN)
-            if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) \
-                    or not 2 <= max_model_len <= self.context:
-                raise OcEngineError(f"max_model_len must be an integer in [2, {self.context}] (the model's "
-                                    f"context), got {max_model_len!r}")
-            self.max_model_len = max_model_len
-            self.chat_template = chat_template
-            self.runner = ModelRunner(self.loaded, num_slots=max_num_seqs, max_model_len=max_model_len,
-                                      compile=compile, probe=probe, tap=tap, prefer_fused=prefer_fused,
-                                      output_lag=output_lag)
+            text_config = self.loaded.model.config.get_text_config()
+            self.context = int(getattr(text_config, "max_position_embeddings", 0) or 2 ** 31)
+            self.max_model_len = config.model_len(self.context)
+            self.chat_template = config.chat_template
+            self.runner = ModelRunner(self.loaded, num_slots=config.max_num_seqs, max_model_len=self.max_model_len,
+                                      compile=config.compile, probe=probe, tap=debug.tap,
+                                      prefer_fused=debug.prefer_fused, output_lag=debug.output_lag)
         except BaseException:
             self.close()
             raise
@@ -261,7 +247,27 @@ class LLM(PreparesRequests):
 
         return AsyncLLM(self, observers)
 
-    # -- facts --------------------------------------------------------------------------
+    # -- facts (the `Engine` interface: what front ends read) ------------------------------
+    @property
+    def capacity(self) -> int:
+        """Requests decoded together (cache slots)."""
+        return self.runner.num_slots
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids below this are valid input (the output embedding's rows)."""
+        return self.runner.vocab
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a cache slot."""
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued that hold no cache slot yet."""
+        return self.engine.num_waiting
+
     @property
     def compile_ms(self) -> float:
         """Wall time spent compiling decode steps so far (not counted as decoding)."""

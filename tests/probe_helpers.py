@@ -35,13 +35,13 @@ class FakeClassifier:
         return {"verdict": self.verdict, "p_unsafe": 0.9 if self.verdict == "block" else 0.1}
 
 
-def plain_llm(loaded, compile=False, **kwargs):
-    """An unguarded LLM over a loaded (tiny) model."""
+def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, **debug):
+    """An unguarded LLM over a loaded (tiny) model; `debug`: DebugOptions' fields."""
+    from oc_engine.config import UNGUARDED, DebugOptions, EngineConfig
     from oc_engine.llm import LLM
 
-    kwargs.setdefault("max_num_seqs", 4)
-    kwargs.setdefault("max_model_len", 128)
-    return LLM(loaded, probe=None, compile=compile, **kwargs)
+    config = EngineConfig(compile=compile, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    return LLM(loaded, config, UNGUARDED, debug=DebugOptions(**debug))
 
 
 def fixed(max_tokens: int, **params):
@@ -55,12 +55,14 @@ def guarded_run(loaded, probe, classifier, prompts, params, *, compile=False, ou
                 max_num_seqs=4, **guard):
     """Generate through an LLM guarded by `probe` and `classifier`; returns (sequences, shown):
     shown[i] is what the user of request i saw, in order (released text, then any refusal)."""
+    from oc_engine.config import DebugOptions, EngineConfig, GuardSetup
     from oc_engine.engine.guard import GuardConfig
     from oc_engine.llm import LLM
     from oc_engine.outputs import Refused, TextReleased
 
-    llm = LLM(loaded, probe=probe, classifier=classifier, guard=GuardConfig(**guard), compile=compile,
-              max_num_seqs=max_num_seqs, max_model_len=128, output_lag=output_lag)
+    llm = LLM(loaded, EngineConfig(compile=compile, max_num_seqs=max_num_seqs, max_model_len=128),
+              GuardSetup(probe=probe, classifier=classifier, policy=GuardConfig(**guard)),
+              debug=DebugOptions(output_lag=output_lag))
     shown: dict[str, str] = {}
 
     def on_event(event):

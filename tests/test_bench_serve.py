@@ -11,6 +11,7 @@ from server_helpers import thread_server
 
 
 def test_the_load_generator_reports_what_the_server_did(tiny):
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
@@ -19,8 +20,8 @@ def test_the_load_generator_reports_what_the_server_did(tiny):
     probe = make_probe(loaded.model, bias=20.0)  # every answer pauses at its first token
 
     def make_llm():
-        return LLM(loaded, probe=probe, classifier=FakeClassifier("block"), guard=GuardConfig(refusal="NO"),
-                   compile=False, max_num_seqs=2, max_model_len=64)
+        return LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=64),
+                   GuardSetup(probe=probe, classifier=FakeClassifier("block"), policy=GuardConfig(refusal="NO")))
 
     try:
         with thread_server(ServerConfig(model_name="tiny"), make_llm) as (base, _):

@@ -101,6 +101,7 @@ def test_a_delta_for_another_backbone_is_refused_by_fingerprint(delta_dir, tmp_p
 
 def test_a_broken_shipped_default_fails_closed_instead_of_dropping_the_classifier(tiny, monkeypatch, tmp_path):
     import oc_engine.engine.defaults as defaults
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from probe_helpers import make_probe
 
@@ -108,7 +109,7 @@ def test_a_broken_shipped_default_fails_closed_instead_of_dropping_the_classifie
     (tmp_path / "shipped").mkdir()
     loaded = tiny("llama")
     with pytest.raises(OcEngineError, match="classifier delta file is missing"):
-        LLM(loaded, probe=make_probe(loaded.model, bias=0.0), compile=False)
+        LLM(loaded, EngineConfig(compile=False), GuardSetup(probe=make_probe(loaded.model, bias=0.0)))
 
 
 def test_the_shipped_default_is_a_small_delta_for_the_embedded_backbone():

@@ -297,11 +297,13 @@ def test_an_interruption_while_tokens_are_held_shows_nothing_held(tiny):
                 raise KeyboardInterrupt
             return future
 
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from oc_engine.outputs import TextReleased
 
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=20.0), classifier=Interrupting("allow", delay=0.05),
-              guard=GuardConfig(refusal=REFUSAL), compile=False, max_num_seqs=1, max_model_len=64)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=1, max_model_len=64),
+              GuardSetup(probe=make_probe(loaded.model, bias=20.0), classifier=Interrupting("allow", delay=0.05),
+                         policy=GuardConfig(refusal=REFUSAL)))
     shown, events = [], llm.stream(PROMPTS[0], CONFIG)
     with pytest.raises(KeyboardInterrupt):
         for event in events:

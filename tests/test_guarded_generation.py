@@ -100,10 +100,11 @@ def test_probe_for_another_model_is_refused(tiny):
 def test_compiled_guarded_step_does_not_recompile(tiny):
     loaded = tiny("llama")
     torch._dynamo.reset()
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=0.0, layers=(-2, 1)), classifier=FakeClassifier("allow"),
-              compile=True, max_num_seqs=2, max_model_len=128)
+    llm = LLM(loaded, EngineConfig(compile=True, max_num_seqs=2, max_model_len=128),
+              GuardSetup(probe=make_probe(loaded.model, bias=0.0, layers=(-2, 1)), classifier=FakeClassifier("allow")))
     llm.generate(PROMPTS, fixed(2))
     with torch._dynamo.config.patch(error_on_recompile=True):
         results = llm.run(PROMPTS, CONFIG)
@@ -156,14 +157,16 @@ def test_an_input_check_that_does_not_allow_shows_no_model_token(tiny, verdict):
 
 def test_an_allowing_input_check_holds_the_first_tokens_then_shows_the_same_text(tiny):
     from oc_engine.engine.guard import GuardConfig
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from oc_engine.outputs import TextReleased, VerdictReceived
 
     loaded = tiny("llama")
     plain = plain_llm(loaded).generate(PROMPTS[0], CONFIG)[0]
     classifier = FakeClassifier("allow", delay=0.05)  # several tokens are decoded meanwhile, held
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=-20.0), classifier=classifier,
-              guard=GuardConfig(input_check=True), compile=False, max_num_seqs=2, max_model_len=128)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=128),
+              GuardSetup(probe=make_probe(loaded.model, bias=-20.0), classifier=classifier,
+                         policy=GuardConfig(input_check=True)))
     events = list(llm.stream(PROMPTS[0], CONFIG))
     kinds = [type(e) for e in events]
     assert kinds.index(VerdictReceived) < kinds.index(TextReleased)
@@ -172,12 +175,13 @@ def test_an_allowing_input_check_holds_the_first_tokens_then_shows_the_same_text
 
 
 def test_a_non_streaming_call_judges_the_whole_answer_and_a_stream_does_not(tiny):
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
     classifier = FakeClassifier("allow")
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=-20.0), classifier=classifier, compile=False,
-              max_num_seqs=2, max_model_len=128)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=128),
+              GuardSetup(probe=make_probe(loaded.model, bias=-20.0), classifier=classifier))
     (whole,) = llm.generate([PROMPTS[0]], CONFIG)
     assert [(v.final, v.covers) for v in whole.guard.verdicts] == [(True, 12)]
     finished = list(llm.stream(PROMPTS[0], CONFIG))[-1].completion
@@ -191,12 +195,14 @@ def test_decoding_yields_to_a_check_past_a_quarter_of_its_deadline(tiny):
 
     from oc_engine.engine.guard import GuardConfig
     from oc_engine.engine.guarded import OVERDUE_SHARE
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
     classifier = FakeClassifier("allow", delay=1.5)
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=20.0), classifier=classifier,
-              guard=GuardConfig(deadline_s=4.0, max_held=64), compile=False, max_num_seqs=2, max_model_len=128)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=128),
+              GuardSetup(probe=make_probe(loaded.model, bias=20.0), classifier=classifier,
+                         policy=GuardConfig(deadline_s=4.0, max_held=64)))
     rid = llm.add_request(PROMPTS[0], CONFIG)
     llm.step()  # prefill: the first token pauses, its check is submitted
     seq = llm.engine.requests[rid]
@@ -213,11 +219,12 @@ def test_decoding_yields_to_a_check_past_a_quarter_of_its_deadline(tiny):
 
 
 def test_a_non_streaming_answer_blocked_at_its_final_check_shows_only_the_refusal(tiny):
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=-20.0), classifier=FakeClassifier("block"),
-              compile=False, max_num_seqs=2, max_model_len=128)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=128),
+              GuardSetup(probe=make_probe(loaded.model, bias=-20.0), classifier=FakeClassifier("block")))
     (whole,) = llm.generate([PROMPTS[0]], CONFIG)
     assert whole.guard.status == "blocked" and whole.guard.verdicts[-1].final
     assert whole.text == "" and whole.token_ids == () and whole.guard.released_tokens == 0

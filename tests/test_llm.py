@@ -133,11 +133,13 @@ def test_stream_yields_the_released_text_while_another_request_runs(tiny):
 
 def test_a_guarded_stream_reports_pauses_verdicts_and_the_refusal_apart(tiny):
     from oc_engine.engine.guard import GuardConfig
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
-    llm = LLM(loaded, probe=make_probe(loaded.model, bias=20.0), classifier=FakeClassifier("block"),
-              guard=GuardConfig(refusal="NO"), compile=False, max_num_seqs=1, max_model_len=64)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=1, max_model_len=64),
+              GuardSetup(probe=make_probe(loaded.model, bias=20.0), classifier=FakeClassifier("block"),
+                         policy=GuardConfig(refusal="NO")))
     events = list(llm.stream(PROMPTS[0], fixed(8)))
     kinds = [type(e) for e in events]
     assert kinds[:1] == [Paused] and VerdictReceived in kinds and kinds[-2:] == [Refused, Finished]
@@ -182,6 +184,7 @@ def test_guard_decisions_do_not_depend_on_arrival_order_or_neighbours(tiny, orde
     """Each request's shown text, status, pause points and verdicts are those it gets alone,
     whatever order and moment the requests arrive in and however many share the step."""
     from oc_engine.engine.guard import GuardConfig
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
@@ -196,8 +199,9 @@ def test_guard_decisions_do_not_depend_on_arrival_order_or_neighbours(tiny, orde
         (seq,), _ = guarded_run(loaded, probe, ContentClassifier(), [PROMPTS[i]], params[i], max_held=max_held,
                                 refusal="NO")
         alone.append(outcome(seq.completion))
-    llm = LLM(loaded, probe=probe, classifier=ContentClassifier(), guard=GuardConfig(max_held=max_held, refusal="NO"),
-              compile=False, max_num_seqs=slots, max_model_len=128)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=slots, max_model_len=128),
+              GuardSetup(probe=probe, classifier=ContentClassifier(),
+                         policy=GuardConfig(max_held=max_held, refusal="NO")))
     together = drive(llm, [(waits[k], PROMPTS[i], params[i]) for k, i in enumerate(order)])
     for k, i in enumerate(order):
         assert outcome(together[k]) == alone[i]

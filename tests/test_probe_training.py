@@ -8,6 +8,7 @@ import torch
 
 from oc_engine.data import Exchange
 from oc_engine.errors import OcEngineError
+from oc_engine.config import EngineConfig, GuardSetup
 from oc_engine.llm import LLM
 from oc_engine.training.activations import Activations, CollectSpec, collect
 from oc_engine.training.probe_calibration import calibrate_probe, replay_pauses
@@ -142,7 +143,7 @@ def test_train_probe_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     assert probe.config.pause == pytest.approx(report["calibration"]["pause"])
     assert list((tmp_path / "cache" / "activations").iterdir())  # cached for the next run
     with pytest.raises(OcEngineError, match="trained for another model"):
-        LLM(tiny("qwen3"), probe=probe, classifier=None, compile=False)
+        LLM(tiny("qwen3"), EngineConfig(compile=False), GuardSetup(probe=probe, classifier=None))
 
 
 def test_prompt_files_need_a_prompt_label(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy
+from oc_engine.config import UNGUARDED, EngineConfig, GuardSetup
 from oc_engine.engine.quantize import (INT4_GROUP, QUANTIZER_VERSION, QuantizedLinear, int4_codes,
                                        linear_weight_bytes, quantize_int8, quantize_model)
 from oc_engine.errors import OcEngineError
@@ -93,7 +94,7 @@ def test_engine_tokens_equal_hf_generate_on_the_quantized_model(family, scheme, 
 
     loaded = quantized_tiny(family, scheme)
     expected = hf_greedy(loaded, PROMPT, 24)
-    with LLM(loaded, probe=None, compile=compile, max_num_seqs=2, max_model_len=64) as llm:
+    with LLM(loaded, EngineConfig(compile=compile, max_num_seqs=2, max_model_len=64), UNGUARDED) as llm:
         got = llm.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
     assert list(got) == expected
 
@@ -104,7 +105,7 @@ def test_quantized_engine_with_attention_bounded_by_the_live_span():
 
     loaded = quantized_tiny("llama", "int4", max_position_embeddings=1024)
     expected = hf_greedy(loaded, PROMPT, 16)
-    with LLM(loaded, probe=None, compile=True, max_num_seqs=2, max_model_len=700) as llm:
+    with LLM(loaded, EngineConfig(compile=True, max_num_seqs=2, max_model_len=700), UNGUARDED) as llm:
         assert llm.runner.span_attention
         got = llm.generate([PROMPT], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
     assert list(got) == expected
@@ -118,7 +119,8 @@ def test_quantized_step_compiles_once(monkeypatch):
 
     loaded = quantized_tiny("llama", "int4")
     probe = make_probe(loaded.model, bias=-20.0)
-    with LLM(loaded, probe=probe, classifier=None, compile=True, max_num_seqs=3, max_model_len=64) as llm:
+    with LLM(loaded, EngineConfig(compile=True, max_num_seqs=3, max_model_len=64),
+             GuardSetup(probe=probe, classifier=None)) as llm:
         llm.generate([PROMPT], SamplingParams(max_tokens=4))  # compiles the greedy step
         llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.7, seed=1))  # and the sampled one
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -158,23 +160,24 @@ def test_unquantized_probe_on_a_quantized_model_needs_a_passing_record():
     probe = make_probe(plain.model, bias=-20.0)  # made on the unquantized model
     loaded = quantized_tiny("llama", "int4")
     with pytest.raises(OcEngineError, match="never re-validated there.*revalidate-probe --quantize int4"):
-        LLM(loaded, probe=probe, classifier=None, compile=False)
+        LLM(loaded, EngineConfig(compile=False), GuardSetup(probe=probe, classifier=None))
     failed = with_record(probe, {"quantization": "int4", "validation_auroc": 0.7, "reference_auroc": 0.9,
                                  "tolerance": 0.02, "passed": False, "quantizer_version": QUANTIZER_VERSION})
     with pytest.raises(OcEngineError, match="AUROC there was 0.7 against 0.9"):
-        LLM(loaded, probe=failed, classifier=None, compile=False)
+        LLM(loaded, EngineConfig(compile=False), GuardSetup(probe=failed, classifier=None))
     with pytest.raises(OcEngineError, match="revalidate-probe --quantize int4"):  # an int8 record is not int4's
-        LLM(loaded, probe=with_record(probe, {"quantization": "int8", "passed": True}), classifier=None, compile=False)
+        LLM(loaded, EngineConfig(compile=False),
+            GuardSetup(probe=with_record(probe, {"quantization": "int8", "passed": True}), classifier=None))
     passed = with_record(probe, {"quantization": "int4", "validation_auroc": 0.89, "reference_auroc": 0.9,
                                  "tolerance": 0.02, "passed": True, "quantizer_version": QUANTIZER_VERSION})
     stale = with_record(probe, dict(passed.revalidation("int4"), quantizer_version=QUANTIZER_VERSION - 1))
     with pytest.raises(OcEngineError, match="another version of the quantizer"):
-        LLM(loaded, probe=stale, classifier=None, compile=False)
-    with LLM(loaded, probe=passed, classifier=None, compile=False, max_model_len=32) as llm:
+        LLM(loaded, EngineConfig(compile=False), GuardSetup(probe=stale, classifier=None))
+    with LLM(loaded, EngineConfig(compile=False, max_model_len=32), GuardSetup(probe=passed, classifier=None)) as llm:
         assert llm.generate([PROMPT])[0].guard.status is not None
     with pytest.raises(OcEngineError, match="made on the int4 model and this one is unquantized: run with "
                                             "--quantize int4"):
-        LLM(plain, probe=make_probe(loaded.model, bias=0.0), classifier=None, compile=False)
+        LLM(plain, EngineConfig(compile=False), GuardSetup(probe=make_probe(loaded.model, bias=0.0), classifier=None))
 
 
 def test_old_probe_configs_without_the_field_load_as_unquantized(tmp_path):
@@ -206,7 +209,7 @@ def test_unsupported_quantization_fails_before_anything_changes():
     with pytest.raises(OcEngineError, match="unknown quantization 'int3'"):
         quantize_model(loaded.model, "int3")
     with pytest.raises(OcEngineError, match="this LoadedModel is not quantized"):
-        LLM(loaded, probe=None, quantize="int8")
+        LLM(loaded, EngineConfig(quantize="int8"), UNGUARDED)
     quantize_model(loaded.model, "int8")
     with pytest.raises(OcEngineError, match="already quantized"):
         quantize_model(loaded.model, "int8")
@@ -258,6 +261,6 @@ def test_the_shipped_probe_guards_the_quantized_embedded_model(scheme):
     record = load_probe(default_probe_dir()).revalidation(scheme)
     assert record["passed"] and record["quantizer_version"] == QUANTIZER_VERSION
     assert record["validation_auroc"] >= record["reference_auroc"] - record["tolerance"]
-    with LLM(quantize=scheme, compile=False, max_num_seqs=1, max_model_len=128) as llm:
+    with LLM(None, EngineConfig(compile=False, max_num_seqs=1, max_model_len=128, quantize=scheme)) as llm:
         completion = llm.generate(["What is the capital of France?"], SamplingParams(max_tokens=8))[0]
     assert llm.loaded.quantization == scheme and completion.guard is not None and completion.token_ids

@@ -47,9 +47,11 @@ def client(guarded):
 @pytest.fixture(scope="module")
 def reference():
     """The library, built as the server builds it (fp32, eager, the shipped guard)."""
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
-    with LLM(dtype="float32", compile=False, classifier=default_classifier_delta_dir(), record_trace=True) as llm:
+    with LLM(None, EngineConfig(dtype="float32", compile=False),
+             GuardSetup(classifier=default_classifier_delta_dir(), record_trace=True)) as llm:
         yield llm
 
 

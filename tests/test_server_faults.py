@@ -69,6 +69,7 @@ class ByPrompt:
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
@@ -82,8 +83,8 @@ def server(tiny, tmp_path_factory):
     probe = make_probe(loaded.model, bias=1.0, alpha=1.0, warn=0.6, pause=0.715)
 
     def make_llm():
-        return LLM(loaded, probe=probe, classifier=classifier, guard=guard,
-                   compile=False, max_num_seqs=4, max_model_len=128)
+        return LLM(loaded, EngineConfig(compile=False, max_num_seqs=4, max_model_len=128),
+                   GuardSetup(probe=probe, classifier=classifier, policy=guard))
 
     reference = plain_llm(loaded, max_num_seqs=1)
     with thread_server(config, make_llm) as (base, app):

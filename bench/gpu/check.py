@@ -181,6 +181,7 @@ def correctness(device: torch.device, tiny: bool) -> dict:
     import torch._dynamo
 
     from oc_engine.bench import quiet_probe
+    from oc_engine.config import DebugOptions, EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -194,8 +195,8 @@ def correctness(device: torch.device, tiny: bool) -> dict:
     hf = loaded.model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(prompt):].tolist()
 
     def engine(compile: bool, lag: int | None = None, probe=None):
-        return LLM(loaded, probe=probe, classifier=None, compile=compile, max_num_seqs=2, max_model_len=128,
-                   output_lag=lag)
+        return LLM(loaded, EngineConfig(compile=compile, max_num_seqs=2, max_model_len=128),
+                   GuardSetup(probe=probe, classifier=None), debug=DebugOptions(output_lag=lag))
 
     out: dict = {"hf_generate": hf}
     out["eager_equals_hf"] = list(engine(False).generate([prompt], fixed(new))[0].token_ids) == hf

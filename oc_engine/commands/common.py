@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from oc_engine.config import DTYPES, QUANTIZATIONS, EngineConfig, GuardSetup
 from oc_engine.errors import OcEngineError
 
 # Seeds go to torch, numpy and Python's random; numpy takes at most 32 bits.
@@ -27,7 +28,6 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value} is not a finite number", param, ctx)
         return value
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
               "Default: the embedded SmolLM2-135M-Instruct.")
 
@@ -37,20 +37,53 @@ def model_option(fn):
     return click.option("--model", default=None, help=MODEL_HELP)(fn)
 
 
+ENGINE_DEFAULTS = EngineConfig()  # the CLI's defaults are the library's
+
+
 def dtype_option(fn):
-    return click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+    return click.option("--dtype", type=click.Choice(DTYPES), default=ENGINE_DEFAULTS.dtype, show_default=True,
                         help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")(fn)
 
 
 def quantize_option(fn):
-    return click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+    return click.option("--quantize", type=click.Choice(("none",) + QUANTIZATIONS), default="none", show_default=True,
                         help="Weight-only quantization of the linear layers: int8 (per channel) or int4 (groups "
                              "of 32, like Q4_1). A probe made without it must be re-validated first "
                              "(oc-engine revalidate-probe).")(fn)
 
 
 def device_option(fn):
-    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+    return click.option("--device", default=ENGINE_DEFAULTS.device, show_default=True,
+                        help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+def engine_options(fn):
+    """`EngineConfig`'s fields as options, shared by `generate` and `serve`; `engine_config`
+    reads them back."""
+    options = [
+        dtype_option, quantize_option, device_option,
+        click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up)."),
+        click.option("--max-num-seqs", type=click.IntRange(min=1), default=ENGINE_DEFAULTS.max_num_seqs,
+                     show_default=True, help="Requests decoded together (cache slots: continuous batching, one "
+                                             "starts as another ends); each costs compute every step."),
+        click.option("--max-model-len", type=click.IntRange(min=2), default=None,
+                     help="Prompt plus answer, in tokens [default: the model's context, at most 2048; generate "
+                          "sizes it to its prompts]."),
+        click.option("--no-chat-template", is_flag=True, help="Feed text prompts as raw text."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def engine_config(fields: dict, **overrides) -> EngineConfig:
+    """The `EngineConfig` that `engine_options` asked for (their values are taken out of `fields`)."""
+    values = dict(dtype=fields.pop("dtype"), quantize=fields.pop("quantize"), device=fields.pop("device"),
+                  compile=not fields.pop("no_compile"), max_num_seqs=fields.pop("max_num_seqs"),
+                  max_model_len=fields.pop("max_model_len"), chat_template=not fields.pop("no_chat_template"),
+                  trust_remote_code=fields.pop("trust_remote_code"))
+    return EngineConfig(**{**values, **overrides})
 
 
 def probe_option(help: str = "Probe directory (default: the shipped probe, with the embedded model)."):
@@ -75,8 +108,9 @@ def input_check_option(help: str = "The classifier judges the prompt alone while
 def guard_options(fn):
     """The guard's options, shared by `generate` and `serve`: which probe and classifier, the
     probe's thresholds, and the policy (`GuardConfig`'s fields by name)."""
-    from oc_engine.engine.guard import MAX_DEADLINE_S
+    from oc_engine.engine.guard import MAX_DEADLINE_S, GuardConfig
 
+    policy = GuardConfig()  # the CLI's defaults are the library's
     options = [
         click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
                      help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with "
@@ -88,16 +122,17 @@ def guard_options(fn):
         click.option("--every", type=click.IntRange(min=1), default=None, help="Check the probe every N tokens."),
         click.option("--alpha", type=FiniteFloat(0, 1, min_open=True), default=None, help="Override the EMA alpha."),
         click.option("--refusal", default=None, help="Text shown in place of a blocked answer."),
-        click.option("--uncertain", type=click.Choice(["final", "block"]), default="final", show_default=True,
+        click.option("--uncertain", type=click.Choice(["final", "block"]), default=policy.uncertain, show_default=True,
                      help="An uncertain verdict keeps holding until the final check, or blocks."),
-        click.option("--on-failure", type=click.Choice(["block", "stop"]), default="block", show_default=True,
+        click.option("--on-failure", type=click.Choice(["block", "stop"]), default=policy.on_failure,
+                     show_default=True,
                      help="Classifier error or missed deadline: show the refusal, or just stop. Held text is "
                           "never shown."),
         click.option("--deadline", "deadline_s", type=FiniteFloat(min=0, max=MAX_DEADLINE_S, min_open=True),
-                     default=5.0, show_default=True,
+                     default=policy.deadline_s, show_default=True,
                      help="Seconds a verdict may take, from its check's submission to its arrival; a later one "
                           "counts as a failure (fail closed), whatever it says."),
-        click.option("--max-held", type=click.IntRange(min=1), default=64, show_default=True,
+        click.option("--max-held", type=click.IntRange(min=1), default=policy.max_held, show_default=True,
                      help="Held tokens past which that sequence's decoding waits for its verdict."),
     ]
     for option in reversed(options):
@@ -108,26 +143,31 @@ def guard_options(fn):
 NEEDS_PROBE = "--classifier, --final-check, --input-check and --trace need --probe"
 
 
-def probe_and_guard(model, no_guard: bool, probe_dir, classifier_dir, fields: dict, log, **thresholds):
-    """The `Probe` (with --warn/--pause/--every/--alpha applied) and the `GuardConfig` that the
-    guard options ask for; (None, None) for unguarded generation."""
+def guard_setup(model, fields: dict, log, *, record_trace: bool = False) -> GuardSetup:
+    """The `GuardSetup` that `guard_options` asked for (their values are taken out of `fields`):
+    the probe with --warn/--pause/--every/--alpha applied, the classifier and the policy
+    (`GuardConfig`'s fields by name); `UNGUARDED` for --no-guard or no probe."""
     import dataclasses
 
+    from oc_engine.config import DEFAULT, UNGUARDED
     from oc_engine.engine.defaults import resolve_probe_dir
     from oc_engine.engine.guard import GuardConfig
     from oc_engine.engine.probe import load_probe
 
+    no_guard, probe_dir, classifier_dir = fields.pop("no_guard"), fields.pop("probe_dir"), fields.pop("classifier_dir")
+    thresholds = {name: fields.pop(name) for name in ("warn", "pause", "every", "alpha")}
+    guard_fields = {k: v for k, v in pick_fields(fields, GuardConfig).items() if v is not None}  # None: default
     if no_guard and (probe_dir or classifier_dir):
         raise OcEngineError("--no-guard excludes --probe and --classifier")
     probe_path = None if no_guard else resolve_probe_dir(probe_dir, model is None, log)
-    guard_fields = {k: v for k, v in pick_fields(fields, GuardConfig).items() if v is not None}  # None: default
     if probe_path is None:
-        if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check"):
+        if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check") or record_trace:
             raise OcEngineError(NEEDS_PROBE)
-        return None, None
+        return UNGUARDED
     probe = load_probe(probe_path)
     probe = dataclasses.replace(probe, config=probe.config.with_overrides(**thresholds))
-    return probe, GuardConfig(every=probe.config.every, **guard_fields)
+    return GuardSetup(probe=probe, classifier=classifier_dir or DEFAULT,
+                      policy=GuardConfig(every=probe.config.every, **guard_fields), record_trace=record_trace)
 
 
 def pick_fields(fields: dict, cls) -> dict:

@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from oc_engine.commands.common import (NEEDS_PROBE, FiniteFloat, check_output_file, device_option, dtype_option,
-                                       guard_options, json_option, model_option, pick_fields, probe_and_guard,
-                                       quantize_option, seed_option, user_errors, write_text_file)
+from oc_engine.commands.common import (FiniteFloat, check_output_file, engine_config, engine_options, guard_options,
+                                       guard_setup, json_option, model_option, pick_fields, seed_option, user_errors,
+                                       write_text_file)
 from oc_engine.errors import OcEngineError
 
 
@@ -28,14 +28,7 @@ from oc_engine.errors import OcEngineError
 @click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
               help="Sample from the smallest set holding this much probability.")
 @seed_option(None, "Seed for sampling (reproducible runs).")
-@dtype_option
-@quantize_option
-@device_option
-@click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up).")
-@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
-@click.option("--max-num-seqs", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Prompts decoded together (continuous batching: one starts as another ends).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked).")
+@engine_options
 @json_option("Print one JSON object per prompt instead of text.")
 @guard_options
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
@@ -43,9 +36,7 @@ from oc_engine.errors import OcEngineError
                    "(held, then blocked or stopped) are written with a null token id unless --trace-held.")
 @click.option("--trace-held", is_flag=True, help="With --trace: also write the ids of tokens the guard never showed.")
 @user_errors
-def generate(model, prompt, prompts_file, dtype, quantize, device, no_compile, no_chat_template, max_num_seqs,
-             trust_remote_code, as_json, probe_dir, no_guard, classifier_dir, warn, pause, every, alpha,
-             trace_file, trace_held, **fields):
+def generate(model, prompt, prompts_file, as_json, trace_file, trace_held, **fields):
     """Generate text for one prompt or several, streaming it as the guard releases it.
 
     \b
@@ -55,7 +46,7 @@ def generate(model, prompt, prompts_file, dtype, quantize, device, no_compile, n
       oc-engine generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
     """
     from oc_engine.engine.prompts import read_prompts_file
-    from oc_engine.llm import DEFAULT, LLM
+    from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
 
     if (prompt is None) == (prompts_file is None):
@@ -64,25 +55,21 @@ def generate(model, prompt, prompts_file, dtype, quantize, device, no_compile, n
         raise OcEngineError("--trace-held needs --trace FILE")
     check_output_file(trace_file, "--trace")
     prompts = [prompt] if prompt is not None else read_prompts_file(prompts_file)
-    params = SamplingParams(**pick_fields(fields, SamplingParams))
     announce = (lambda message: None) if as_json else (lambda message: click.echo(f"oc-engine: {message}", err=True))
-
-    probe, guard = probe_and_guard(model, no_guard, probe_dir, classifier_dir, fields, announce, warn=warn,
-                                   pause=pause, every=every, alpha=alpha)
-    if probe is None and trace_file:
-        raise OcEngineError(NEEDS_PROBE)
-    with LLM(model, probe=probe, classifier=classifier_dir or DEFAULT, guard=guard, dtype=dtype, device=device,
-             quantize=quantize, compile=not no_compile, max_num_seqs=min(max_num_seqs, len(prompts)),
-             chat_template=not no_chat_template, trust_remote_code=trust_remote_code,
-             record_trace=trace_file is not None, log=announce) as llm:
-        llm.fit(prompts, params)
-        if llm.runner.compile and not as_json:
+    params = SamplingParams(**pick_fields(fields, SamplingParams))
+    config = engine_config(fields)
+    config = config.replace(max_num_seqs=min(config.max_num_seqs, len(prompts)))
+    setup = guard_setup(model, fields, announce, record_trace=trace_file is not None)
+    with LLM(model, config, setup, log=announce) as llm:
+        if config.max_model_len is None:
+            llm.fit(prompts, params)
+        if config.compile and not as_json:
             announce("the decode step compiles before the second token (tens of seconds on CPU the first "
                      "time, cached after; --no-compile skips it)")
         streaming = len(prompts) == 1 and not as_json
         sequences = llm.run(prompts, params, on_event=_Printer().event if streaming else None)
         if trace_file:
-            thresholds = {"warn": probe.config.warn, "pause": probe.config.pause}
+            thresholds = {"warn": llm.probe.config.warn, "pause": llm.probe.config.pause}
             rows = [{"sequence": i, **row, **thresholds}
                     for i, seq in enumerate(sequences) for row in seq.guard.trace_rows(include_held=trace_held)]
             write_text_file(trace_file, "".join(json.dumps(row) + "\n" for row in rows))
@@ -131,7 +118,7 @@ def _json_row(index: int, prompt: str, c, llm) -> dict:
            "first_text_ms": t.first_text_ms,
            "decode_tokens_per_s": t.decode_tokens_per_s, "compile_ms": llm.compile_ms,
            "dtype": str(llm.loaded.dtype).removeprefix("torch."), "quantization": llm.loaded.quantization,
-           "device": str(llm.loaded.device), "compiled": llm.runner.compile}
+           "device": str(llm.loaded.device), "compiled": llm.config.compile}
     if c.guard is not None:
         row.update(status=c.guard.status, reason=c.guard.reason, pause_points=list(c.guard.pause_points),
                    verdicts=[{k: v for k, v in dataclasses.asdict(v).items() if v is not None}

@@ -72,6 +72,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     def wake(self) -> None:
         """From any thread: make a step that blocks on verdicts return now (a front end has a
         request to add or cancel). A wake that comes before the block is kept for it."""

@@ -81,9 +81,10 @@ def load_model(source: str | None = None, *, device: str | None = None, dtype: s
     "int4") then stores the linear layers' weights quantized (activations stay in `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oc_engine.engine.quantize import check_scheme, quantize_model
+    from oc_engine.config import check_quantization
+    from oc_engine.engine.quantize import quantize_model
 
-    quantize = check_scheme(quantize)  # a bad name fails before anything loads
+    quantize = check_quantization(quantize)  # a bad name fails before anything loads
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     path = resolve_model_source(source, progress=progress)

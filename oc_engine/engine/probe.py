@@ -102,6 +102,7 @@ class Probe:
     config: ProbeConfig
     weight: torch.Tensor  # [L, H] fp32
     bias: torch.Tensor  # [1] fp32
+    source: Path | None = None  # the directory it was loaded from (the vLLM plugin loads the weights there)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise unless this probe was trained on `model`, or on the same model quantized otherwise
@@ -234,4 +235,4 @@ def load_probe(path: str | Path) -> Probe:
                             f"({expected[0]} layers x hidden size {expected[1]})")
     if not torch.isfinite(weight).all() or not torch.isfinite(bias).all():
         raise OcEngineError(f"{path / WEIGHTS_FILE} holds non-finite values")
-    return Probe(config=config, weight=weight.float(), bias=bias.float().reshape(1))
+    return Probe(config=config, weight=weight.float(), bias=bias.float().reshape(1), source=path)

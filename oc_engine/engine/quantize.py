@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from oc_engine.config import check_quantization
 from oc_engine.errors import OcEngineError
 
-SCHEMES = ("int8", "int4")
 QUANTIZER_VERSION = 1  # bump when the codes a weight gets change (cached activations are keyed by it)
 INT4_GROUP = 32  # inputs per scale/offset pair: Q4_1's block size
 INT4_CPU_BLOCK_ROWS = 64  # the CPU int4 packing interleaves rows in blocks of this many
@@ -125,14 +125,6 @@ def _int4_block_rows(device: torch.device) -> int:
     return INT4_CPU_BLOCK_ROWS if device.type == "cpu" else INT4_CUDA_TILE_ROWS
 
 
-def check_scheme(scheme: str | None) -> str | None:
-    if scheme in (None, "none"):
-        return None
-    if scheme not in SCHEMES:
-        raise OcEngineError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    return scheme
-
-
 def check_shape(scheme: str, out_features: int, in_features: int, device: torch.device) -> None:
     if scheme == "int4":
         rows = _int4_block_rows(device)
@@ -208,7 +200,7 @@ def quantize_model(model: nn.Module, scheme: str | None) -> str | None:
     input embeddings stay in the model's dtype (a row lookup streams almost nothing). Returns
     the scheme, recorded on the model (`model.oc_engine_quantization`), which the probe's
     fingerprint reads."""
-    scheme = check_scheme(scheme)
+    scheme = check_quantization(scheme)
     if scheme is None:
         return None
     if getattr(model, "oc_engine_quantization", None) is not None:

@@ -1,24 +1,33 @@
 """Turning prompts into validated `Sequence`s: shared by every engine that serves oc-engine's
 requests (the native `LLM`, and the vLLM backend in `integrations/vllm`).
 
-A class using `PreparesRequests` provides `tokenizer`, `chat_template`, `max_model_len`,
-`probe`, `guard_config`, `classifier`, `record_trace` and `_ids` (an id counter).
+A class using `PreparesRequests` sets the attributes declared on it below.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any, Iterator
 
+from oc_engine.config import DEFAULT
 from oc_engine.engine.guard import GuardConfig
 from oc_engine.engine.sequence import Sequence
 from oc_engine.errors import OcEngineError
 from oc_engine.params import SamplingParams
 
-DEFAULT = "default"
 Prompt = str | list[int] | list[dict]  # text (the user turn), token ids, or chat messages
 
 
 class PreparesRequests:
+    tokenizer: Any
+    chat_template: bool  # render text prompts as the chat template's user turn
+    max_model_len: int
+    probe: Any  # a Probe, or None (unguarded)
+    guard_config: GuardConfig | None  # the default policy
+    classifier: Any
+    record_trace: bool
+    _ids: Iterator[int]  # request id counter
+
     def prepare_request(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
                         stream: bool = True, guard: GuardConfig | None | str = DEFAULT) -> Sequence:
         """A validated, tokenized request that `add_request` can queue later; touches no engine

@@ -3,7 +3,7 @@
     from oc_engine.server import ServerConfig, run_server
     run_server(ServerConfig(model_name="SmolLM2-135M-Instruct"), lambda: LLM(), port=8000)  # until SIGTERM
 
-A front end like the CLI: it parses requests and calls the library (`LLM`, `AsyncLLM`); the
+A front end like the CLI: it parses requests and calls an `Engine` (`oc_engine.engine.interface`); the
 library never imports it. `app` builds the routes, `protocol` validates request bodies,
 `responses` builds OpenAI objects, `guard_policy` decides what guard a request may ask for,
 `metrics` and `audit` observe the engine's events.
@@ -14,13 +14,14 @@ from __future__ import annotations
 import signal
 from typing import Callable
 
+from oc_engine.engine.interface import Engine
 from oc_engine.errors import OcEngineError
 from oc_engine.server.app import ServerConfig, build_app
 
 __all__ = ["ServerConfig", "build_app", "run_server"]
 
 
-def run_server(config: ServerConfig, make_llm: Callable[[], object], *, host: str = "127.0.0.1", port: int = 8000,
+def run_server(config: ServerConfig, make_llm: Callable[[], Engine], *, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting connections, let the running requests
     finish, stop the engine, and return. Raises `OcEngineError` if the model could not be loaded."""

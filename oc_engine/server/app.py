@@ -1,8 +1,8 @@
-"""The FastAPI application: OpenAI's chat and completions endpoints over one guarded `LLM`.
+"""The FastAPI application: OpenAI's chat and completions endpoints over one guarded engine (`Engine`).
 
 `build_app(config, make_llm)` returns the app. The model loads on a thread once the server is
 up (so `/health` answers 503 meanwhile), is warmed up (both compiled steps and the
-classifier), and is then driven by an `AsyncLLM`. A request is validated, tokenized and given
+classifier), and is then driven by its `AsyncEngine`. A request is validated, tokenized and given
 its guard here, on the event loop, so a bad one is answered at once and nothing of it reaches
 the engine; a good one is added to the engine and its events become the response (or the
 server-sent events of a stream). Only text the guard released leaves this module.
@@ -25,7 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from oc_engine.async_llm import AsyncLLM, EngineDead
+from oc_engine.async_llm import EngineDead
+from oc_engine.engine.interface import AsyncEngine, Engine
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Finished, Refused, TextReleased, refusal_piece
 from oc_engine.server.audit import AuditLog
@@ -78,12 +79,12 @@ class APIError(Exception):
 class ServerState:
     """What the routes share: the engine once it is ready, the metrics and the audit log."""
 
-    def __init__(self, config: ServerConfig, make_llm: Callable[[], object]):
+    def __init__(self, config: ServerConfig, make_llm: Callable[[], Engine]):
         self.config, self.make_llm = config, make_llm
         self.metrics = ServerMetrics(config.model_name)
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
-        self.llm = None
-        self.engine: AsyncLLM | None = None
+        self.llm: Engine | None = None
+        self.engine: AsyncEngine | None = None
         self.ready = threading.Event()
         self.stopping = False
         self.load_error: str | None = None
@@ -127,14 +128,14 @@ class ServerState:
             return f"the engine stopped: {self.engine.error!r}"
         return None
 
-    def engine_or_503(self) -> AsyncLLM:
+    def engine_or_503(self) -> AsyncEngine:
         reason = self.unavailable()
         if reason is not None:
             raise APIError(503, reason)
         return self.engine
 
 
-def build_app(config: ServerConfig, make_llm: Callable[[], object]) -> FastAPI:
+def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     state = ServerState(config, make_llm)
 
     @asynccontextmanager
@@ -228,7 +229,7 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
         raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt has "
                             f"{len(seq.prompt_ids)} and max_tokens asks for {asked} more", param="max_tokens",
                        code="context_length_exceeded")
-    if engine.outstanding >= llm.runner.num_slots + config.max_waiting:
+    if engine.outstanding >= llm.capacity + config.max_waiting:
         raise APIError(429, f"the server is at capacity ({engine.outstanding} requests running or waiting); "
                             "retry later", code="queue_full")
     builder = ResponseBuilder(rid, config.model_name, chat)
@@ -250,13 +251,13 @@ def _completion_prompt(llm, prompt: str | list[int]) -> list[int]:
     """The legacy endpoint takes raw text, never the chat template: its token ids."""
     if isinstance(prompt, str):
         return list(llm.tokenizer(prompt)["input_ids"])
-    vocab = min(len(llm.tokenizer), llm.runner.vocab)  # an id past the embedding would crash the step
+    vocab = min(len(llm.tokenizer), llm.vocab_size)  # an id past the embedding would crash the step
     if any(not 0 <= t < vocab for t in prompt):
         raise OcEngineError(f"prompt: token ids must be in [0, {vocab})")
     return prompt
 
 
-async def _until_finished(engine: AsyncLLM, handle, request: Request):
+async def _until_finished(engine: AsyncEngine, handle, request: Request):
     """The completion, or None if the client disconnected first (then the request is cancelled)."""
     async def collect():
         async for events in engine.events(handle):
@@ -284,7 +285,7 @@ async def _until_finished(engine: AsyncLLM, handle, request: Request):
         raise APIError(503, str(exc)) from None
 
 
-async def _sse(engine: AsyncLLM, handle, builder: ResponseBuilder, include_usage: bool):
+async def _sse(engine: AsyncEngine, handle, builder: ResponseBuilder, include_usage: bool):
     """Server-sent events: text chunks as the guard releases text, a chunk per pause and verdict
     (`oc_engine`, no text), the refusal as the last content of a blocked answer, the finish
     chunk (with the guard's report), the usage if asked, then [DONE]."""

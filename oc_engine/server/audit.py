@@ -29,7 +29,7 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def observe(self, seq, events: list) -> None:
-        """An `AsyncLLM` observer: called on the engine thread with one request's events."""
+        """An `AsyncEngine` observer: called on the engine thread with one request's events."""
         monitor = seq.guard
         if monitor is None:
             return

@@ -55,12 +55,12 @@ class ServerMetrics:
         self._last_text: dict[str, float] = {}  # request id -> when its last text was shown
 
     def track(self, engine) -> None:
-        """Read the running and waiting gauges from this `AsyncLLM` at scrape time."""
+        """Read the running and waiting gauges from this `AsyncEngine` at scrape time."""
         self.running.labels(self.model_name).set_function(lambda: engine.running)
         self.waiting.labels(self.model_name).set_function(lambda: engine.waiting)
 
     def observe(self, seq, events: list) -> None:
-        """An `AsyncLLM` observer: called on the engine thread with one request's events."""
+        """An `AsyncEngine` observer: called on the engine thread with one request's events."""
         m, now = self.model_name, time.perf_counter()
         for event in events:
             if isinstance(event, TextReleased) and event.text:

@@ -63,13 +63,14 @@ def _live_rows(specs, limit, seed) -> list:
 
 
 def _live(loaded, probe, classifier, guard, rows, max_new_tokens, batch_size, progress) -> dict:
+    from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
     from oc_engine.training.guard_eval import live
 
     # The same LLM and guard defaults as `generate` (non-streaming: the final check is on by default).
-    llm = LLM(loaded, probe=probe, classifier=classifier, guard=guard,
-              max_num_seqs=max(1, min(batch_size, len(rows))))
+    llm = LLM(loaded, EngineConfig(max_num_seqs=max(1, min(batch_size, len(rows)))),
+              GuardSetup(probe=probe, classifier=classifier, policy=guard))
     llm.fit([r.prompt for r in rows], SamplingParams(max_tokens=max_new_tokens))
     return live(llm, rows, max_new_tokens=max_new_tokens, progress=progress)
 

@@ -79,6 +79,7 @@ def collect_onpolicy(loaded, rows: list[PromptRow], out: str | Path, *, max_new_
 
     from tqdm.auto import tqdm
 
+    from oc_engine.config import UNGUARDED, EngineConfig
     from oc_engine.llm import LLM
     from oc_engine.params import SamplingParams
 
@@ -87,7 +88,7 @@ def collect_onpolicy(loaded, rows: list[PromptRow], out: str | Path, *, max_new_
         raise OcEngineError(f"output {out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
     params = SamplingParams(max_tokens=max_new_tokens)
-    llm = LLM(loaded, probe=None, max_num_seqs=max(1, min(batch_size, len(rows))))
+    llm = LLM(loaded, EngineConfig(max_num_seqs=max(1, min(batch_size, len(rows)))), UNGUARDED)
     llm.fit([r.prompt for r in rows], params)
     with tqdm(total=len(rows), desc="collect", unit="prompt", disable=not progress) as bar:
         completions = llm.generate([r.prompt for r in rows], params, progress=lambda _c: bar.update(1))

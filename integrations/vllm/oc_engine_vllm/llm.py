@@ -24,8 +24,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from oc_engine.config import DEFAULT, EngineConfig, GuardSetup
 from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.requests import DEFAULT, PreparesRequests
+from oc_engine.engine.requests import PreparesRequests
 from oc_engine.errors import OcEngineError
 from oc_engine.llm import eos_token_ids
 from oc_engine.outputs import Finished
@@ -64,74 +65,68 @@ class RowPool:
 
 class VllmLLM(PreparesRequests):
     """model: a local Hugging Face directory, a .gguf file, or None for the embedded model.
-    probe_dir: "default" (the shipped probe, for the embedded model), a probe directory, or None
-    (unguarded). probe: the same probe with other thresholds (`--warn`, `--pause`, `--alpha`,
-    `--every`), if any: vLLM loads the weights from `probe_dir`, the EMA uses these settings.
-    classifier, guard, max_num_seqs, max_model_len, chat_template: as `oc_engine.LLM`.
-    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
-    kv_cache_bytes: vLLM's KV cache [default: room for max_num_seqs full-length requests].
-    enforce_eager: no torch.compile in vLLM (a faster start; slower decoding)."""
+    config, guard: as `oc_engine.LLM` (`EngineConfig`, `GuardSetup`). vLLM takes the engine's
+    dtype, slots, length, chat template and remote-code settings; `compile=False` is vLLM's
+    `enforce_eager` (a faster start, slower decoding); device and quantization are vLLM's own
+    (its platform; a quantized checkpoint). The probe's weights load from its directory (a
+    `Probe` from `load_probe` carries it), its thresholds from the `Probe` given.
+    kv_cache_bytes: vLLM's KV cache [default: room for max_num_seqs full-length requests]."""
 
-    def __init__(self, model=None, *, probe_dir=DEFAULT, probe=None, classifier=DEFAULT,
-                 guard: GuardConfig | None = None, dtype: str = "auto", max_num_seqs: int = 8,
-                 max_model_len: int | None = None, chat_template: bool = True, trust_remote_code: bool = False,
-                 kv_cache_bytes: int | None = None, enforce_eager: bool = False, record_trace: bool = False,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, model=None, config: EngineConfig | None = None, guard: GuardSetup | None = None, *,
+                 kv_cache_bytes: int | None = None, log: Callable[[str], None] | None = None):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         from oc_engine.engine.classifier import ExchangeClassifier
         from oc_engine.engine.defaults import resolve_classifier_dir, resolve_probe_dir
         from oc_engine.engine.loading import resolve_model_source
-        from oc_engine.engine.probe import load_probe
+        from oc_engine.engine.probe import Probe, load_probe
         from oc_engine_vllm.plugin import ARCHITECTURES
         from oc_engine_vllm.score_table import ScoreTable
 
         self.log = log or (lambda message: None)
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise OcEngineError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise OcEngineError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        self.config = engine = config if config is not None else EngineConfig()
+        setup = guard if guard is not None else GuardSetup()
+        self.check_config(engine)
         self.model_dir = resolve_model_source(model)
         if not Path(self.model_dir).is_dir():
             raise OcEngineError(f"the vLLM backend needs a local model directory or .gguf file, got {model!r}")
-        config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-        self.architecture = (config.architectures or ["?"])[0]
-        if probe_dir == DEFAULT:
-            probe_dir = resolve_probe_dir(None, model is None, self.log)
-        self.probe_dir = None if probe_dir is None else Path(probe_dir)
-        self.probe = probe if probe is not None else (load_probe(self.probe_dir) if self.probe_dir else None)
+        hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=engine.trust_remote_code)
+        self.architecture = (hf_config.architectures or ["?"])[0]
+        probe = resolve_probe_dir(None, model is None, self.log) if setup.probe == DEFAULT else setup.probe
+        self.probe = probe if probe is None or isinstance(probe, Probe) else load_probe(probe)
+        self.probe_dir = None if self.probe is None else self.probe.source
         if self.probe is not None and self.probe_dir is None:
-            raise OcEngineError("the vLLM backend loads the probe's weights from a directory: give probe_dir")
+            raise OcEngineError("the vLLM backend loads the probe's weights from its directory: give the directory, "
+                                "or a Probe from load_probe")
         if self.probe is not None and self.architecture not in ARCHITECTURES:
             raise OcEngineError(f"the vLLM plugin probes {', '.join(sorted(ARCHITECTURES))}; this model is "
                                 f"{self.architecture}")
         if self.probe is not None:
-            self.probe.check_fingerprint(embedding_fingerprint(self.model_dir, config, self.architecture))
-        if self.probe is None and guard is not None:
+            self.probe.check_fingerprint(embedding_fingerprint(self.model_dir, hf_config, self.architecture))
+        if self.probe is None and setup.policy is not None:
             raise OcEngineError("a guard policy needs a probe")
-        self.guard_config = (guard or GuardConfig(every=self.probe.config.every)) if self.probe is not None else None
-        self.record_trace, self.chat_template = record_trace, chat_template
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-        context = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 2 ** 31)
-        self.max_model_len = max_model_len if max_model_len is not None else min(context, 2048)
-        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) \
-                or not 2 <= self.max_model_len <= context:
-            raise OcEngineError(f"max_model_len must be an integer in [2, {context}], got {max_model_len!r}")
-        self.num_slots, self.vocab = max_num_seqs, int(config.get_text_config().vocab_size)
+        self.guard_config = (setup.policy or GuardConfig(every=self.probe.config.every)) \
+            if self.probe is not None else None
+        self.record_trace, self.chat_template = setup.record_trace, engine.chat_template
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=engine.trust_remote_code)
+        context = int(getattr(hf_config.get_text_config(), "max_position_embeddings", 0) or 2 ** 31)
+        self.max_model_len = engine.model_len(context)
+        self._vocab = int(hf_config.get_text_config().vocab_size)
         generation = GenerationConfig.from_pretrained(self.model_dir) \
             if (Path(self.model_dir) / "generation_config.json").is_file() else None
         self.eos_ids = eos_token_ids(generation, self.tokenizer)
         self._ids = itertools.count()
         self._tags = itertools.count(1)
-        self._args = engine_args(self.model_dir, config, probe_dir=self.probe_dir if self.probe else None,
-                                 dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
-                                 trust_remote_code=trust_remote_code, kv_cache_bytes=kv_cache_bytes,
-                                 enforce_eager=enforce_eager)
+        self._args = engine_args(self.model_dir, hf_config, probe_dir=self.probe_dir,
+                                 dtype=engine.dtype, max_num_seqs=engine.max_num_seqs,
+                                 max_model_len=self.max_model_len, trust_remote_code=engine.trust_remote_code,
+                                 kv_cache_bytes=kv_cache_bytes, enforce_eager=not engine.compile)
         # From here on, what was made is undone if a later step fails.
         self.vllm = self.table = self.loop = self.classifier = None
         self._owns_classifier = False
         try:
             if self.probe is not None:
+                classifier = setup.classifier
                 if classifier == DEFAULT or isinstance(classifier, (str, Path)):
                     directory = resolve_classifier_dir(None if classifier == DEFAULT else classifier, log=self.log)
                     # A worker thread: vLLM's loop runs in other processes and never drains an inline queue.
@@ -139,7 +134,7 @@ class VllmLLM(PreparesRequests):
                     self._owns_classifier = self.classifier is not None
                 else:
                     self.classifier = classifier
-                self.table = ScoreTable.create(max_num_seqs * ROWS_PER_SLOT, self.max_model_len)
+                self.table = ScoreTable.create(engine.max_num_seqs * ROWS_PER_SLOT, self.max_model_len)
             self.loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self.loop.run_forever, name="oc-engine-vllm", daemon=True)
             self._thread.start()
@@ -200,10 +195,23 @@ class VllmLLM(PreparesRequests):
 
         return VllmAsyncEngine(self, observers)
 
+    @staticmethod
+    def check_config(config: EngineConfig) -> None:
+        """What of `EngineConfig` vLLM cannot take: checked before a server starts."""
+        if config.quantize is not None:
+            raise OcEngineError("quantize is the native engine's; with the vLLM backend, give vLLM a quantized "
+                                "checkpoint")
+        if config.device != "auto":
+            raise OcEngineError("device is the native engine's; vLLM runs on the platform it was installed for")
+
+    # -- the `Engine` interface: what front ends read -------------------------------------
     @property
-    def runner(self):
-        """What the server reads off the native engine's runner: the slots and the vocabulary."""
-        return self
+    def capacity(self) -> int:
+        return self.config.max_num_seqs
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
 
     def close(self) -> None:
         """Stop vLLM (its processes), the loop, the classifier if this object made it, and
@@ -260,7 +268,7 @@ class VllmLLM(PreparesRequests):
     async def _start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.rows = RowPool(self.num_slots * ROWS_PER_SLOT)
+        self.rows = RowPool(self.capacity * ROWS_PER_SLOT)
         try:
             self.vllm = AsyncLLM.from_engine_args(self._args)
         except Exception as exc:  # noqa: BLE001 - vLLM's start-up errors are many types; one line each

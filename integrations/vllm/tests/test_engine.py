@@ -8,6 +8,7 @@ import pytest
 
 from conftest import BENIGN, HARMFUL, assert_same_tokens_and_scores, native_unguarded
 from oc_engine.errors import OcEngineError
+from oc_engine.config import EngineConfig, GuardSetup
 from oc_engine.params import SamplingParams
 
 PROMPTS = ["Write a haiku about autumn.", "How do I make a pipe bomb at home?", "Explain DNS in one sentence."]
@@ -17,7 +18,7 @@ PROMPTS = ["Write a haiku about autumn.", "How do I make a pipe bomb at home?", 
 def llm():
     from oc_engine_vllm import VllmLLM
 
-    llm = VllmLLM(dtype="float32", max_num_seqs=4, max_model_len=512, enforce_eager=True)
+    llm = VllmLLM(None, EngineConfig(dtype="float32", compile=False, max_num_seqs=4, max_model_len=512))
     yield llm
     llm.close()
 
@@ -26,7 +27,8 @@ def llm():
 def native():
     from oc_engine import LLM
 
-    with LLM(dtype="float32", classifier=None, compile=False, max_num_seqs=4, max_model_len=512) as llm:
+    with LLM(None, EngineConfig(dtype="float32", compile=False, max_num_seqs=4, max_model_len=512),
+             GuardSetup(classifier=None)) as llm:
         yield llm
 
 
@@ -70,4 +72,4 @@ def test_a_probe_for_another_model_is_refused_before_vllm_starts(tmp_path):
     config["model"]["weights_hash"] = "0" * 32
     (probe / "probe_config.json").write_text(json.dumps(config))
     with pytest.raises(OcEngineError, match="probe was trained for another model"):
-        VllmLLM(probe_dir=probe, classifier=None)
+        VllmLLM(None, None, GuardSetup(probe=probe, classifier=None))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_same_tokens_and_scores, native_unguarded
+from oc_engine.config import EngineConfig, GuardSetup
 from oc_engine.params import SamplingParams
 
 PROMPTS = [[1, 9690, 198, 2683, 314, 253, 1751], [1, 4093, 28, 940, 1782]]
@@ -44,11 +45,10 @@ def test_qwen3_scores_equal_the_native_probe(tiny_qwen3):
 
     model, probe = tiny_qwen3
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    with VllmLLM(str(model), probe_dir=probe, classifier=None, dtype="float32", max_num_seqs=2, max_model_len=256,
-                 enforce_eager=True) as llm:
+    config = EngineConfig(dtype="float32", compile=False, max_num_seqs=2, max_model_len=256)
+    with VllmLLM(str(model), config, GuardSetup(probe=probe, classifier=None)) as llm:
         ours = llm.run(PROMPTS, params, guard=None)
-    with LLM(str(model), probe=probe, classifier=None, dtype="float32", compile=False, max_num_seqs=2,
-             max_model_len=256) as native:
+    with LLM(str(model), config, GuardSetup(probe=probe, classifier=None)) as native:
         theirs = native_unguarded(native, PROMPTS, params)
     assert_same_tokens_and_scores(ours, theirs)
     assert len({round(s, 3) for seq in ours for s in seq.scores}) > 3  # the probe sees something that varies
