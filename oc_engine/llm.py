@@ -122,20 +122,9 @@ class LLM(PreparesRequests):
         `Refused`, and last `Finished` (with the Completion). Other requests keep decoding
         meanwhile; leaving the loop early cancels the request."""
         (seq,) = self._sequences([prompt], params, keep_events=True)
-        with self._lock:
-            self.engine.add(seq)
-        try:
-            while True:
-                with self._lock:
-                    if not seq.events and seq.status != FINISHED:
-                        self.engine.step()
-                    events = seq.take_events()
+        with contextlib.closing(self._drive([seq])) as steps:  # closed early: the request is cancelled
+            for _, events, _ in steps:
                 yield from events
-                if any(isinstance(e, Finished) for e in events):
-                    return
-        finally:
-            if seq.status != FINISHED:
-                self.cancel(seq.request_id)
 
     def add_request(self, prompt: Prompt | Sequence, params: SamplingParams | None = None, *,
                     request_id: str | None = None, stream: bool = True,
@@ -188,24 +177,12 @@ class LLM(PreparesRequests):
         with `collect_taps`, and the guard with its trace): for tools built on the engine.
         `on_event` receives every request's events as they happen."""
         seqs = self._sequences(prompts, params, keep_events=on_event is not None, collect_taps=collect_taps)
-        with self._lock:
-            for seq in seqs:
-                self.engine.add(seq)
-            pending = set(range(len(seqs)))
-            try:
-                while pending:
-                    self.engine.step()
-                    if on_event is not None:
-                        for seq in seqs:
-                            for event in seq.take_events():
-                                on_event(event)
-                    for i in [i for i in pending if seqs[i].status == FINISHED]:
-                        pending.discard(i)
-                        if progress is not None:
-                            progress(seqs[i].completion)
-            finally:
-                for i in pending:
-                    self.engine.cancel(seqs[i].request_id)
+        with contextlib.closing(self._drive(seqs)) as steps:
+            for seq, events, finished in steps:
+                for event in events:
+                    on_event(event)
+                if finished and progress is not None:
+                    progress(seq.completion)
         return seqs
 
     def fit(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None) -> int:
@@ -287,6 +264,31 @@ class LLM(PreparesRequests):
         self.close()
 
     # -- internals ----------------------------------------------------------------------
+    def _drive(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, list[Event], bool]]:
+        """The loop over `engine.step` for callers on this thread (`stream`, `run`; `step` is
+        the one for callers that drive it themselves): queue `seqs`, step while any is
+        unfinished and none has events waiting, and yield (request, its new events, whether it
+        just finished). Closed early, it cancels the unfinished ones."""
+        with self._lock:
+            for seq in seqs:
+                self.engine.add(seq)
+        unfinished = list(seqs)
+        try:
+            while unfinished:
+                with self._lock:
+                    if not any(seq.events for seq in unfinished):
+                        self.engine.step()
+                    batch = [(seq, seq.take_events(), seq.status == FINISHED) for seq in unfinished]
+                for seq, events, finished in batch:
+                    if finished:
+                        unfinished.remove(seq)
+                    if events or finished:
+                        yield seq, events, finished
+        finally:
+            with self._lock:
+                for seq in unfinished:
+                    self.engine.cancel(seq.request_id)
+
     def _run_checks(self) -> None:
         """The loop's call between steps: an inline classifier runs its queued checks (looked up
         each time: tools swap `classifier` on a built LLM)."""

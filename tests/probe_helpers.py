@@ -44,6 +44,25 @@ def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, **deb
     return LLM(loaded, config, UNGUARDED, debug=DebugOptions(**debug))
 
 
+def monitored(tokenizer, prompt: str, config, classifier, **kwargs):
+    """A SequenceMonitor over a fresh Sequence, outside any engine: `feed` gives it tokens."""
+    from oc_engine.engine.guarded import SequenceMonitor
+    from oc_engine.engine.sequence import Sequence
+    from oc_engine.engine.text_stream import TextStream
+    from oc_engine.params import SamplingParams
+
+    seq = Sequence(request_id="0", prompt_ids=[1], params=SamplingParams(max_tokens=10_000, ignore_eos=True), key=0,
+                   limit=10_000, stream=TextStream(tokenizer))
+    seq.guard = SequenceMonitor(seq, tokenizer, prompt, config, classifier, **kwargs)
+    return seq.guard
+
+
+def feed(monitor, token: int, score, ema, flags: int) -> None:
+    """What the engine does with one scored token: append it to the sequence, then tell its guard."""
+    monitor.seq.append_token(token, is_eos=False)
+    monitor.on_token(token, score, ema, flags)
+
+
 def fixed(max_tokens: int, **params):
     from oc_engine.params import SamplingParams
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from oc_engine.engine.exchange_layout import ExchangeLayout, PairTemplate
 from oc_engine.engine.guard import PAUSE, GuardConfig
-from oc_engine.engine.guarded import SequenceMonitor
 from oc_engine.engine.prompts import conversation_text, last_request
+from probe_helpers import feed, monitored
 
 MAX_LENGTH = 96  # a small window, so a few hundred words span many
 
@@ -138,14 +138,14 @@ def test_each_check_reads_the_token_at_its_pause_point_for_any_conversation_leng
         messages += [{"role": "user", "content": f"question {turn}"}, {"role": "assistant", "content": "answer"}]
     messages.append({"role": "user", "content": "the last request"})
     classifier = RecordingClassifier(layout)
-    monitor = SequenceMonitor(lm_tokenizer, last_request(messages), GuardConfig(input_check=input_check),
-                              classifier, conversation=conversation_text(messages))
+    monitor = monitored(lm_tokenizer, last_request(messages), GuardConfig(input_check=input_check),
+                        classifier, conversation=conversation_text(messages))
     monitor.start()
     monitor.poll()
     tokens = [10 + i for i in range(answer_tokens)]
     pause_at = set(pauses)
     for i, token in enumerate(tokens):
-        monitor.on_token(token, 0.0, 0.0, PAUSE if i in pause_at else 0)
+        feed(monitor, token, 0.0, 0.0, PAUSE if i in pause_at else 0)
         monitor.poll()
     monitor.on_finish()
     monitor.poll()

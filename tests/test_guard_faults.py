@@ -17,9 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oc_engine.engine.guard import NONFINITE, PAUSE, WARN, GuardConfig
-from oc_engine.engine.guarded import SequenceMonitor
 from oc_engine.outputs import Refused, TextReleased
-from probe_helpers import FakeClassifier, fixed, guarded_run, make_probe, plain_llm
+from probe_helpers import FakeClassifier, feed, fixed, guarded_run, make_probe, monitored, plain_llm
 from probe_helpers import summary as summarize
 
 REFUSAL = "REFUSED"
@@ -95,7 +94,7 @@ def drive(tokenizer, tokens, scores, outcomes, config):
     (monitor, classifier, shown text: the released text and any refusal, as the user saw them)."""
     clock = FakeClock()
     classifier = ScriptedClassifier(outcomes, clock)
-    monitor = SequenceMonitor(tokenizer, "a prompt", config, classifier, clock=clock)
+    monitor = monitored(tokenizer, "a prompt", config, classifier, clock=clock)
     fed = 0
     for _ in range(10 * len(tokens) + 100):
         clock.now += 1.0
@@ -104,7 +103,7 @@ def drive(tokenizer, tokens, scores, outcomes, config):
         if fed < len(tokens) and monitor.wants_tokens and not monitor.must_wait:
             score = scores[fed]
             flags = (WARN | PAUSE) if score >= 0.5 else 0
-            monitor.on_token(tokens[fed], score, score, flags)
+            feed(monitor, tokens[fed], score, score, flags)
             fed += 1
             if fed == len(tokens):
                 monitor.on_finish()
@@ -129,8 +128,7 @@ def test_nothing_held_is_shown_whatever_the_classifier_does(tiny, scores, outcom
     tokenizer = tiny("llama").tokenizer
     tokens = [10 + i for i in range(len(scores))]
     monitor, classifier, shown = drive(tokenizer, tokens, scores, outcomes, config)
-    seq = monitor
-    guard = seq.guard
+    guard = monitor.policy
     summary = summarize(monitor)
     assert shown == summary["released_text"]
     released_ids = tokens[:guard.released]
@@ -263,7 +261,7 @@ def test_non_finite_hidden_states_pause_through_the_step(tiny, compile):
     summary = summarize(monitor)
     assert summary["pause_points"] == [at + 1] and summary["reason"] == "no classifier configured"
     assert shown == loaded.tokenizer.decode(plain[:at + 1], skip_special_tokens=True) + REFUSAL
-    assert any(e.get("nonfinite") for e in monitor.guard.events)
+    assert any(e.get("nonfinite") for e in monitor.policy.events)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
@@ -318,8 +316,8 @@ def test_an_interruption_while_tokens_are_held_shows_nothing_held(tiny):
 def test_a_trace_writes_non_finite_scores_as_null_json(tiny):
     import json
 
-    monitor = SequenceMonitor(tiny("llama").tokenizer, "a", GuardConfig(refusal=REFUSAL), None, record_trace=True)
-    monitor.on_token(10, float("nan"), 0.2, 0)
+    monitor = monitored(tiny("llama").tokenizer, "a", GuardConfig(refusal=REFUSAL), None, record_trace=True)
+    feed(monitor, 10, float("nan"), 0.2, 0)
     (row,) = monitor.trace_rows(include_held=True)
     assert row["score"] is None and row["ema"] == 0.2 and row["flags"] & NONFINITE
     assert summarize(monitor)["status"] == "blocked"  # paused, no classifier: fail closed

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from oc_engine.engine.guard import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
-from oc_engine.engine.text_stream import TextStream
+from oc_engine.engine.sequence import Sequence
 from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, Verdict, VerdictReceived
 
 
@@ -53,21 +53,21 @@ class PendingCheck:
 
 
 class SequenceMonitor:
-    """prompt: the request the answer answers (a conversation's last user turn), which the
+    """seq: the request it guards, which owns the answer's tokens and text (the engine appends
+    each token there before calling `on_token`).
+    prompt: the request the answer answers (a conversation's last user turn), which the
     answer checks judge the answer against; conversation: what the input check judges (every
     turn, the system prompt included; default: `prompt`)."""
 
-    def __init__(self, tokenizer, prompt: str, config: GuardConfig, classifier: Classifier | None, *,
-                 request_id: str = "0", stop_strings: tuple[str, ...] = (), record_trace: bool = False,
-                 clock: Callable[[], float] = time.perf_counter, conversation: str | None = None):
-        self.tokenizer, self.prompt, self.config, self.classifier = tokenizer, prompt, config, classifier
+    def __init__(self, seq: Sequence, tokenizer, prompt: str, config: GuardConfig, classifier: Classifier | None,
+                 *, record_trace: bool = False, clock: Callable[[], float] = time.perf_counter,
+                 conversation: str | None = None):
+        self.seq, self.tokenizer, self.prompt, self.config, self.classifier = seq, tokenizer, prompt, config, classifier
         self.conversation = prompt if conversation is None else conversation
         self.judged = 0  # the answer's first tokens that an allowed check judged
-        self.request_id, self.record_trace, self.clock = request_id, record_trace, clock
-        self.guard = SequenceGuard(config)
-        self.stream = TextStream(tokenizer, stop_strings)  # the released text, stop strings honoured
-        self.tokens: list[int] = []
-        self.text = ""  # released text
+        self.request_id, self.record_trace, self.clock = seq.request_id, record_trace, clock
+        self.policy = SequenceGuard(config)
+        self.released_chars = 0  # how much of the answer's text was released
         self.refusal: str | None = None
         self.pending: PendingCheck | None = None
         self.verdicts: list[Verdict] = []
@@ -79,28 +79,33 @@ class SequenceMonitor:
     # -- the engine's hooks -------------------------------------------------------------
     def start(self) -> None:
         """The request is being prefilled: the input check, if configured, is submitted now."""
-        self._apply(self.guard.start())
+        self._apply(self.policy.start())
+
+    @property
+    def text(self) -> str:
+        """The released text."""
+        return self.seq.text[:self.released_chars]
 
     def on_token(self, token: int, score: float | None, ema: float | None, flags: int) -> None:
-        self.tokens.append(token)
+        """`token`, the sequence's last (already appended), was scored `score`, `ema`, `flags`."""
         flags = token_flags(flags, score, ema)
-        self._apply(self.guard.on_token(flags))
+        self._apply(self.policy.on_token(flags))
         if self.record_trace:
             # This token's events, and those since the previous token (verdicts arrive between tokens).
-            self.trace.append({"token": token, "index": len(self.tokens) - 1, "score": _finite_or_none(score),
-                               "ema": _finite_or_none(ema), "flags": flags, "state": self.guard.state,
+            self.trace.append({"token": token, "index": len(self.seq.token_ids) - 1, "score": _finite_or_none(score),
+                               "ema": _finite_or_none(ema), "flags": flags, "state": self.policy.state,
                                "events": self._new_trace_events()})
 
     def on_finish(self) -> None:
-        self._apply(self.guard.on_finish())
+        self._apply(self.policy.on_finish())
 
     @property
     def wants_tokens(self) -> bool:
-        return self.guard.wants_tokens
+        return self.policy.wants_tokens
 
     @property
     def must_wait(self) -> bool:
-        return self.guard.must_wait
+        return self.policy.must_wait
 
     def overdue(self) -> bool:
         """A check has waited longer than `OVERDUE_SHARE` of its deadline: the engine should stop
@@ -131,8 +136,9 @@ class SequenceMonitor:
     def finish(self) -> None:
         """The sequence is over and no verdict is pending: release the text the stream still held
         back (a possible stop-string prefix) if the answer completed."""
-        if self.guard.status == "completed":
-            self._emit(self.stream.finish())
+        shown = self.policy.shown
+        if self.policy.status == "completed" and shown == len(self.seq.token_ids):
+            self._release_to(len(self.seq.text))  # the tail a stop-string prefix held back
         if self.record_trace and self.trace:
             self.trace[-1]["events"] += self._new_trace_events()  # the verdicts after the last token
 
@@ -148,9 +154,9 @@ class SequenceMonitor:
 
     # -- results ------------------------------------------------------------------------
     def report(self) -> GuardReport:
-        return GuardReport(status=self.guard.status, reason=self.guard.reason,
-                           pause_points=tuple(self.guard.pause_points), verdicts=tuple(self.verdicts),
-                           released_tokens=self.guard.shown)
+        return GuardReport(status=self.policy.status, reason=self.policy.reason,
+                           pause_points=tuple(self.policy.pause_points), verdicts=tuple(self.verdicts),
+                           released_tokens=self.policy.shown)
 
     def trace_rows(self, include_held: bool = False) -> list[dict]:
         """The per-token trace. Tokens never shown (held, then blocked or stopped) appear with
@@ -159,7 +165,7 @@ class SequenceMonitor:
         rows = []
         for row in self.trace:
             row = dict(row)
-            if not include_held and row["index"] >= self.guard.shown:
+            if not include_held and row["index"] >= self.policy.shown:
                 row.update(token=None, withheld=True)
             rows.append(row)
         return rows
@@ -168,17 +174,18 @@ class SequenceMonitor:
     def _apply(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, Release):
-                self._emit("".join(self.stream.push(t) for t in self.tokens[action.start:action.stop]))
+                if action.stop > 0:
+                    self._release_to(self.seq.text_ends[action.stop - 1])
             elif isinstance(action, Check):
                 if self.classifier is None:
-                    self._apply(self.guard.on_no_classifier())
+                    self._apply(self.policy.on_no_classifier())
                     continue
                 self._submit(action)
             elif isinstance(action, Refuse):
                 self.refusal = action.text
                 self._events.append(Refused(self.request_id, action.text))
-        while self._pauses_seen < len(self.guard.pause_points):
-            self._events.append(Paused(self.request_id, self.guard.pause_points[self._pauses_seen]))
+        while self._pauses_seen < len(self.policy.pause_points):
+            self._events.append(Paused(self.request_id, self.policy.pause_points[self._pauses_seen]))
             self._pauses_seen += 1
 
     def _submit(self, check: Check) -> None:
@@ -186,13 +193,14 @@ class SequenceMonitor:
             prompt, response, judged_chars = self.conversation, "", 0
         else:
             prompt = self.prompt
-            response = self.tokenizer.decode(self.tokens[:check.covers], skip_special_tokens=True)
-            judged_chars = len(self.tokenizer.decode(self.tokens[:self.judged], skip_special_tokens=True)) \
+            tokens = self.seq.token_ids
+            response = self.tokenizer.decode(tokens[:check.covers], skip_special_tokens=True)
+            judged_chars = len(self.tokenizer.decode(tokens[:self.judged], skip_special_tokens=True)) \
                 if self.judged else 0
         submitted = self.clock()
         try:
             # urgent: this sequence's decoding waits for the verdict (held at max_held, or ended).
-            urgent = self.guard.must_wait or self.guard.finished
+            urgent = self.policy.must_wait or self.policy.finished
             future = self.classifier.submit(prompt, response, urgent=urgent, judged_chars=judged_chars)
             if not isinstance(future, cf.Future):
                 raise TypeError(f"submit returned {type(future).__name__}, not a future")
@@ -218,15 +226,17 @@ class SequenceMonitor:
         if verdict == "allow" and not check.input:
             self.judged = max(self.judged, check.covers)
         self._events.append(VerdictReceived(self.request_id, record))
-        self._apply(self.guard.on_verdict(check, verdict, detail))
+        self._apply(self.policy.on_verdict(check, verdict, detail))
 
     def _new_trace_events(self) -> list[dict]:
-        events, self._traced_events = self.guard.events[self._traced_events:], len(self.guard.events)
+        events, self._traced_events = self.policy.events[self._traced_events:], len(self.policy.events)
         return events
 
-    def _emit(self, piece: str) -> None:
-        if piece:
-            self.text += piece
+    def _release_to(self, end: int) -> None:
+        """Release the answer's text up to `end` characters (the text of the tokens released:
+        what a stop string or a split character held back comes with a later token)."""
+        if end > self.released_chars:
+            piece, self.released_chars = self.seq.text[self.released_chars:end], end
             self._events.append(TextReleased(self.request_id, piece))
 
 

@@ -158,28 +158,11 @@ class LLMEngine:
             self._read_oldest()
 
     def _accept(self, seq: Sequence, token: int, score, ema, flags, tapped) -> None:
-        now = self.clock()
-        seq.token_times.append(now)
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        piece = seq.append_token(token, token in self.eos_ids)
+        events = seq.accept(token, token in self.eos_ids, score, ema, flags, self.clock())
         if seq.collect_taps and tapped is not None:
             seq.taps.append((tapped[0] if tapped.shape[0] == 1 else tapped).float().cpu().clone())
-        if score is not None:
-            seq.scores.append(score)
-            seq.emas.append(ema)
-        if seq.guard is None:
-            if piece:
-                self._emit(seq, [TextReleased(seq.request_id, piece)])
-        else:
-            seq.guard.on_token(token, score, ema, flags)
-            if seq.decoding_done:
-                seq.guard.on_finish()
-            elif not seq.guard.wants_tokens:
-                seq.finish_reason = "guard"
-            self._emit(seq, seq.guard.take_events())
-        if seq.decoding_done:
-            self._end_decoding(seq)
+        self._emit(seq, events)
+        self._settle(seq)
 
     def _poll_guards(self) -> None:
         for seq in (*self.scheduler.running.values(), *self.draining):
@@ -187,11 +170,17 @@ class LLMEngine:
                 continue
             seq.guard.poll()
             self._emit(seq, seq.guard.take_events())
-            if seq.status == RUNNING and not seq.guard.wants_tokens:
-                seq.finish_reason = seq.finish_reason or "guard"
-                self._end_decoding(seq)
-            elif seq.status == DRAINING and seq.guard.pending is None:
-                self._finalize(seq)
+            seq.end_if_guard_stopped()
+            self._settle(seq)
+
+    def _settle(self, seq: Sequence) -> None:
+        """After a token or a verdict, the one place a request moves on (as nano-vllm's
+        `postprocess`): a running one whose decoding ended leaves its slot (and drains while a
+        verdict is pending); a draining one whose verdict came finishes."""
+        if seq.status == RUNNING and seq.decoding_done:
+            self._end_decoding(seq)
+        elif seq.status == DRAINING and seq.guard.pending is None:
+            self._finalize(seq)
 
     def _end_decoding(self, seq: Sequence) -> None:
         seq.decode_end = self.clock()

@@ -85,18 +85,17 @@ class PreparesRequests:
                 raise OcEngineError(f"prompt {i + 1} has {len(ids)} tokens, too long for max_model_len "
                                     f"{self.max_model_len} (the prompt plus at least one new token)")
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            monitor = None
+            seq = Sequence(request_id=rid, prompt_ids=ids, params=p, key=keys[p.seed][i],
+                           limit=max(1, min(p.max_tokens, self.max_model_len - len(ids))),
+                           stream=TextStream(self.tokenizer, p.stop), prompt=text,
+                           collect_taps=collect_taps, keep_events=keep_events)
             if policy is not None:
                 guard_prompt = text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
                 # A non-streaming call shows nothing before the end: its final check is on by default.
                 config = policy.for_request(streaming=keep_events if streaming is None else streaming,
                                             has_classifier=self.classifier is not None)
-                monitor = SequenceMonitor(self.tokenizer, guard_prompt, config, self.classifier,
-                                          request_id=rid, stop_strings=p.stop, record_trace=self.record_trace,
-                                          conversation=conversation)
-            seqs.append(Sequence(request_id=rid, prompt_ids=ids, params=p, key=keys[p.seed][i],
-                                 limit=max(1, min(p.max_tokens, self.max_model_len - len(ids))),
-                                 stream=TextStream(self.tokenizer, p.stop), prompt=text, guard=monitor,
-                                 collect_taps=collect_taps, keep_events=keep_events))
+                seq.guard = SequenceMonitor(seq, self.tokenizer, guard_prompt, config, self.classifier,
+                                            record_trace=self.record_trace, conversation=conversation)
+            seqs.append(seq)
         return seqs
 

@@ -2,19 +2,32 @@
 
 Its life: WAITING (queued) -> RUNNING (holds a cache slot, decoding) -> DRAINING (decoding is
 over and its slot is free, but a verdict is still on its way) -> FINISHED. The engine appends
-tokens with `append_token`, which applies the stop strings, EOS and the token limit; the
-guard (a `SequenceMonitor`, when the request is guarded) decides what of it is shown.
+tokens with `append_token`, which applies the stop strings, EOS and the token limit. It is the
+one owner of the request's tokens and text: the guard (a `SequenceMonitor`, when the request
+is guarded) reads them here and keeps only its policy state and how far it has released.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from oc_engine.engine.text_stream import TextStream
+from oc_engine.outputs import TextReleased
 from oc_engine.params import SamplingParams
 
-WAITING, RUNNING, DRAINING, FINISHED = "waiting", "running", "draining", "finished"
+
+class Status(str, Enum):
+    """Where a request is in its life (a str, so logs and JSON read it as text)."""
+
+    WAITING = "waiting"  # queued, no cache slot
+    RUNNING = "running"  # holds a slot, decoding
+    DRAINING = "draining"  # decoding over, slot freed, a verdict still on its way
+    FINISHED = "finished"  # its Completion is built
+
+
+WAITING, RUNNING, DRAINING, FINISHED = Status.WAITING, Status.RUNNING, Status.DRAINING, Status.FINISHED
 
 
 @dataclass(eq=False)
@@ -29,10 +42,11 @@ class Sequence:
     guard: Any = None  # a SequenceMonitor, or None for unguarded generation
     collect_taps: bool = False
     keep_events: bool = True  # False: events are dropped (a caller that only wants the Completion)
-    status: str = WAITING
+    status: Status = WAITING
     slot: int | None = None
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # the model's text (what a guard releases may be less)
+    text: str = ""  # the model's text, stop strings applied (what a guard releases is a prefix)
+    text_ends: list[int] = field(default_factory=list)  # len(text) after each token
     finish_reason: str | None = None  # eos, stop, length, guard or cancelled
     scores: list[float] = field(default_factory=list)  # per token probe score, with a probe
     emas: list[float] = field(default_factory=list)
@@ -51,6 +65,34 @@ class Sequence:
     def decoding_done(self) -> bool:
         return self.finish_reason is not None
 
+    def accept(self, token: int, is_eos: bool, score: float | None, ema: float | None, flags: int,
+               now: float) -> list:
+        """One decoded token (with its probe score, EMA and flags, None without a probe) reached
+        the host at `now`: append it, show it to the guard; returns the events it makes. Every
+        engine (the native loop, the vLLM driver) hands tokens over here."""
+        self.token_times.append(now)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        piece = self.append_token(token, is_eos)
+        if score is not None:
+            self.scores.append(score)
+            self.emas.append(ema)
+        if self.guard is None:
+            return [TextReleased(self.request_id, piece)] if piece else []
+        self.guard.on_token(token, score, ema, flags)
+        if self.decoding_done:
+            self.guard.on_finish()
+        self.end_if_guard_stopped()
+        return self.guard.take_events()
+
+    def end_if_guard_stopped(self) -> bool:
+        """Decoding ends when the guard wants no more tokens (a block, a stop, a final verdict):
+        with `append_token`'s own ends (stop, eos, length) and a cancel, the only place a
+        finish reason is set. Returns whether decoding is over."""
+        if not self.decoding_done and self.guard is not None and not self.guard.wants_tokens:
+            self.finish_reason = "guard"
+        return self.decoding_done
+
     def append_token(self, token: int, is_eos: bool) -> str:
         """Add a generated token; returns the model text it makes safe to show (unguarded)."""
         self.token_ids.append(token)
@@ -64,6 +106,7 @@ class Sequence:
         if self.decoding_done:
             piece += self.stream.finish()
         self.text += piece
+        self.text_ends.append(len(self.text))
         return piece
 
     def emit(self, events: list) -> None:

@@ -42,7 +42,7 @@ class AuditLog:
                 if event.verdict.verdict in ("error", "timeout"):
                     self._guard_line("fail_closed", seq, reason=event.verdict.verdict, error=event.verdict.error)
             elif isinstance(event, Refused):
-                self._guard_line("block", seq, refusal=event.text, reason=monitor.guard.reason)
+                self._guard_line("block", seq, refusal=event.text, reason=monitor.policy.reason)
 
     def error(self, request_id: str, status: int, message: str) -> None:
         self._write({"event": "error", "request_id": request_id, "status": status, "error": message})
@@ -53,8 +53,8 @@ class AuditLog:
 
     def _guard_line(self, kind: str, seq, **fields) -> None:
         monitor = seq.guard
-        shown = monitor.guard.shown
-        held = monitor.tokenizer.decode(monitor.tokens[shown:], skip_special_tokens=True)
+        shown = monitor.policy.shown
+        held = monitor.tokenizer.decode(seq.token_ids[shown:], skip_special_tokens=True)
         self._write({"event": kind, "request_id": seq.request_id, "prompt": monitor.conversation,
                      "released_text": monitor.text, "held_text": held, **fields,
                      "verdicts": [_verdict(v) for v in monitor.verdicts]})

@@ -112,10 +112,8 @@ async def drive(backend, seq: Sequence, emit) -> None:
             while arrived and not seq.decoding_done and (monitor is None or not monitor.must_wait):
                 send(_accept(backend, seq, arrived.popleft(), row, tag, clock))
                 guard_events()
-            if not seq.decoding_done:
-                if monitor is not None and not monitor.wants_tokens:
-                    seq.finish_reason = "guard"
-                elif vllm_done and not arrived:
+            if not seq.end_if_guard_stopped():
+                if vllm_done and not arrived:
                     seq.finish_reason = VLLM_FINISH.get(vllm_finish, "length")
                     if monitor is not None:
                         monitor.on_finish()
@@ -147,28 +145,12 @@ async def drive(backend, seq: Sequence, emit) -> None:
 
 
 def _accept(backend, seq: Sequence, token: int, row: int, tag: int, clock) -> list:
-    """The engine's `_accept` for one token that came back from vLLM; returns an unguarded
-    request's text event (a guarded one's events are the monitor's)."""
+    """One token that came back from vLLM, with its score from the table: `Sequence.accept`,
+    as the native engine does; returns its events."""
     index = len(seq.token_ids)
-    now = clock()
-    seq.token_times.append(now)
-    if seq.first_token_at is None:
-        seq.first_token_at = now
-    piece = seq.append_token(token, token in backend.eos_ids)
     score, ema, flags = (backend.table.read(row, tag, index) or MISSING) if backend.probe is not None \
         else (None, None, 0)
-    if score is not None:
-        seq.scores.append(score)
-        seq.emas.append(ema)
-    monitor = seq.guard
-    if monitor is None:
-        return [TextReleased(seq.request_id, piece)] if piece else []
-    monitor.on_token(token, score, ema, flags)
-    if seq.decoding_done:
-        monitor.on_finish()
-    elif not monitor.wants_tokens:
-        seq.finish_reason = "guard"
-    return []
+    return seq.accept(token, token in backend.eos_ids, score, ema, flags, clock())
 
 
 async def _wait(wake: asyncio.Event, monitor, clock) -> None:

@@ -197,12 +197,15 @@ def reference(tokenizer, tokens, entries, config, verdicts):
     """The native engine's view with instant verdicts: token by token, each verdict delivered
     before the next token (what the blocking design shows)."""
     classifier = ImmediateClassifier(verdicts, [0.0])
-    monitor = SequenceMonitor(tokenizer, "a prompt", config, classifier)
+    seq = Sequence(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=len(tokens), ignore_eos=True),
+                   key=0, limit=len(tokens), stream=TextStream(tokenizer, ()))
+    monitor = seq.guard = SequenceMonitor(seq, tokenizer, "a prompt", config, classifier)
     monitor.start()
     monitor.poll()
     for k, token in enumerate(tokens):
         if not monitor.wants_tokens:
             break
+        seq.append_token(token, is_eos=False)
         monitor.on_token(token, *entries[k])
         if k == len(tokens) - 1:
             monitor.on_finish()
@@ -239,9 +242,9 @@ def test_the_driver_shows_what_the_blocking_design_shows(tokenizer, data):
         classifier = DelayedClassifier(verdicts, check_delays)
         backend = SimpleNamespace(table=table, vllm=vllm, eos_ids={2}, probe=object(), next_tag=lambda: 11,
                                   vllm_params=lambda seq, row, tag: SimpleNamespace(extra_args=spec(table, row, tag)))
-        monitor = SequenceMonitor(tokenizer, "a prompt", config, classifier)
         seq = Sequence(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=n, ignore_eos=True),
-                       key=0, limit=n, stream=TextStream(tokenizer, ()), guard=monitor)
+                       key=0, limit=n, stream=TextStream(tokenizer, ()))
+        seq.guard = SequenceMonitor(seq, tokenizer, "a prompt", config, classifier)
         events = []
 
         async def run():
