@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from oc_engine.bench import BENCH_PROMPT
-from oc_engine.engine.loading import load_model
+from oc_engine.bench.decode import BENCH_PROMPT
+from oc_engine.models.loading import load_model
 from oc_engine.engine.prompts import render_prompt
 
 

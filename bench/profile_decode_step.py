@@ -26,8 +26,8 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from oc_engine.bench import BENCH_PROMPT, bench_llm, quiet_probe
-    from oc_engine.engine.loading import load_model
+    from oc_engine.bench.decode import BENCH_PROMPT, bench_llm, quiet_probe
+    from oc_engine.models.loading import load_model
     from oc_engine.engine.prompts import render_prompt
     from oc_engine.params import SamplingParams
 

@@ -12,15 +12,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from oc_engine.bench_classifier import _encoded
-from oc_engine.engine.classifier import model_inputs
+from oc_engine.bench.classifier import _encoded
+from oc_engine.guard.classifier import model_inputs
 
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.export.onnx_export import ExportOptions, export_classifier
 
     root = tmp_path_factory.mktemp("minilm")

@@ -8,7 +8,7 @@
 import pytest
 import torch
 
-from oc_engine.bench import MODES, mode_runner
+from oc_engine.bench.decode import MODES, mode_runner
 
 NEW_TOKENS = 128
 

@@ -10,15 +10,15 @@ same modes with inter-token gaps.
 import pytest
 import torch
 
-from oc_engine.bench_guard import GUARD_BENCH_MODES, run_guard_bench
+from oc_engine.bench.guard import GUARD_BENCH_MODES, run_guard_bench
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from oc_engine.engine.classifier import ExchangeClassifier
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.guard.classifier import ExchangeClassifier
+    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.export.onnx_export import export_classifier
 
     root = tmp_path_factory.mktemp("minilm")

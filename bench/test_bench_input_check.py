@@ -5,11 +5,11 @@
 `oc-engine bench input-check` reports the same runs as a table.
 """
 
-from oc_engine.bench_input_check import MODES, run_input_check_bench
+from oc_engine.bench.input_check import MODES, run_input_check_bench
 
 
 def test_input_check(benchmark, embedded):
-    from oc_engine.engine.defaults import resolve_classifier
+    from oc_engine.models.defaults import resolve_classifier
 
     loaded, _ = embedded
     classifier = resolve_classifier(None, "cpu", required=True)

@@ -15,7 +15,7 @@ __all__ = ["LLM", "EngineConfig", "GuardSetup", "UNGUARDED", "SamplingParams", "
 __version__ = "0.1.0"
 
 _WHERE = {"LLM": "oc_engine.llm", **{name: "oc_engine.config" for name in ("EngineConfig", "GuardSetup", "UNGUARDED")},
-          "SamplingParams": "oc_engine.params", "GuardConfig": "oc_engine.engine.guard",
+          "SamplingParams": "oc_engine.params", "GuardConfig": "oc_engine.guard.policy",
           **{name: "oc_engine.outputs" for name in ("Completion", "GuardReport", "Verdict", "Timings", "TextReleased",
                                                     "Paused", "VerdictReceived", "Refused", "Finished")}}
 

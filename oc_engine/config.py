@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.errors import OcEngineError
 
 DEFAULT = "default"  # a setting resolved by the engine: the shipped probe, classifier, policy

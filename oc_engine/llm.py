@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
 from oc_engine.config import DEFAULT, DebugOptions, EngineConfig, GuardSetup
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.requests import PreparesRequests, Prompt
 from oc_engine.engine.sequence import FINISHED, WAITING, Sequence
 from oc_engine.errors import OcEngineError
@@ -48,10 +48,10 @@ class LLM(PreparesRequests):
 
     def __init__(self, model=None, config: EngineConfig | None = None, guard: GuardSetup | None = None, *,
                  debug: DebugOptions | None = None, log: Callable[[str], None] | None = None):
-        from oc_engine.engine.defaults import resolve_classifier, resolve_probe_dir
-        from oc_engine.engine.loading import LoadedModel, load_model, resolve_device
+        from oc_engine.models.defaults import resolve_classifier, resolve_probe_dir
+        from oc_engine.models.loading import LoadedModel, load_model, resolve_device
         from oc_engine.engine.model_runner import ModelRunner
-        from oc_engine.engine.probe import Probe, load_probe
+        from oc_engine.guard.probe import Probe, load_probe
 
         self.config = config = config if config is not None else EngineConfig()
         setup = guard if guard is not None else GuardSetup()
@@ -200,7 +200,7 @@ class LLM(PreparesRequests):
     def set_probe(self, probe) -> None:
         """Swap in another probe for the same model and layers (new weights or thresholds). It is
         copied into the step's buffers, so nothing recompiles; requests added later use it."""
-        from oc_engine.engine.probe import Probe
+        from oc_engine.guard.probe import Probe
 
         if self.probe is None or not isinstance(probe, Probe):
             raise OcEngineError("set_probe needs a Probe, on an LLM built with one")

@@ -21,7 +21,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def no_default_classifier(monkeypatch):
     """Tests run without the shipped default classifier unless they ask for it: building it
     (merge and ONNX export) takes half a minute, and most tests want a pause to block."""
-    import oc_engine.engine.defaults as defaults
+    import oc_engine.models.defaults as defaults
 
     monkeypatch.setattr(defaults, "default_classifier_delta", lambda: None)
 
@@ -43,7 +43,7 @@ def tiny():
 def tiny_model_dir(tiny, tmp_path_factory):
     """tiny_model_dir(bias) -> a directory with the tiny Llama saved as a Hugging Face model and,
     beside it, a probe for it with that bias (+20 always pauses, 0 sometimes); built once each."""
-    from oc_engine.engine.probe import save_probe
+    from oc_engine.guard.probe import save_probe
     from probe_helpers import make_probe
 
     built = {}
@@ -64,7 +64,7 @@ def tiny_model_dir(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_fp32():
     """The embedded SmolLM2-135M-Instruct in fp32 (converted to the user cache on first use)."""
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.loading import load_model
 
     return load_model(None, device="cpu", dtype="float32", progress=False)
 
@@ -74,7 +74,7 @@ def tiny_classifier(tmp_path_factory):
     """(HF directory, ONNX export directory) of a tiny random BERT with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.export.onnx_export import export_classifier
 
     labels = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}

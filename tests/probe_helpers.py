@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from oc_engine.engine.probe import ModelFingerprint, Probe, ProbeConfig
+from oc_engine.guard.probe import ModelFingerprint, Probe, ProbeConfig
 
 
 def make_probe(model, bias: float, layers=(-2,), seed: int = 0, **settings) -> Probe:
@@ -46,7 +46,7 @@ def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, **deb
 
 def monitored(tokenizer, prompt: str, config, classifier, **kwargs):
     """A SequenceMonitor over a fresh Sequence, outside any engine: `feed` gives it tokens."""
-    from oc_engine.engine.guarded import SequenceMonitor
+    from oc_engine.guard.monitor import SequenceMonitor
     from oc_engine.engine.sequence import Sequence
     from oc_engine.engine.text_stream import TextStream
     from oc_engine.params import SamplingParams
@@ -75,7 +75,7 @@ def guarded_run(loaded, probe, classifier, prompts, params, *, compile=False, ou
     """Generate through an LLM guarded by `probe` and `classifier`; returns (sequences, shown):
     shown[i] is what the user of request i saw, in order (released text, then any refusal)."""
     from oc_engine.config import DebugOptions, EngineConfig, GuardSetup
-    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.guard.policy import GuardConfig
     from oc_engine.llm import LLM
     from oc_engine.outputs import Refused, TextReleased
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from oc_engine.bench_serve import free_port  # noqa: F401 - tests take it from here too
+from oc_engine.bench.serve import free_port  # noqa: F401 - tests take it from here too
 
 ROOT = Path(__file__).resolve().parents[1]
 

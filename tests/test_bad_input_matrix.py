@@ -329,7 +329,7 @@ SLOW_OK = settings(max_examples=150, deadline=None, suppress_health_check=[Healt
 @given(field=st.sampled_from(PROBE_FIELDS + ["model.hidden_size", "model.weights_hash", "model.architecture"]),
        value=json_values, drop=st.booleans())
 def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.guard.probe import load_probe
 
     def edit(config):
         parent, _, key = field.rpartition(".")
@@ -348,8 +348,8 @@ def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_pa
 @SLOW_OK
 @given(field=st.sampled_from(CLASSIFIER_FIELDS), value=json_values, drop=st.booleans())
 def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
-    from oc_engine.engine.classifier import load_classifier_config
-    from oc_engine.engine.exchange_layout import INPUT_FORMAT
+    from oc_engine.guard.classifier import load_classifier_config
+    from oc_engine.guard.exchange_layout import INPUT_FORMAT
 
     def edit(config):
         config.pop(field) if drop else config.__setitem__(field, value)

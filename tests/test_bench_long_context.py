@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from conftest import SHARED_DATA
-from oc_engine.bench_long_context import contexts_of, long_context_markdown, read_requests, summarize
+from oc_engine.bench.long_context import contexts_of, long_context_markdown, read_requests, summarize
 from oc_engine.training.contrast import written_rows
 from oc_engine.training.splits import prompt_key
 

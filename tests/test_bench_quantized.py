@@ -10,7 +10,7 @@ from oc_engine.errors import OcEngineError
 
 
 def test_decode_bench_times_each_quantization_with_and_without_the_probe(tiny_model_dir):
-    from oc_engine.bench_quantized import quantized_markdown, run_quantized_decode_bench
+    from oc_engine.bench.quantized import quantized_markdown, run_quantized_decode_bench
 
     model = str(tiny_model_dir(0.0) / "model")
     report = run_quantized_decode_bench(model, dtype="float32", device="cpu", quantizations=["none", "int8"],
@@ -27,7 +27,7 @@ def test_decode_bench_times_each_quantization_with_and_without_the_probe(tiny_mo
 
 
 def test_quality_bench_compares_answers_and_perplexity(tiny_model_dir, tmp_path):
-    from oc_engine.bench_quality import quality_markdown, run_quality_bench
+    from oc_engine.bench.quality import quality_markdown, run_quality_bench
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{5 + i % 50}" for i in range(200)))
@@ -44,8 +44,8 @@ def test_quality_bench_compares_answers_and_perplexity(tiny_model_dir, tmp_path)
 
 
 def test_llama_cpp_helpers_read_the_gguf_and_link_versioned_libraries(tmp_path):
-    from oc_engine.engine.embedded import embedded_gguf_path
-    from oc_engine.llama_cpp import _link_versioned_libraries, find_llama_server, gguf_weight_bytes
+    from oc_engine.models.embedded import embedded_gguf_path
+    from oc_engine.bench.llama_cpp import _link_versioned_libraries, find_llama_server, gguf_weight_bytes
 
     size = gguf_weight_bytes(embedded_gguf_path())
     assert 80e6 < size < embedded_gguf_path().stat().st_size  # every tensor, without the metadata

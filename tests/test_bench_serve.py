@@ -3,8 +3,8 @@ the usage counts, the blocked answers, the steady rate and the guard counters it
 
 import asyncio
 
-from oc_engine.bench_serve import _targets, guard_counters, run_load
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.bench.serve import _targets, guard_counters, run_load
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.server import ServerConfig
 from probe_helpers import FakeClassifier, make_probe
 from server_helpers import thread_server

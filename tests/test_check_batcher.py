@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from oc_engine.engine.check_batcher import CheckBatcher, pad
+from oc_engine.guard.check_batcher import CheckBatcher, pad
 
 
 def _gated_batcher():
@@ -65,7 +65,7 @@ def test_pad_fills_ids_with_the_pad_id_and_the_rest_with_zero():
 
 @pytest.mark.parametrize("inline", [False, True])
 def test_batched_verdicts_equal_single_calls(tiny_classifier, inline):
-    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.guard.classifier import ExchangeClassifier
 
     classifier = ExchangeClassifier(tiny_classifier[1], inline=inline)
     pairs = [(f"w{5 + i} w6", " ".join(f"w{20 + j}" for j in range(i))) for i in range(12)]

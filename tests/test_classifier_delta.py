@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from oc_engine.engine import classifier_delta
-from oc_engine.engine.classifier_delta import ADAPTER_WEIGHTS, DELTA_CONFIG, materialize, read_delta
+from oc_engine.guard import classifier_delta
+from oc_engine.guard.classifier_delta import ADAPTER_WEIGHTS, DELTA_CONFIG, materialize, read_delta
 from oc_engine.errors import OcEngineError
 
 LABELS = ("safe_compliance", "safe_refusal", "unsafe_compliance")
@@ -17,8 +17,8 @@ LABELS = ("safe_compliance", "safe_refusal", "unsafe_compliance")
 @pytest.fixture(scope="session")
 def delta_dir(tmp_path_factory):
     """A rank-4 delta over the embedded MiniLM with random (non-zero) adapters and head."""
-    from oc_engine.engine.classifier import load_sequence_classifier
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.guard.classifier import load_sequence_classifier
+    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.training.classifier import with_lora
 
     base = load_sequence_classifier(str(embedded_classifier_backbone()), num_labels=3,
@@ -44,10 +44,10 @@ def cache(monkeypatch, tmp_path):
 
 
 def test_a_delta_merges_and_exports_to_the_trained_model(delta_dir, cache):
-    from oc_engine.engine.check_batcher import pad
-    from oc_engine.engine.classifier import ExchangeClassifier
-    from oc_engine.engine.exchange_layout import ExchangeLayout
-    from oc_engine.engine.defaults import resolve_classifier_dir
+    from oc_engine.guard.check_batcher import pad
+    from oc_engine.guard.classifier import ExchangeClassifier
+    from oc_engine.guard.exchange_layout import ExchangeLayout
+    from oc_engine.models.defaults import resolve_classifier_dir
     from transformers import AutoTokenizer
 
     path, peft_model = delta_dir
@@ -100,7 +100,7 @@ def test_a_delta_for_another_backbone_is_refused_by_fingerprint(delta_dir, tmp_p
 
 
 def test_a_broken_shipped_default_fails_closed_instead_of_dropping_the_classifier(tiny, monkeypatch, tmp_path):
-    import oc_engine.engine.defaults as defaults
+    import oc_engine.models.defaults as defaults
     from oc_engine.config import EngineConfig, GuardSetup
     from oc_engine.llm import LLM
     from probe_helpers import make_probe
@@ -113,8 +113,8 @@ def test_a_broken_shipped_default_fails_closed_instead_of_dropping_the_classifie
 
 
 def test_the_shipped_default_is_a_small_delta_for_the_embedded_backbone():
-    from oc_engine.engine.classifier import load_sequence_classifier
-    from oc_engine.engine.embedded import default_classifier_delta_dir
+    from oc_engine.guard.classifier import load_sequence_classifier
+    from oc_engine.models.embedded import default_classifier_delta_dir
 
     delta = read_delta(default_classifier_delta_dir())
     size = sum(f.stat().st_size for f in delta.path.iterdir())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from oc_engine.engine.classifier import ExchangeClassifier
+from oc_engine.guard.classifier import ExchangeClassifier
 from oc_engine.errors import OcEngineError
 from oc_engine.params import SamplingParams
 from probe_helpers import guarded_run, make_probe
@@ -87,7 +87,7 @@ def test_urgent_and_background_sessions_give_the_same_probabilities(tiny_classif
 
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_noticed():
     """ONNX Runtime swaps in its CPU provider, with only a warning, when CUDA's cannot load."""
-    from oc_engine.engine.classifier import runs_on_cuda
+    from oc_engine.guard.classifier import runs_on_cuda
 
     class Session:
         def __init__(self, providers):

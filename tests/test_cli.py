@@ -32,8 +32,8 @@ def test_generate_streams_text(tmp_path):
 
 @pytest.mark.slow
 def test_the_embedded_model_is_guarded_by_its_shipped_probe():
-    from oc_engine.engine.embedded import default_probe_dir
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.models.embedded import default_probe_dir
+    from oc_engine.guard.probe import load_probe
 
     # (conftest hides any default classifier: a pause blocks)
     probe = load_probe(default_probe_dir())
@@ -53,8 +53,8 @@ def test_the_embedded_model_is_guarded_by_its_shipped_probe():
 def test_the_embedded_model_is_guarded_by_both_shipped_stages(monkeypatch):
     """No build step: the shipped classifier delta is merged and exported on first use (into
     the user cache, like the converted model), and a non-streaming answer gets its final check."""
-    import oc_engine.engine.defaults as defaults
-    from oc_engine.engine.embedded import default_classifier_delta_dir
+    import oc_engine.models.defaults as defaults
+    from oc_engine.models.embedded import default_classifier_delta_dir
 
     monkeypatch.setattr(defaults, "default_classifier_delta", default_classifier_delta_dir)
     result = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",

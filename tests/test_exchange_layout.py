@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.exchange_layout import ExchangeLayout, PairTemplate
-from oc_engine.engine.guard import PAUSE, GuardConfig
+from oc_engine.guard.exchange_layout import ExchangeLayout, PairTemplate
+from oc_engine.guard.policy import PAUSE, GuardConfig
 from oc_engine.engine.prompts import conversation_text, last_request
 from probe_helpers import feed, monitored
 
@@ -24,7 +24,7 @@ MAX_LENGTH = 96  # a small window, so a few hundred words span many
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
 
     return AutoTokenizer.from_pretrained(embedded_classifier_backbone())
 
@@ -170,9 +170,9 @@ def test_behind_a_long_prompt_the_answer_still_decides_p_unsafe():
     pasted into the user turn itself, the answer still moves p_unsafe (the old layout gave both
     answers the same number), though a long request alone now reads as risky: the known limit
     in bench/results/cpu-long-context-2026-12-07.md."""
-    from oc_engine.engine.classifier import ExchangeClassifier
-    from oc_engine.engine.classifier_delta import materialize
-    from oc_engine.engine.embedded import default_classifier_delta_dir
+    from oc_engine.guard.classifier import ExchangeClassifier
+    from oc_engine.guard.classifier_delta import materialize
+    from oc_engine.models.embedded import default_classifier_delta_dir
 
     classifier = ExchangeClassifier(materialize(default_classifier_delta_dir()))
     shop = ("You are the support assistant of an online shoe shop. Orders ship within two working days; "

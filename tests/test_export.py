@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from oc_engine.engine.classifier import ExchangeClassifier, model_inputs
+from oc_engine.guard.classifier import ExchangeClassifier, model_inputs
 from oc_engine.errors import OcEngineError
 from oc_engine.export.onnx_export import ExportOptions, export_classifier
 
@@ -19,7 +19,7 @@ def tiny_modernbert(tmp_path_factory):
     """A tiny random ModernBERT whose local attention window (32 tokens) is far below 600."""
     from transformers import AutoTokenizer, ModernBertConfig, ModernBertForSequenceClassification
 
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
 
     root = tmp_path_factory.mktemp("modernbert")
     tokenizer = AutoTokenizer.from_pretrained(embedded_classifier_backbone())
@@ -124,7 +124,7 @@ def test_other_encoder_families_export_and_match(family, tmp_path):
     from transformers import (AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification, RobertaConfig,
                               RobertaForSequenceClassification)
 
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_classifier_backbone())
     common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

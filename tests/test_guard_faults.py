@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.guard import NONFINITE, PAUSE, WARN, GuardConfig
+from oc_engine.guard.policy import NONFINITE, PAUSE, WARN, GuardConfig
 from oc_engine.outputs import Refused, TextReleased
 from probe_helpers import FakeClassifier, feed, fixed, guarded_run, make_probe, monitored, plain_llm
 from probe_helpers import summary as summarize

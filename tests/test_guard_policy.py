@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.guard import (NONFINITE, PAUSE, WARN, Check, GuardConfig, Refuse, Release, SequenceGuard, Stop,
+from oc_engine.guard.policy import (NONFINITE, PAUSE, WARN, Check, GuardConfig, Refuse, Release, SequenceGuard, Stop,
                                     token_flags)
 from oc_engine.errors import OcEngineError
 

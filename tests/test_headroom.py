@@ -49,7 +49,7 @@ def test_config_rejects_bad_values():
 
 
 def test_headroom_on_separable_exchanges(tiny, tiny_classifier, tmp_path, monkeypatch):
-    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.guard.classifier import ExchangeClassifier
     from oc_engine.training.headroom import headroom_markdown
 
     monkeypatch.setenv("OC_ENGINE_CACHE", str(tmp_path / "cache"))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from oc_engine.engine.loading import load_model, resolve_dtype, resolve_model_source
+from oc_engine.models.loading import load_model, resolve_dtype, resolve_model_source
 from oc_engine.engine.prompts import read_prompts_file
 from oc_engine.errors import OcEngineError
 
@@ -102,7 +102,7 @@ def test_an_unreachable_hub_fails_at_once(monkeypatch):
     client's retries) and fails with one line."""
     from huggingface_hub import constants
 
-    from oc_engine.engine.loading import hub_reachable
+    from oc_engine.models.loading import hub_reachable
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     assert hub_reachable() is False
@@ -113,7 +113,7 @@ def test_an_unreachable_hub_fails_at_once(monkeypatch):
 
 
 def test_a_non_finite_probability_is_never_a_verdict():
-    from oc_engine.engine.classifier import ClassifierConfig
+    from oc_engine.guard.classifier import ClassifierConfig
 
     config = ClassifierConfig(labels=("safe", "unsafe"), unsafe_label=1, allow_threshold=0.2, block_threshold=0.6,
                               max_length=64)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from oc_engine.engine.probe import ModelFingerprint, load_probe, save_probe
+from oc_engine.guard.probe import ModelFingerprint, load_probe, save_probe
 from oc_engine.errors import OcEngineError
 from probe_helpers import make_probe
 

@@ -123,7 +123,7 @@ def test_replay_pauses_at_the_first_crossing():
 
 
 def test_train_probe_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.guard.probe import load_probe
     from oc_engine.training.probe_pipeline import ProbeJob, train_probe
 
     monkeypatch.setenv("OC_ENGINE_CACHE", str(tmp_path / "cache"))

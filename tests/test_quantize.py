@@ -8,7 +8,7 @@ import torch
 
 from conftest import hf_greedy
 from oc_engine.config import UNGUARDED, EngineConfig, GuardSetup
-from oc_engine.engine.quantize import (INT4_GROUP, QUANTIZER_VERSION, QuantizedLinear, int4_codes,
+from oc_engine.models.quantize import (INT4_GROUP, QUANTIZER_VERSION, QuantizedLinear, int4_codes,
                                        linear_weight_bytes, quantize_int8, quantize_model)
 from oc_engine.errors import OcEngineError
 from probe_helpers import make_probe
@@ -143,7 +143,7 @@ def test_weights_shrink_and_the_head_stays_int8_under_int4():
 
 
 def test_probe_fingerprint_records_the_quantization(tmp_path):
-    from oc_engine.engine.probe import ModelFingerprint, load_probe, save_probe
+    from oc_engine.guard.probe import ModelFingerprint, load_probe, save_probe
 
     loaded = quantized_tiny("llama", "int8")
     assert ModelFingerprint.of(loaded.model).quantization == "int8"
@@ -183,7 +183,7 @@ def test_unquantized_probe_on_a_quantized_model_needs_a_passing_record():
 def test_old_probe_configs_without_the_field_load_as_unquantized(tmp_path):
     import json
 
-    from oc_engine.engine.probe import CONFIG_FILE, load_probe, save_probe
+    from oc_engine.guard.probe import CONFIG_FILE, load_probe, save_probe
 
     plain = tiny_model("llama")
     save_probe(make_probe(plain.model, bias=0.0), tmp_path / "probe")
@@ -221,7 +221,7 @@ def test_revalidate_probe_command_records_and_unlocks_the_quantized_model(tiny_m
     from click.testing import CliRunner
 
     from oc_engine.cli import main
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.guard.probe import load_probe
 
     monkeypatch.setenv("OC_ENGINE_CACHE", str(tmp_path / "cache"))
     root = tiny_model_dir(0.0)
@@ -255,8 +255,8 @@ def test_the_shipped_probe_guards_the_quantized_embedded_model(scheme):
     """The shipped probe carries passing re-validation records for both quantizations, made with
     the current quantizer, so the embedded model runs guarded with --quantize out of the box."""
     from oc_engine import LLM, SamplingParams
-    from oc_engine.engine.embedded import default_probe_dir
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.models.embedded import default_probe_dir
+    from oc_engine.guard.probe import load_probe
 
     record = load_probe(default_probe_dir()).revalidation(scheme)
     assert record["passed"] and record["quantizer_version"] == QUANTIZER_VERSION

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from oc_engine.engine.embedded import default_classifier_delta_dir
+from oc_engine.models.embedded import default_classifier_delta_dir
 from oc_engine.params import SamplingParams
 from server_helpers import ServerProcess, metric, sse_events
 
@@ -306,7 +306,7 @@ def test_the_model_directory_names_its_architecture():
     """vLLM and `transformers serve` refuse a config.json without `architectures`."""
     from transformers import AutoConfig
 
-    from oc_engine.engine.loading import resolve_model_source
+    from oc_engine.models.loading import resolve_model_source
 
     config = AutoConfig.from_pretrained(resolve_model_source(None))
     assert config.architectures == ["LlamaForCausalLM"]

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.server import ServerConfig
 from probe_helpers import fixed, make_probe, plain_llm
 from server_helpers import metric, thread_server

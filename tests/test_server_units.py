@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.prompts import check_messages, conversation_text
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Completion, GuardReport, Timings
@@ -107,7 +107,7 @@ def test_a_blocked_answer_ends_with_the_refusal_on_its_own_line():
 
 def test_a_converted_model_directory_gets_its_architecture(tmp_path):
     """Caches written before the fix have `"architectures": null`; they are completed in place."""
-    from oc_engine.engine.loading import CONVERTED_MARKER, ensure_converted_gguf
+    from oc_engine.models.loading import CONVERTED_MARKER, ensure_converted_gguf
 
     out = tmp_path / "model"
     out.mkdir()

@@ -2,7 +2,7 @@
 
 import torch
 
-from oc_engine.engine.embedded import embedded_classifier_backbone
+from oc_engine.models.embedded import embedded_classifier_backbone
 from oc_engine.training.onpolicy import PromptRow
 from oc_engine.training.topic_matched import rank_by_similarity, sentence_embeddings, topic_matched_benign
 

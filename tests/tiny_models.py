@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import PreTrainedTokenizerFast
 
-from oc_engine.engine.loading import LoadedModel
+from oc_engine.models.loading import LoadedModel
 
 VOCAB = 512
 

@@ -96,7 +96,7 @@ def random_model(shape: dict, dtype: torch.dtype, device: torch.device, seed: in
     """A LoadedModel: a random model with these dimensions, and a tokenizer to match."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-    from oc_engine.engine.loading import LoadedModel
+    from oc_engine.models.loading import LoadedModel
 
     fields = {k: v for k, v in shape.items() if k != "family"}
     config_class = Qwen3Config if shape["family"] == "qwen3" else LlamaConfig
@@ -180,7 +180,7 @@ def kernel(device: torch.device, tiny: bool) -> dict:
 def correctness(device: torch.device, tiny: bool) -> dict:
     import torch._dynamo
 
-    from oc_engine.bench import quiet_probe
+    from oc_engine.bench.decode import quiet_probe
     from oc_engine.config import DebugOptions, EngineConfig, GuardSetup
     from oc_engine.llm import LLM
 
@@ -221,7 +221,7 @@ def correctness(device: torch.device, tiny: bool) -> dict:
 
 
 def speed(device: torch.device, tiny: bool) -> dict:
-    from oc_engine.bench import MODES, bench_mode
+    from oc_engine.bench.decode import MODES, bench_mode
 
     shapes = {"tiny": TINY_SHAPE} if tiny else SHAPES
     new, repeats = (8, 1) if tiny else (256, 3)
@@ -293,9 +293,9 @@ class RandomClassifier:
 
 
 def guard(device: torch.device, tiny: bool) -> dict:
-    from oc_engine.bench import bench_llm, quiet_probe
-    from oc_engine.bench_guard import TimedClassifier, escalating_probe, gap_stats
-    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.bench.decode import bench_llm, quiet_probe
+    from oc_engine.bench.guard import TimedClassifier, escalating_probe, gap_stats
+    from oc_engine.guard.policy import GuardConfig
 
     loaded = random_model(TINY_SHAPE if tiny else SHAPES["smollm2-135m"], torch.bfloat16, device)
     prompt, new, rounds = [2] + [5 + i for i in range(31)], (24 if tiny else 128), (1 if tiny else 3)
@@ -334,8 +334,8 @@ def quantized(device: torch.device, tiny: bool) -> dict:
     probe; recompiles after warm-up."""
     import torch._dynamo
 
-    from oc_engine.bench import bench_mode
-    from oc_engine.engine.quantize import QuantizedLinear, linear_weight_bytes, quantize_model
+    from oc_engine.bench.decode import bench_mode
+    from oc_engine.models.quantize import QuantizedLinear, linear_weight_bytes, quantize_model
 
     out: dict = {"kernel": {}}
     torch.manual_seed(0)

@@ -27,9 +27,9 @@ import torch
 
 from oc_engine.engine import accel
 from oc_engine.engine.kv_cache import StaticKVCache
-from oc_engine.engine.loading import LoadedModel
-from oc_engine.engine.probe import Probe
-from oc_engine.engine.probe_runtime import ProbeRuntime
+from oc_engine.models.loading import LoadedModel
+from oc_engine.guard.probe import Probe
+from oc_engine.guard.probe_runtime import ProbeRuntime
 from oc_engine.engine.runners import build_runner
 from oc_engine.engine.sampling import RowSampling, SamplingConfig, sample_rows
 from oc_engine.errors import OcEngineError

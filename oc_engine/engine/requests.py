@@ -10,7 +10,7 @@ import random
 from typing import Any, Iterator
 
 from oc_engine.config import DEFAULT
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.sequence import Sequence
 from oc_engine.errors import OcEngineError
 from oc_engine.params import SamplingParams
@@ -42,7 +42,7 @@ class PreparesRequests:
                    request_id: str | None = None, check_length: bool = True, streaming: bool | None = None,
                    guard: GuardConfig | None | str = DEFAULT) -> list[Sequence]:
         """Validated sequences for these prompts; an error for any bad one before any is queued."""
-        from oc_engine.engine.guarded import SequenceMonitor
+        from oc_engine.guard.monitor import SequenceMonitor
         from oc_engine.engine.prompts import conversation_text, is_messages, last_request, render_messages, render_prompt
         from oc_engine.engine.sampling import sequence_keys
         from oc_engine.engine.text_stream import TextStream

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oc_engine.engine.check_batcher import pad
-from oc_engine.engine.classifier import CLASSIFIER_FORMAT, load_sequence_classifier
-from oc_engine.engine.exchange_layout import INPUT_FORMAT, ExchangeLayout
+from oc_engine.guard.check_batcher import pad
+from oc_engine.guard.classifier import CLASSIFIER_FORMAT, load_sequence_classifier
+from oc_engine.guard.exchange_layout import INPUT_FORMAT, ExchangeLayout
 from oc_engine.errors import OcEngineError
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
@@ -152,7 +152,7 @@ def _check_output(out: Path) -> list[Path]:
 def _load(src):
     from transformers import AutoConfig, AutoTokenizer
 
-    from oc_engine.engine.loading import offline_kwargs
+    from oc_engine.models.loading import offline_kwargs
 
     offline = offline_kwargs(src)
     try:

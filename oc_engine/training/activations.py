@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from oc_engine.data import Exchange
-from oc_engine.engine.probe import ModelFingerprint
+from oc_engine.guard.probe import ModelFingerprint
 from oc_engine.engine.prompts import render_messages, render_prompt
 from oc_engine.errors import OcEngineError
 
@@ -159,8 +159,8 @@ def normalize_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
 
 # -- cache --------------------------------------------------------------------------------
 def _cache_dir(model, exchanges: list[Exchange], spec: CollectSpec) -> Path:
-    from oc_engine.engine.embedded import cache_root
-    from oc_engine.engine.quantize import QUANTIZER_VERSION
+    from oc_engine.models.embedded import cache_root
+    from oc_engine.models.quantize import QUANTIZER_VERSION
 
     fingerprint = ModelFingerprint.of(model)
     digest = hashlib.sha256()

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE, Exchange, read_exchanges
-from oc_engine.engine.check_batcher import pad
-from oc_engine.engine.classifier import load_sequence_classifier, model_inputs
-from oc_engine.engine.exchange_layout import ExchangeLayout
+from oc_engine.guard.check_batcher import pad
+from oc_engine.guard.classifier import load_sequence_classifier, model_inputs
+from oc_engine.guard.exchange_layout import ExchangeLayout
 from oc_engine.errors import OcEngineError
 from oc_engine.export.onnx_export import TRAINING_FILE
 from oc_engine.training.calibration import calibrate_block_threshold
@@ -39,7 +39,7 @@ from oc_engine.training.metrics import block_rates, per_class_report
 from oc_engine.training.splits import grouped_split, response_prefixes, response_slices
 
 BINARY_LABELS = ("safe", "unsafe_compliance")
-DELTA_SUBDIR = "delta"  # in a LoRA checkpoint: the shippable delta (see engine/classifier_delta.py)
+DELTA_SUBDIR = "delta"  # in a LoRA checkpoint: the shippable delta (see guard/classifier_delta.py)
 HUB_BACKBONE = "answerdotai/ModernBERT-base"
 
 
@@ -129,7 +129,7 @@ def target_of(label: int, binary: bool) -> int:
 def resolve_backbone(backbone: str | None, log: Callable[[str], None]) -> str:
     if backbone:
         return backbone
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
 
     try:
         from huggingface_hub import model_info
@@ -159,7 +159,7 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
         f"{data.skipped_null} skipped for a null label; backbone {backbone}")
     torch.manual_seed(config.seed)
     try:
-        from oc_engine.engine.loading import offline_kwargs
+        from oc_engine.models.loading import offline_kwargs
 
         tokenizer = AutoTokenizer.from_pretrained(backbone, **offline_kwargs(backbone))
         model = load_sequence_classifier(backbone, num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -171,7 +171,7 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
     weights = class_weights([target_of(e.label, config.binary) for e in train_rows], len(labels))
     fingerprint = None
     if config.lora_rank:
-        from oc_engine.engine.classifier_delta import fingerprint_of
+        from oc_engine.guard.classifier_delta import fingerprint_of
 
         fingerprint = fingerprint_of(model)
         model = with_lora(model, config.lora_rank)
@@ -191,8 +191,8 @@ def train_classifier(files: list[tuple[str, str | None]], out: str | Path, confi
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if config.lora_rank:
-            from oc_engine.engine.classifier_delta import EMBEDDED_BACKBONE, save_delta
-            from oc_engine.engine.embedded import embedded_classifier_backbone
+            from oc_engine.guard.classifier_delta import EMBEDDED_BACKBONE, save_delta
+            from oc_engine.models.embedded import embedded_classifier_backbone
 
             embedded = Path(backbone).resolve() == embedded_classifier_backbone().resolve() \
                 if Path(backbone).exists() else False
@@ -331,7 +331,7 @@ def _encode(layout: ExchangeLayout, exchanges: list[Exchange]) -> dict:
 def _use_bf16(requested: bool | None) -> bool:
     if requested is not None:
         return requested
-    from oc_engine.engine.loading import cpu_supports_fast_bf16
+    from oc_engine.models.loading import cpu_supports_fast_bf16
 
     return cpu_supports_fast_bf16()
 

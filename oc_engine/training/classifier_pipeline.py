@@ -45,11 +45,9 @@ def default_eval_specs() -> list[tuple[str, str | None]]:
 
 
 def build(*, data_specs, out, export_dir, int8: bool, eval_specs, build_default: bool, force: bool, quiet: bool,
-          **train_options) -> dict:
-    """train-classifier: returns the report (training, calibration, evaluations, export)."""
-    from oc_engine.commands.common import progress_log
-
-    log = progress_log("oc-engine train-classifier", quiet=quiet)
+          log=lambda message: None, **train_options) -> dict:
+    """train-classifier: returns the report (training, calibration, evaluations, export).
+    log: called with one line per step (the CLI prints them)."""
     started = time.perf_counter()
     data = [parse_data_spec(s) for s in data_specs]
     evals = [parse_data_spec(s) for s in eval_specs]
@@ -88,8 +86,8 @@ def _build_default(data, evals, out, export_dir, int8, force, log, quiet, starte
     """The shipped default: a LoRA delta over the embedded MiniLM, written into the package
     (`oc_engine/assets/default_classifier`), then merged and exported into the cache as
     `generate` would on first use. The full checkpoint is kept in the cache for `headroom`."""
-    from oc_engine.engine import classifier_delta
-    from oc_engine.engine.embedded import default_classifier_checkpoint_dir, default_classifier_delta_dir
+    from oc_engine.guard import classifier_delta
+    from oc_engine.models.embedded import default_classifier_checkpoint_dir, default_classifier_delta_dir
     from oc_engine.training.classifier import DELTA_SUBDIR
 
     if export_dir or int8:
@@ -134,7 +132,7 @@ def evaluate_file(checkpoint: str, path: str, source: str | None, config, report
     from transformers import AutoTokenizer
 
     from oc_engine.data import read_exchanges
-    from oc_engine.engine.classifier import load_sequence_classifier
+    from oc_engine.guard.classifier import load_sequence_classifier
     from oc_engine.training.classifier import evaluate, predict
 
     exchanges, skipped = read_exchanges(path, source_filter=source)
@@ -153,7 +151,7 @@ def recalibrate(classifier_dir: str, specs: list[tuple[str, str | None]], target
     import numpy as np
 
     from oc_engine.data import read_exchanges
-    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.guard.classifier import ExchangeClassifier
     from oc_engine.training.calibration import calibrate_block_threshold
 
     classifier = ExchangeClassifier(classifier_dir)

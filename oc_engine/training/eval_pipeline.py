@@ -10,8 +10,8 @@ from oc_engine.errors import OcEngineError
 def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, live_specs, limit, max_new_tokens,
              max_response_tokens, batch_size, plot, seed, progress, log, final_check=None, input_check=None,
              quantize: str | None = None) -> dict:
-    from oc_engine.engine.defaults import require_probe, resolve_classifier
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.defaults import require_probe, resolve_classifier
+    from oc_engine.models.loading import load_model
 
     from oc_engine.training.probe_pipeline import read_specs
 
@@ -27,7 +27,7 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
               "classifier": str(classifier.path) if classifier else None,
               "probe_settings": {"layers": list(probe.config.layers), "alpha": probe.config.alpha,
                                  "warn": probe.config.warn, "pause": probe.config.pause}}
-    from oc_engine.engine.guard import GuardConfig
+    from oc_engine.guard.policy import GuardConfig
 
     # What `generate` does for answers that do not stream: the final check on (with a classifier).
     guard = GuardConfig(every=probe.config.every, final_check=final_check,

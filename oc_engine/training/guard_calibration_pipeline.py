@@ -17,8 +17,8 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
                         batch_size, plot, write, progress, log, split: bool = True, context_share: float = 0.0) -> dict:
     import numpy as np
 
-    from oc_engine.engine.defaults import require_probe, resolve_classifier
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.defaults import require_probe, resolve_classifier
+    from oc_engine.models.loading import load_model
     from oc_engine.training.guard_calibration import CachedJudge, calibrate_guard, sounds_dangerous
     from oc_engine.training.guard_eval import replay_traces
     from oc_engine.training.probe_calibration import ALPHAS
@@ -88,8 +88,8 @@ def write_choice(report: dict, probe_path: Path, classifier_dir) -> dict:
     """The chosen point (without the input check: streaming is the case the stages must cover)
     into the probe's config (alpha, pause, cadence; warn kept at or below pause) and the
     classifier's (block threshold): the delta's config for a delta, else the export's."""
-    from oc_engine.engine.classifier_delta import DELTA_CONFIG, is_delta_dir
-    from oc_engine.engine.defaults import default_classifier_delta
+    from oc_engine.guard.classifier_delta import DELTA_CONFIG, is_delta_dir
+    from oc_engine.models.defaults import default_classifier_delta
 
     point = report["chosen"]["without_input_check"]
     if point is None:

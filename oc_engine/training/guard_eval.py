@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE, Exchange
-from oc_engine.engine.guard import PAUSE, WARN, Check, GuardConfig, SequenceGuard, token_flags
+from oc_engine.guard.policy import PAUSE, WARN, Check, GuardConfig, SequenceGuard, token_flags
 from oc_engine.training.onpolicy import is_refusal
 
 

@@ -138,8 +138,8 @@ def run_headroom(*, model, probe_dir, classifier_dir, checkpoint, no_classifier,
 
     The classifier is fine-tuned from `checkpoint`; else from the checkpoint the classifier was
     exported from (its `source_model`: for a delta, the merged model kept beside the export)."""
-    from oc_engine.engine.defaults import require_probe, resolve_classifier
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.defaults import require_probe, resolve_classifier
+    from oc_engine.models.loading import load_model
     from oc_engine.training.probe_pipeline import read_specs
 
     exchanges = read_specs(specs, limit, config.seed)  # before loading anything: bad files fail at once
@@ -259,7 +259,7 @@ def _shipped_classifier(classifier, exchanges, responses, batch_size: int = 32) 
 def _cross_validated_classifier(checkpoint, exchanges, responses, folds, config, progress) -> np.ndarray:
     from transformers import AutoTokenizer
 
-    from oc_engine.engine.classifier import load_sequence_classifier
+    from oc_engine.guard.classifier import load_sequence_classifier
     from oc_engine.training.classifier import ClassifierTrainConfig, class_weights, fit_classifier, predict
 
     rows = [Exchange(e.prompt, r, e.label, e.source) for e, r in zip(exchanges, responses)]

@@ -43,7 +43,7 @@ def embedded_onpolicy_specs(log, progress: bool, loaded=None) -> list[tuple[str,
     """The on-policy files as training data specs, for the embedded model (`loaded`, or loaded
     here to find or collect them)."""
     from oc_engine.data import require_shared_data_dir
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.loading import load_model
 
     root = require_shared_data_dir()
     loaded = loaded if loaded is not None else load_model(None, progress=False)
@@ -52,8 +52,8 @@ def embedded_onpolicy_specs(log, progress: bool, loaded=None) -> list[tuple[str,
 
 def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path]:
     """[sampled answers, topic-matched benign answers, benign twins], collected on first use."""
-    from oc_engine.engine.embedded import cache_root
-    from oc_engine.engine.probe import ModelFingerprint
+    from oc_engine.models.embedded import cache_root
+    from oc_engine.guard.probe import ModelFingerprint
 
     stem = cache_root() / "onpolicy" / ModelFingerprint.of(loaded.model).weights_hash[:12]
     sampled = Path(f"{stem}-default-v2.jsonl")
@@ -113,7 +113,7 @@ def _anchors(root: Path) -> list:
 
 
 def _topic_matched_prompts(root: Path, log) -> list:
-    from oc_engine.engine.embedded import embedded_classifier_backbone
+    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.training.onpolicy import PromptRow, read_labelled_prompts
     from oc_engine.training.topic_matched import topic_matched_benign
 

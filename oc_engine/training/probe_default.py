@@ -23,8 +23,8 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     """job's layers and max_exchanges, when unset, become DEFAULT_LAYERS and MAX_EXCHANGES."""
     import dataclasses
 
-    from oc_engine.engine.embedded import default_probe_dir
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.embedded import default_probe_dir
+    from oc_engine.models.loading import load_model
     from oc_engine.training.classifier_pipeline import default_data_specs
     from oc_engine.training.onpolicy_default import embedded_onpolicy_specs
     from oc_engine.training.probe_pipeline import train_probe

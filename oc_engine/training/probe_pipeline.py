@@ -72,7 +72,7 @@ def collect_split(loaded, specs, job: ProbeJob, layers, *, progress: bool, log):
 def train_probe(loaded, specs: list[tuple[str, str | None]], out: str | Path | None, job: ProbeJob, train_config,
                 *, log: Callable[[str], None] = lambda m: None, progress: bool = True) -> dict:
     """Collect, fit, evaluate and calibrate; writes the probe directory to `out` (if given)."""
-    from oc_engine.engine.probe import ModelFingerprint, Probe, ProbeConfig, save_probe
+    from oc_engine.guard.probe import ModelFingerprint, Probe, ProbeConfig, save_probe
     from oc_engine.training.probe_calibration import calibrate_probe
     from oc_engine.training.probe_training import auroc, exchange_scores, fit_probe
 

@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 
 from oc_engine.data import UNSAFE
-from oc_engine.engine.probe import REVALIDATION_KEY, Probe
+from oc_engine.guard.probe import REVALIDATION_KEY, Probe
 from oc_engine.errors import OcEngineError
 
 DEFAULT_TOLERANCE = 0.02  # AUROC points a quantized model may lose
@@ -42,7 +42,7 @@ def revalidate(probe: Probe, reference, quantized, specs, job, *, tolerance: flo
         rows[name] = _operating_point(probe, acts)
     ref, got = rows["reference"], rows["quantized"]
     passed = got["auroc"] >= ref["auroc"] - tolerance
-    from oc_engine.engine.quantize import QUANTIZER_VERSION
+    from oc_engine.models.quantize import QUANTIZER_VERSION
 
     return {"quantization": quantized.quantization or "none", "quantizer_version": QUANTIZER_VERSION,
             "validation_auroc": got["auroc"],

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from oc_engine.config import DEFAULT, EngineConfig, GuardSetup
-from oc_engine.engine.guard import GuardConfig
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.requests import PreparesRequests
 from oc_engine.errors import OcEngineError
 from oc_engine.llm import eos_token_ids
@@ -76,10 +76,10 @@ class VllmLLM(PreparesRequests):
                  kv_cache_bytes: int | None = None, log: Callable[[str], None] | None = None):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        from oc_engine.engine.classifier import ExchangeClassifier
-        from oc_engine.engine.defaults import resolve_classifier_dir, resolve_probe_dir
-        from oc_engine.engine.loading import resolve_model_source
-        from oc_engine.engine.probe import Probe, load_probe
+        from oc_engine.guard.classifier import ExchangeClassifier
+        from oc_engine.models.defaults import resolve_classifier_dir, resolve_probe_dir
+        from oc_engine.models.loading import resolve_model_source
+        from oc_engine.guard.probe import Probe, load_probe
         from oc_engine_vllm.plugin import ARCHITECTURES
         from oc_engine_vllm.score_table import ScoreTable
 
@@ -327,7 +327,7 @@ def embedding_fingerprint(model_dir: str, config, architecture: str):
     made for another model is refused here in one line, before vLLM starts."""
     from safetensors import safe_open
 
-    from oc_engine.engine.probe import ModelFingerprint
+    from oc_engine.guard.probe import ModelFingerprint
 
     directory = Path(model_dir)
     index = directory / "model.safetensors.index.json"

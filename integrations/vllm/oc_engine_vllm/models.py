@@ -31,7 +31,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.sequence import IntermediateTensors
 
-from oc_engine.engine.probe import ModelFingerprint, load_probe
+from oc_engine.guard.probe import ModelFingerprint, load_probe
 from oc_engine.kernels.probe_ema import score_of_logit
 from oc_engine_vllm import step_scores
 

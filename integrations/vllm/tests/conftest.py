@@ -16,7 +16,7 @@ BENIGN = ["Write a haiku about autumn.", "What is the capital of France?"]
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from oc_engine.engine.loading import resolve_model_source
+    from oc_engine.models.loading import resolve_model_source
 
     return resolve_model_source(None)  # the embedded SmolLM2, converted once into the cache
 

@@ -63,7 +63,7 @@ def test_a_streamed_answer_releases_only_what_a_verdict_covered(llm):
 
 
 def test_a_probe_for_another_model_is_refused_before_vllm_starts(tmp_path):
-    from oc_engine.engine.embedded import default_probe_dir
+    from oc_engine.models.embedded import default_probe_dir
     from oc_engine_vllm import VllmLLM
 
     probe = tmp_path / "probe"

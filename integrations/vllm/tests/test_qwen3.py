@@ -16,7 +16,7 @@ PROMPTS = [[1, 9690, 198, 2683, 314, 253, 1751], [1, 4093, 28, 940, 1782]]
 def tiny_qwen3(tmp_path_factory, model_dir, tokenizer):
     from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
-    from oc_engine.engine.probe import ModelFingerprint, Probe, ProbeConfig, save_probe
+    from oc_engine.guard.probe import ModelFingerprint, Probe, ProbeConfig, save_probe
 
     root = tmp_path_factory.mktemp("qwen3")
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.guarded import SequenceMonitor
+from oc_engine.guard.policy import GuardConfig
+from oc_engine.guard.monitor import SequenceMonitor
 from oc_engine.engine.sequence import Sequence
 from oc_engine.engine.text_stream import TextStream
 from oc_engine.kernels.probe_ema import ema_update, probe_ema_reference
@@ -295,7 +295,7 @@ def test_engine_args_make_a_valid_vllm_model_config(model_dir, guarded):
     """The arguments `VllmLLM` gives vLLM pass vLLM's own validation (without starting it)."""
     from transformers import AutoConfig
 
-    from oc_engine.engine.embedded import default_probe_dir
+    from oc_engine.models.embedded import default_probe_dir
     from oc_engine_vllm.llm import engine_args
 
     config = AutoConfig.from_pretrained(model_dir)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from conftest import BENIGN, HARMFUL
-from oc_engine.bench_serve import free_port, wait_healthy
+from oc_engine.bench.serve import free_port, wait_healthy
 from oc_engine.errors import OcEngineError
 
 REFUSAL = "I can't help with that."

@@ -16,7 +16,7 @@ from torch import nn
 
 from oc_engine.engine.kv_cache import CacheRows
 from oc_engine.engine.masks import attention_mask
-from oc_engine.engine.quantize import QuantizedLinear
+from oc_engine.models.quantize import QuantizedLinear
 
 FUSED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 

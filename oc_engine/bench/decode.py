@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from oc_engine.engine import accel
-from oc_engine.engine.loading import LoadedModel
+from oc_engine.models.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
 
 MODES = ("hf_generate", "no_kv_cache", "engine_eager", "engine_compiled")
@@ -82,7 +82,7 @@ def _engine(loaded: LoadedModel, prompt: list[int], new_tokens: int, compile: bo
 
 def quiet_probe(loaded: LoadedModel):
     """A random probe on layer -4 that never pauses: the probe's cost without the guard's."""
-    from oc_engine.engine.probe import ModelFingerprint, Probe, ProbeConfig
+    from oc_engine.guard.probe import ModelFingerprint, Probe, ProbeConfig
 
     fingerprint = ModelFingerprint.of(loaded.model)
     generator = torch.Generator().manual_seed(0)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oc_engine.engine.check_batcher import pad
-from oc_engine.engine.classifier import load_sequence_classifier, model_inputs
-from oc_engine.engine.exchange_layout import ExchangeLayout
+from oc_engine.guard.check_batcher import pad
+from oc_engine.guard.classifier import load_sequence_classifier, model_inputs
+from oc_engine.guard.exchange_layout import ExchangeLayout
 from oc_engine.export.samples import SAMPLE_EXCHANGES
 
 
@@ -49,7 +49,7 @@ def run_classifier_bench(export_dir: str | Path, *, lengths=(128, 512), repeats:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from oc_engine.engine.classifier import load_classifier_config
+    from oc_engine.guard.classifier import load_classifier_config
     from oc_engine.export.onnx_export import ExportOptions, export_classifier
 
     export_dir = Path(export_dir)

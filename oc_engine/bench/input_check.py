@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 import onnxruntime
 import torch
 
-from oc_engine.bench import package_version, quiet_probe
-from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.loading import LoadedModel
+from oc_engine.bench.decode import package_version, quiet_probe
+from oc_engine.guard.policy import GuardConfig
+from oc_engine.models.loading import LoadedModel
 from oc_engine.params import SamplingParams
 
 PROMPTS = ("Explain SQL injection at a high level", "Write a haiku about autumn rain",

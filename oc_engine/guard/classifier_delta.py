@@ -50,7 +50,7 @@ class ClassifierDelta:
 
     def backbone_dir(self) -> str:
         if self.backbone == EMBEDDED_BACKBONE:
-            from oc_engine.engine.embedded import embedded_classifier_backbone
+            from oc_engine.models.embedded import embedded_classifier_backbone
 
             return str(embedded_classifier_backbone())
         return self.backbone
@@ -103,7 +103,7 @@ def read_delta(path: str | Path) -> ClassifierDelta:
 def fingerprint_of(model) -> dict:
     from dataclasses import asdict
 
-    from oc_engine.engine.probe import ModelFingerprint
+    from oc_engine.guard.probe import ModelFingerprint
 
     fingerprint = asdict(ModelFingerprint.of(model))
     fingerprint.pop("quantization")  # a classifier backbone is never quantized; deltas predate the field
@@ -132,7 +132,7 @@ def merged_model(delta: ClassifierDelta):
     checking the backbone's fingerprint."""
     from peft import PeftModel
 
-    from oc_engine.engine.classifier import load_sequence_classifier
+    from oc_engine.guard.classifier import load_sequence_classifier
 
     labels = list(delta.labels)
     try:
@@ -157,7 +157,7 @@ def merged_model(delta: ClassifierDelta):
 
 
 def materialized_dir(delta: ClassifierDelta) -> Path:
-    from oc_engine.engine.embedded import cache_root
+    from oc_engine.models.embedded import cache_root
 
     return cache_root() / "classifier-delta" / delta.digest[:16]
 

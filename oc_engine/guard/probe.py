@@ -37,7 +37,7 @@ class ModelFingerprint:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelFingerprint":
-        from oc_engine.engine.quantize import model_quantization
+        from oc_engine.models.quantize import model_quantization
 
         return cls.from_parts(type(model).__name__, model.config.get_text_config(),
                               model.get_input_embeddings().weight, model_quantization(model))
@@ -119,7 +119,7 @@ class Probe:
             raise OcEngineError(f"probe was made on the {expected.quantization} model and this one is unquantized: "
                                 f"run with --quantize {expected.quantization}, or use a probe made without it")
         if actual.quantization != expected.quantization:
-            from oc_engine.engine.quantize import QUANTIZER_VERSION
+            from oc_engine.models.quantize import QUANTIZER_VERSION
 
             record = self.revalidation(actual.quantization)
             current = record is not None and record.get("quantizer_version") == QUANTIZER_VERSION

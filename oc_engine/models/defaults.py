@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from oc_engine.engine import embedded
+from oc_engine.models import embedded
 from oc_engine.errors import OcEngineError
 
 Log = Callable[[str], None]
@@ -30,7 +30,7 @@ def resolve_probe_dir(probe_dir: str | Path | None, model_is_embedded: bool, log
 def require_probe(loaded, probe_dir: str | Path | None, model_is_embedded: bool, log: Log = lambda m: None):
     """(directory, Probe) for `resolve_probe_dir(...)`, checked against the loaded model; an error
     when there is none (commands that measure the guard need one)."""
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.guard.probe import load_probe
 
     directory = resolve_probe_dir(probe_dir, model_is_embedded, log)
     if directory is None:
@@ -50,7 +50,7 @@ def resolve_classifier_dir(classifier_dir: str | Path | None, *, required: bool 
     """An export directory: `classifier_dir` (a delta directory is built into the cache on first
     use), else the shipped default. None only when the default is switched off (tests) and not
     `required`; a missing or corrupt shipped delta is an error, never a silent lack of a stage."""
-    from oc_engine.engine.classifier_delta import is_delta_dir, materialize
+    from oc_engine.guard.classifier_delta import is_delta_dir, materialize
 
     if classifier_dir is not None:
         path = Path(classifier_dir)
@@ -68,7 +68,7 @@ def resolve_classifier_dir(classifier_dir: str | Path | None, *, required: bool 
 def resolve_classifier(classifier_dir: str | Path | None, device: str, *, required: bool = False,
                        log: Log = lambda m: None):
     """An ExchangeClassifier for `resolve_classifier_dir(...)`, or None."""
-    from oc_engine.engine.classifier import ExchangeClassifier
+    from oc_engine.guard.classifier import ExchangeClassifier
 
     directory = resolve_classifier_dir(classifier_dir, required=required, log=log)
     return None if directory is None else ExchangeClassifier(directory, device=device)

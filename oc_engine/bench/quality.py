@@ -27,13 +27,13 @@ DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"  # a fixed English text on eve
 def run_quality_bench(model: str | None, *, dtype: str, device: str, quantizations: list[str], prompts: list[str],
                       max_tokens: int = 64, text: str = DEFAULT_TEXT, context: int = 512, batch_size: int = 8,
                       llama_cpp: str | None = None, progress: Callable[[str], None] = lambda m: None) -> dict:
-    from oc_engine.bench import environment
-    from oc_engine.engine.loading import load_model
+    from oc_engine.bench.decode import environment
+    from oc_engine.models.loading import load_model
 
     text_value = _read_text(text)
     gguf = None
     if llama_cpp is not None:  # fails before anything loads
-        from oc_engine.bench_quantized import gguf_for
+        from oc_engine.bench.quantized import gguf_for
 
         gguf = gguf_for(model)
         _perplexity_binary(llama_cpp)
@@ -76,7 +76,7 @@ def perplexity(loaded, text: str, context: int) -> float:
 
 def llama_perplexity(llama_cpp: str, gguf, text: str, context: int) -> float:
     """llama.cpp's own `llama-perplexity` (beside its server binary) on the same text."""
-    from oc_engine.llama_cpp import llama_environment
+    from oc_engine.bench.llama_cpp import llama_environment
 
     binary = _perplexity_binary(llama_cpp)
     with llama_environment(binary) as env:
@@ -90,7 +90,7 @@ def llama_perplexity(llama_cpp: str, gguf, text: str, context: int) -> float:
 
 
 def _perplexity_binary(llama_cpp: str) -> Path:
-    from oc_engine.llama_cpp import find_llama_server
+    from oc_engine.bench.llama_cpp import find_llama_server
 
     binary = find_llama_server(llama_cpp).with_name("llama-perplexity")
     if not binary.is_file():

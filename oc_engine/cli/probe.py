@@ -7,7 +7,7 @@ import json
 
 import click
 
-from oc_engine.commands.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
+from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
                                        classifier_option, dtype_option, final_check_option, input_check_option,
                                        json_option, model_option, out_option, probe_option, progress_log,
                                        quantize_option,
@@ -16,7 +16,7 @@ from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
 def _load(model, dtype, quantize=None):
-    from oc_engine.engine.loading import load_model
+    from oc_engine.models.loading import load_model
 
     return load_model(model, dtype=dtype, progress=False, quantize=quantize)
 
@@ -91,7 +91,7 @@ def collect(prompt_specs, out, model, limit, max_new_tokens, batch_size, classif
     loaded = _load(model, "auto")
     classifier = None
     if classifier_dir:
-        from oc_engine.engine.classifier import ExchangeClassifier
+        from oc_engine.guard.classifier import ExchangeClassifier
 
         classifier = ExchangeClassifier(classifier_dir)
     report = collect_onpolicy(loaded, rows, out, max_new_tokens=max_new_tokens,
@@ -160,7 +160,7 @@ def _probe_summary(report: dict) -> str:
             ("median tokens to detection", str(cal["median_tokens_to_detection"])),
             ("exchanges train / validation", f"{report['train_exchanges']} / {report['validation_exchanges']}"),
             ("written to", report.get("out", "-")), ("seconds", str(report["seconds"]))]
-    from oc_engine.commands.common import markdown_rows
+    from oc_engine.cli.common import markdown_rows
 
     return markdown_rows(rows, header=("probe", "value"))
 
@@ -333,8 +333,8 @@ def revalidate_probe(probe_dir, model, dtype, quantize, data_specs, max_exchange
     """
     import dataclasses
 
-    from oc_engine.engine.defaults import require_probe
-    from oc_engine.engine.probe import rewrite_probe_config, save_probe
+    from oc_engine.models.defaults import require_probe
+    from oc_engine.guard.probe import rewrite_probe_config, save_probe
     from oc_engine.errors import OcEngineError
     from oc_engine.training.probe_default import MAX_EXCHANGES
     from oc_engine.training.probe_pipeline import ProbeJob
@@ -376,7 +376,7 @@ def _first(*values):
 
 
 def _revalidation_summary(record: dict, where) -> str:
-    from oc_engine.commands.common import markdown_rows
+    from oc_engine.cli.common import markdown_rows
 
     ref, got = record["at_pause"]["reference"], record["at_pause"]["quantized"]
     rows = [("quantization", record["quantization"]),

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_file, engine_config, engine_options, guard_options,
+from oc_engine.cli.common import (FiniteFloat, check_output_file, engine_config, engine_options, guard_options,
                                        guard_setup, json_option, model_option, pick_fields, seed_option, user_errors,
                                        write_text_file)
 from oc_engine.errors import OcEngineError

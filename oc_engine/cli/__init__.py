@@ -1,4 +1,4 @@
-"""The `oc-engine` command line: a group of thin commands (see `oc_engine.commands`), each of
+"""The `oc-engine` command line: a group of thin commands (one module per family here), each of
 which only parses options, calls the library and prints."""
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ def main():
 
 
 def _register() -> None:
-    from oc_engine.commands.bench import bench
-    from oc_engine.commands.classifier import calibrate_classifier, export_classifier, train_classifier
-    from oc_engine.commands.generate import generate
-    from oc_engine.commands.guard import calibrate_guard
-    from oc_engine.commands.plot import plot_trace
-    from oc_engine.commands.probe import (collect, eval_command, headroom_command, revalidate_probe, sweep_layers,
+    from oc_engine.cli.bench import bench
+    from oc_engine.cli.classifier import calibrate_classifier, export_classifier, train_classifier
+    from oc_engine.cli.generate import generate
+    from oc_engine.cli.guard import calibrate_guard
+    from oc_engine.cli.plot import plot_trace
+    from oc_engine.cli.probe import (collect, eval_command, headroom_command, revalidate_probe, sweep_layers,
                                          train_probe)
-    from oc_engine.commands.serve import serve
+    from oc_engine.cli.serve import serve
 
     for command in (generate, serve, bench, plot_trace, export_classifier, train_classifier, calibrate_classifier,
                     collect, train_probe, revalidate_probe, sweep_layers, calibrate_guard, eval_command,
@@ -41,6 +41,3 @@ def _register() -> None:
 
 
 _register()
-
-if __name__ == "__main__":
-    main()

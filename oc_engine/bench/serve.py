@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from oc_engine.bench import package_version
+from oc_engine.bench.decode import package_version
 from oc_engine.errors import OcEngineError
 
 SERVERS = ("unguarded", "guarded", "transformers")  # the default set

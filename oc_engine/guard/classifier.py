@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from oc_engine.engine.check_batcher import CheckBatcher, pad
-from oc_engine.engine.exchange_layout import INPUT_FORMAT, ExchangeLayout
+from oc_engine.guard.check_batcher import CheckBatcher, pad
+from oc_engine.guard.exchange_layout import INPUT_FORMAT, ExchangeLayout
 from oc_engine.errors import OcEngineError
 
 CLASSIFIER_FORMAT = "oc-engine-classifier/2"
@@ -111,7 +111,7 @@ def load_sequence_classifier(source, **kwargs):
     safetensors only (a pickle checkpoint is refused, whatever torch's defaults)."""
     from transformers import AutoModelForSequenceClassification
 
-    from oc_engine.engine.loading import offline_kwargs
+    from oc_engine.models.loading import offline_kwargs
 
     kwargs = {"use_safetensors": True, **offline_kwargs(source), **kwargs}
     try:

@@ -6,7 +6,7 @@ import torch
 
 import oc_engine.kernels.probe_ema  # noqa: F401  (registers torch.ops.oc_engine.probe_ema)
 from oc_engine.engine.accel import mark_static
-from oc_engine.engine.probe import Probe
+from oc_engine.guard.probe import Probe
 
 
 class ProbeRuntime:

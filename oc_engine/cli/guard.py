@@ -6,7 +6,7 @@ import json
 
 import click
 
-from oc_engine.commands.common import (PLOT_SUFFIXES, FiniteFloat, check_output_file, classifier_option,
+from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, check_output_file, classifier_option,
                                        json_option, model_option, out_option, probe_option, progress_log,
                                        user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec

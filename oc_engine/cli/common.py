@@ -108,7 +108,7 @@ def input_check_option(help: str = "The classifier judges the prompt alone while
 def guard_options(fn):
     """The guard's options, shared by `generate` and `serve`: which probe and classifier, the
     probe's thresholds, and the policy (`GuardConfig`'s fields by name)."""
-    from oc_engine.engine.guard import MAX_DEADLINE_S, GuardConfig
+    from oc_engine.guard.policy import MAX_DEADLINE_S, GuardConfig
 
     policy = GuardConfig()  # the CLI's defaults are the library's
     options = [
@@ -150,9 +150,9 @@ def guard_setup(model, fields: dict, log, *, record_trace: bool = False) -> Guar
     import dataclasses
 
     from oc_engine.config import DEFAULT, UNGUARDED
-    from oc_engine.engine.defaults import resolve_probe_dir
-    from oc_engine.engine.guard import GuardConfig
-    from oc_engine.engine.probe import load_probe
+    from oc_engine.models.defaults import resolve_probe_dir
+    from oc_engine.guard.policy import GuardConfig
+    from oc_engine.guard.probe import load_probe
 
     no_guard, probe_dir, classifier_dir = fields.pop("no_guard"), fields.pop("probe_dir"), fields.pop("classifier_dir")
     thresholds = {name: fields.pop(name) for name in ("warn", "pause", "every", "alpha")}

@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from oc_engine.bench import package_version
-from oc_engine.engine.loading import LoadedModel
+from oc_engine.bench.decode import package_version
+from oc_engine.models.loading import LoadedModel
 from oc_engine.outputs import Finished
 from oc_engine.params import SamplingParams
 

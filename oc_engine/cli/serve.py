@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from oc_engine.commands.common import (check_output_file, engine_config, engine_options, guard_options, guard_setup,
+from oc_engine.cli.common import (check_output_file, engine_config, engine_options, guard_options, guard_setup,
                                        model_option, progress_log, user_errors)
 
 
@@ -48,7 +48,7 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
       curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}'
     """
-    from oc_engine.engine.embedded import EMBEDDED_MODEL_NAME
+    from oc_engine.models.embedded import EMBEDDED_MODEL_NAME
     from oc_engine.llm import LLM
     from oc_engine.server import ServerConfig, run_server
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from oc_engine.engine.guard import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
+from oc_engine.guard.policy import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
 from oc_engine.engine.sequence import Sequence
 from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, Verdict, VerdictReceived
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from oc_engine.commands.common import PLOT_SUFFIXES, check_output_file, user_errors
+from oc_engine.cli.common import PLOT_SUFFIXES, check_output_file, user_errors
 
 
 @click.command("plot-trace")

@@ -33,9 +33,9 @@ from typing import Callable
 import onnxruntime
 import torch
 
-from oc_engine.bench import BENCH_PROMPT, bench_llm, check_bench_length, package_version, quiet_probe
-from oc_engine.engine.guard import GuardConfig
-from oc_engine.engine.loading import LoadedModel
+from oc_engine.bench.decode import BENCH_PROMPT, bench_llm, check_bench_length, package_version, quiet_probe
+from oc_engine.guard.policy import GuardConfig
+from oc_engine.models.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
 from oc_engine.params import SamplingParams
 
@@ -81,7 +81,7 @@ def gap_stats(arrivals: list[float], checks: list[tuple[float, float]]) -> dict:
 
 def escalating_probe(loaded: LoadedModel, llm, prompt: list[int], new_tokens: int, quantile: float):
     """The quiet probe with bias 0 and its pause threshold at `quantile` of this answer's EMA."""
-    from oc_engine.engine.probe import Probe
+    from oc_engine.guard.probe import Probe
 
     base = quiet_probe(loaded)
     scoring = Probe(config=dataclasses.replace(base.config, warn=1.0, pause=1.0), weight=base.weight,

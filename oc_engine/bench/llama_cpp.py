@@ -47,7 +47,7 @@ class LlamaServer:
     """A llama-server on `gguf` at a free local port, `threads` threads, one slot; a context manager."""
 
     def __init__(self, binary: Path, gguf: str | Path, *, threads: int, context: int = 1024):
-        from oc_engine.bench_serve import free_port
+        from oc_engine.bench.serve import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from oc_engine.commands.common import (FiniteFloat, check_output_dir, json_option, markdown_rows, progress_log,
+from oc_engine.cli.common import (FiniteFloat, check_output_dir, json_option, markdown_rows, progress_log,
                                        seed_option, user_errors)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
@@ -138,7 +138,7 @@ def train_classifier(data_specs, out, export_dir, int8, eval_specs, build_defaul
                    batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, max_length=max_length,
                    validation=validation, long_request_share=long_request_share,
                    prefixes=prefixes, max_train_rows=max_train_rows, target_safe_block_rate=target_safe_block_rate,
-                   seed=seed, quiet=as_json)
+                   seed=seed, quiet=as_json, log=progress_log("oc-engine train-classifier", quiet=as_json))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from oc_engine.bench import package_version
-from oc_engine.bench_serve import (free_port, served_model, server_command, sse_chunks, start_server, stop_server,
+from oc_engine.bench.decode import package_version
+from oc_engine.bench.serve import (free_port, served_model, server_command, sse_chunks, start_server, stop_server,
                                    wait_healthy)
 from oc_engine.errors import OcEngineError
 from oc_engine.jsonl import iter_jsonl
@@ -134,7 +134,7 @@ def run_long_context_bench(*, requests_file: Path, contexts_file: Path, max_toke
                            progress: Callable[[str], None] = lambda s: None, log_dir: Path | None = None) -> dict:
     """Start `oc-engine serve` (guarded, `server_args` added) and measure it, or measure the
     server at `base_url`."""
-    from oc_engine.engine.loading import resolve_model_source
+    from oc_engine.models.loading import resolve_model_source
 
     rows = read_requests(requests_file)
     try:

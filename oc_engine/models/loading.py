@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from oc_engine.engine.embedded import EMBEDDED_MODEL_NAME, cache_root, embedded_gguf_path
+from oc_engine.models.embedded import EMBEDDED_MODEL_NAME, cache_root, embedded_gguf_path
 from oc_engine.errors import OcEngineError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -82,7 +82,7 @@ def load_model(source: str | None = None, *, device: str | None = None, dtype: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oc_engine.config import check_quantization
-    from oc_engine.engine.quantize import quantize_model
+    from oc_engine.models.quantize import quantize_model
 
     quantize = check_quantization(quantize)  # a bad name fails before anything loads
     torch_device = resolve_device(device)
