@@ -19,8 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from oc_engine.guard.policy import GuardConfig
+from oc_engine.config_fields import is_int
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import GuardConfig
 
 DEFAULT = "default"  # a setting resolved by the engine: the shipped probe, classifier, policy
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,7 +31,7 @@ MAX_MODEL_LEN_CAP = 2048  # the default cache length: memory, and (whole-cache a
 
 def check_int(name: str, value, minimum: int) -> int:
     """An int (not a bool: JSON true is not 1) of at least `minimum`, or a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise OcEngineError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 

@@ -1,4 +1,5 @@
-"""Typed reads of the JSON configuration files the project loads (probe and classifier configs).
+"""Typed reads of the JSON configuration files the project loads (probe and classifier configs),
+and the type tests every setting's validation shares (`is_int`, `is_number`).
 
 JSON gives any value for any key. Coercing (`int("12")`, `tuple("abc")`, `bool("false")`)
 would turn a mistake into a different configuration, so every read checks the type and
@@ -33,10 +34,10 @@ class Fields:
         return convert(value)
 
     def integer(self, key: str, default=REQUIRED) -> int:
-        return self._read(key, default, _is_int, "an integer")
+        return self._read(key, default, is_int, "an integer")
 
     def number(self, key: str, default=REQUIRED) -> float:
-        return self._read(key, default, lambda v: _is_number(v) and math.isfinite(v), "a finite number", float)
+        return self._read(key, default, lambda v: is_number(v) and math.isfinite(v), "a finite number", float)
 
     def boolean(self, key: str, default=REQUIRED) -> bool:
         return self._read(key, default, lambda v: isinstance(v, bool), "true or false")
@@ -45,7 +46,7 @@ class Fields:
         return self._read(key, default, lambda v: isinstance(v, str), "a string")
 
     def integers(self, key: str, default=REQUIRED) -> tuple[int, ...]:
-        return self._read(key, default, lambda v: isinstance(v, list) and all(map(_is_int, v)),
+        return self._read(key, default, lambda v: isinstance(v, list) and all(map(is_int, v)),
                           "a list of integers", tuple)
 
     def strings(self, key: str, default=REQUIRED) -> tuple[str, ...]:
@@ -60,9 +61,11 @@ class Fields:
         return Fields(self.raw[key], f"{self.where}: {key}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+def is_int(value) -> bool:
+    """An int, not a bool (JSON true is not 1): the one type test every setting uses."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or a float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from oc_engine.config_fields import is_int, is_number
 from oc_engine.errors import OcEngineError
 
 
@@ -18,14 +19,11 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self):
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not 0 <= self.temperature < float("inf"):
+        if not is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise OcEngineError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise OcEngineError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                                       or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
             raise OcEngineError(f"top-p must be in (0, 1], got {self.top_p}")
 
     @property
@@ -49,15 +47,14 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise OcEngineError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise OcEngineError("a stop string must be non-empty text")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2 ** 64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 64):
             raise OcEngineError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             raise OcEngineError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")

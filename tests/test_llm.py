@@ -205,3 +205,26 @@ def test_guard_decisions_do_not_depend_on_arrival_order_or_neighbours(tiny, orde
     together = drive(llm, [(waits[k], PROMPTS[i], params[i]) for k, i in enumerate(order)])
     for k, i in enumerate(order):
         assert outcome(together[k]) == alone[i]
+
+
+def test_llm_is_an_engine_and_settings_fail_on_construction(tiny):
+    from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.engine.interface import AsyncEngine, Engine
+
+    llm = plain_llm(tiny("llama"), max_num_seqs=3)
+    assert isinstance(llm, Engine) and isinstance(llm.async_engine(), AsyncEngine)
+    assert (llm.capacity, llm.vocab_size) == (3, llm.loaded.model.get_output_embeddings().out_features)
+    for bad, message in [(dict(max_num_seqs=True), "max_num_seqs must be an integer >= 1"),
+                         (dict(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
+                         (dict(max_model_len=1), "max_model_len must be an integer >= 2"),
+                         (dict(dtype="fp8"), "dtype must be one of"),
+                         (dict(quantize="int3"), "unknown quantization 'int3'"),
+                         (dict(compile="yes"), "compile must be true or false")]:
+        with pytest.raises(OcEngineError, match=message):
+            EngineConfig(**bad)
+    with pytest.raises(OcEngineError, match="a guard policy needs a probe"):
+        from oc_engine.guard.policy import GuardConfig
+
+        GuardSetup(probe=None, policy=GuardConfig())
+    with pytest.raises(OcEngineError, match="max_model_len must be an integer in"):
+        plain_llm(tiny("llama"), max_model_len=10 ** 7)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from oc_engine.config import DTYPES, QUANTIZATIONS, EngineConfig, GuardSetup
+from oc_engine.config import DTYPES, MAX_MODEL_LEN_CAP, QUANTIZATIONS, EngineConfig, GuardSetup
 from oc_engine.errors import OcEngineError
 
 # Seeds go to torch, numpy and Python's random; numpy takes at most 32 bits.
@@ -67,8 +67,8 @@ def engine_options(fn):
                      show_default=True, help="Requests decoded together (cache slots: continuous batching, one "
                                              "starts as another ends); each costs compute every step."),
         click.option("--max-model-len", type=click.IntRange(min=2), default=None,
-                     help="Prompt plus answer, in tokens [default: the model's context, at most 2048; generate "
-                          "sizes it to its prompts]."),
+                     help=f"Prompt plus answer, in tokens [default: the model's context, at most "
+                          f"{MAX_MODEL_LEN_CAP}; generate sizes it to its prompts]."),
         click.option("--no-chat-template", is_flag=True, help="Feed text prompts as raw text."),
         click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked)."),
     ]
@@ -77,13 +77,13 @@ def engine_options(fn):
     return fn
 
 
-def engine_config(fields: dict, **overrides) -> EngineConfig:
+def engine_config(fields: dict) -> EngineConfig:
     """The `EngineConfig` that `engine_options` asked for (their values are taken out of `fields`)."""
     values = dict(dtype=fields.pop("dtype"), quantize=fields.pop("quantize"), device=fields.pop("device"),
                   compile=not fields.pop("no_compile"), max_num_seqs=fields.pop("max_num_seqs"),
                   max_model_len=fields.pop("max_model_len"), chat_template=not fields.pop("no_chat_template"),
                   trust_remote_code=fields.pop("trust_remote_code"))
-    return EngineConfig(**{**values, **overrides})
+    return EngineConfig(**values)
 
 
 def probe_option(help: str = "Probe directory (default: the shipped probe, with the embedded model)."):

@@ -40,7 +40,6 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}  # every unfinished request
         self.draining: list[Sequence] = []
         self.inflight: deque = deque()  # launched steps whose outputs the host has not read yet
-        self._decoding: dict[int, bool] = {}  # slot -> advancing, as last written to the runner
         self._wake = cf.Future()  # done: a step blocked on verdicts returns early (see `wake`)
 
     # -- requests -----------------------------------------------------------------------
@@ -108,9 +107,7 @@ class LLMEngine:
         decoding = []
         for slot, seq in self.scheduler.running.items():
             go = seq.guard is None or not seq.guard.must_wait
-            if self._decoding.get(slot) != go:
-                self._decoding[slot] = go
-                self.runner.set_decoding(slot, go)
+            self.runner.set_decoding(slot, go)
             if go:
                 decoding.append(seq)
         if decoding:
@@ -140,7 +137,6 @@ class LLMEngine:
             seq.guard.start()  # the input check runs beside the prefill
         token, score, ema, flags, tapped = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling,
                                                                seq.key)
-        self._decoding[seq.slot] = True
         self._accept(seq, token, score, ema, flags, tapped)
 
     def _read_oldest(self) -> None:
@@ -194,7 +190,6 @@ class LLMEngine:
 
     def _leave_slot(self, seq: Sequence) -> None:
         self.runner.release(seq.slot)
-        self._decoding[seq.slot] = False
         self.scheduler.free(seq)
 
     def _finalize(self, seq: Sequence) -> None:

@@ -120,7 +120,10 @@ class ModelRunner:
 
     def set_decoding(self, slot: int, decoding: bool) -> None:
         """A slot stops advancing (finished, freed, or waiting for a verdict) or resumes; a
-        stopped slot keeps its EMA."""
+        stopped slot keeps its EMA. The runner is the one owner of which slots advance: a call
+        that changes nothing writes nothing to the device."""
+        if (slot in self._advancing) == decoding:
+            return
         self.advance[slot, 0] = int(decoding)
         (self._advancing.add if decoding else self._advancing.discard)(slot)
         if self.probe is not None:

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from oc_engine.guard.policy import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
+from oc_engine.config_fields import is_number
 from oc_engine.engine.sequence import Sequence
+from oc_engine.guard.policy import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
 from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, Verdict, VerdictReceived
 
 
@@ -264,7 +265,7 @@ def _parse_verdict(result) -> tuple[str, dict]:
     if not isinstance(verdict, str) or verdict not in VERDICTS:
         raise ValueError(f"the classifier answered an unknown verdict {verdict!r}")
     p_unsafe = result.get("p_unsafe")
-    if p_unsafe is not None and (isinstance(p_unsafe, bool) or not isinstance(p_unsafe, (int, float))
-                                 or not math.isfinite(p_unsafe) or not 0 <= p_unsafe <= 1):
+    if p_unsafe is not None and (not is_number(p_unsafe) or not math.isfinite(p_unsafe)
+                                 or not 0 <= p_unsafe <= 1):
         raise ValueError(f"the classifier answered p_unsafe {p_unsafe!r}")
     return verdict, {k: v for k, v in result.items() if k != "verdict"}

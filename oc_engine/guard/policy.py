@@ -48,6 +48,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from oc_engine.config_fields import is_int, is_number
+
 WARN, PAUSE, NONFINITE = 1, 2, 4
 
 STREAMING, HELD, BLOCKED, STOPPED, DONE = "streaming", "held", "blocked", "stopped", "done"
@@ -81,14 +83,13 @@ class GuardConfig:
 
         for name in ("every", "max_held"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise OcEngineError(f"guard {name.replace('_', ' ')} must be an integer >= 1, got {value!r}")
         if self.uncertain not in ("final", "block"):
             raise OcEngineError(f"uncertain must be 'final' or 'block', got {self.uncertain!r}")
         if self.on_failure not in ("block", "stop"):
             raise OcEngineError(f"on_failure must be 'block' or 'stop', got {self.on_failure!r}")
-        if isinstance(self.deadline_s, bool) or not isinstance(self.deadline_s, (int, float)) \
-                or not 0 < self.deadline_s <= MAX_DEADLINE_S:
+        if not is_number(self.deadline_s) or not 0 < self.deadline_s <= MAX_DEADLINE_S:
             raise OcEngineError(f"classifier deadline must be in (0, {MAX_DEADLINE_S:.0f}] s, got {self.deadline_s!r}")
         if not isinstance(self.refusal, str):
             raise OcEngineError(f"refusal must be text, got {self.refusal!r}")

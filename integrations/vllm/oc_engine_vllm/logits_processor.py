@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from oc_engine.config_fields import is_int, is_number
 from oc_engine.kernels.probe_ema import ema_update
 from oc_engine_vllm import step_scores
 from oc_engine_vllm.score_table import ScoreTable
@@ -54,7 +55,7 @@ def request_spec(params) -> dict | None:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must have exactly the keys {sorted(FIELDS)}")
     for key, kind in FIELDS.items():
         value = spec[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        if not (is_number(value) if kind is float else is_int(value) if kind is int else isinstance(value, kind)):
             raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}][{key!r}] must be {kind.__name__}, got {value!r}")
     if not 0 < spec["alpha"] <= 1 or not 0 <= spec["warn"] <= spec["pause"] <= 1:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]: need 0 < alpha <= 1 and 0 <= warn <= pause <= 1")

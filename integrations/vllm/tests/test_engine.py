@@ -73,3 +73,13 @@ def test_a_probe_for_another_model_is_refused_before_vllm_starts(tmp_path):
     (probe / "probe_config.json").write_text(json.dumps(config))
     with pytest.raises(OcEngineError, match="probe was trained for another model"):
         VllmLLM(None, None, GuardSetup(probe=probe, classifier=None))
+
+
+def test_the_vllm_backend_is_an_engine(llm):
+    from oc_engine.engine.interface import AsyncEngine, Engine
+    from oc_engine_vllm import VllmLLM
+
+    assert isinstance(llm, Engine) and isinstance(llm.async_engine(), AsyncEngine)
+    assert llm.capacity == 4 and llm.vocab_size > 0
+    with pytest.raises(OcEngineError, match="quantize is the native engine's"):
+        VllmLLM.check_config(EngineConfig(quantize="int8"))
