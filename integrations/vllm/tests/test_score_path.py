@@ -197,8 +197,9 @@ def reference(tokenizer, tokens, entries, config, verdicts):
     """The native engine's view with instant verdicts: token by token, each verdict delivered
     before the next token (what the blocking design shows)."""
     classifier = ImmediateClassifier(verdicts, [0.0])
-    seq = Sequence(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=len(tokens), ignore_eos=True),
-                   key=0, limit=len(tokens), stream=TextStream(tokenizer, ()))
+    limit = max(1, len(tokens))  # an input check may block before any token
+    seq = Sequence(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=limit, ignore_eos=True),
+                   key=0, limit=limit, stream=TextStream(tokenizer, ()))
     monitor = seq.guard = SequenceMonitor(seq, tokenizer, "a prompt", config, classifier)
     monitor.start()
     monitor.poll()
