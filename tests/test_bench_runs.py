@@ -31,7 +31,15 @@ def test_a_hand_edit_of_the_generated_table_is_caught(tmp_path):
 
 
 def test_a_run_folder_records_what_how_where_and_with_what(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the commit is this checkout's
+    import subprocess
+
+    # The run records the commit of the checkout it runs in: a repository of our own here.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "bench" / "results" / "runs" / "2026-12-07-decode-tiny"
     model = tiny_model_dir(0.0) / "model"
     result = CliRunner().invoke(main, ["bench", "decode", "--model", str(model), "--mode", "engine_eager",
@@ -42,7 +50,7 @@ def test_a_run_folder_records_what_how_where_and_with_what(tiny_model_dir, tmp_p
     assert manifest["command"] == (f"uv run oc-engine bench decode --model {model} --new-tokens 4 --repeats 1 "
                                    "--mode engine_eager")
     assert manifest["what"].startswith("decode, ") and "engine_eager" in manifest["result"]
-    assert len(manifest["commit"]) == 40 and isinstance(manifest["dirty"], bool)
+    assert manifest["commit"] == head and manifest["dirty"] is False
     assert manifest["machine"]["cores"] >= 1 and {"python", "torch", "transformers"} <= set(manifest["versions"])
     assert report["results"][0]["mode"] == "engine_eager" and "| engine_eager |" in (run / "table.md").read_text()
     # The run joins the generated pages: newest of its row in the table, listed in the index.
