@@ -24,7 +24,7 @@ def test_the_load_generator_reports_what_the_server_did(tiny):
                    GuardSetup(probe=probe, classifier=FakeClassifier("block"), policy=GuardConfig(refusal="NO")))
 
     try:
-        with thread_server(ServerConfig(model_name="tiny"), make_llm) as (base, _):
+        with thread_server(ServerConfig(model_name="tiny", guard_details=True), make_llm) as (base, _):
             before = guard_counters(base)
             run = asyncio.run(run_load(base, "tiny", ["w5 w6", "w7 w8 w9"], concurrency=2, requests=5, max_tokens=6))
             after = guard_counters(base)

@@ -33,7 +33,7 @@ TOKENS = 24
 def guarded(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     server = ServerProcess([*BASE_ARGS, "--api-key", KEY, "--audit-log", str(root / "audit.jsonl"),
-                            "--max-num-seqs", "8"], root / "server.log").wait_ready()
+                            "--max-num-seqs", "8", "--guard-details"], root / "server.log").wait_ready()
     yield server, root / "audit.jsonl"
     assert server.terminate() == 0
 

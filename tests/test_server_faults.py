@@ -75,7 +75,8 @@ def server(tiny, tmp_path_factory):
     loaded = tiny("llama")
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
     config = ServerConfig(model_name="tiny", api_key="sk-test-secret", audit_log=str(audit), max_waiting=8,
-                          allow_guard_override=True)  # lets a test give a hanging check a long deadline
+                          allow_guard_override=True,  # lets a test give a hanging check a long deadline
+                          guard_details=True)  # the tests read each answer's pauses and verdicts
     guard = GuardConfig(every=1, deadline_s=DEADLINE, max_held=8, refusal="REFUSED")
     classifier = ByPrompt()
 

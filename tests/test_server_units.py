@@ -101,8 +101,10 @@ def test_a_blocked_answer_ends_with_the_refusal_on_its_own_line():
     assert _completion("guard", "blocked", text="", refusal="No.").shown_text == "No."
     body = ResponseBuilder("chatcmpl-1", "m", chat=True).full(blocked)
     assert body["choices"][0]["finish_reason"] == "content_filter"
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
-    assert body["oc_engine"]["status"] == "blocked" and body["oc_engine"]["refusal"] == "No."
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}  # what was shown
+    assert body["oc_engine"] == {"guarded": True, "released_tokens": 1, "status": "blocked", "refusal": "No."}
+    detailed = ResponseBuilder("chatcmpl-1", "m", chat=True, details=True).full(blocked)["oc_engine"]
+    assert detailed["generated_tokens"] == 5 and detailed["pause_points"] == [1] and "timings" in detailed
 
 
 def test_a_converted_model_directory_gets_its_architecture(tmp_path):

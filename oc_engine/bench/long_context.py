@@ -57,8 +57,8 @@ async def _ask(client, url: str, model: str, messages: list[dict], max_tokens: i
         if response.status_code != 200:
             raise OcEngineError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
         data = response.json()
-        return {"finish_reason": data["choices"][0]["finish_reason"], "oc_engine": data["oc_engine"],
-                "text": data["choices"][0]["message"]["content"] or ""}
+        return _with_details({"finish_reason": data["choices"][0]["finish_reason"], "oc_engine": data["oc_engine"],
+                              "text": data["choices"][0]["message"]["content"] or ""}, url)
     finish, guard, text = None, {}, ""
     async for chunk in sse_chunks(client, url, body):
         choices = chunk.get("choices") or []
@@ -68,7 +68,16 @@ async def _ask(client, url: str, model: str, messages: list[dict], max_tokens: i
             finish = choices[0]["finish_reason"]
         if isinstance(chunk.get("oc_engine"), dict) and "status" in chunk["oc_engine"]:
             guard = chunk["oc_engine"]
-    return {"finish_reason": finish, "oc_engine": guard, "text": text}
+    return _with_details({"finish_reason": finish, "oc_engine": guard, "text": text}, url)
+
+
+def _with_details(answer: dict, url: str) -> dict:
+    """The pause and check counts need the guard's details, which a server sends only with
+    `--guard-details`: without them every count would read as zero."""
+    if answer["oc_engine"].get("guarded") and "pause_points" not in answer["oc_engine"]:
+        raise OcEngineError(f"{url}: the server sends no guard details; start it with `oc-engine serve "
+                            "--guard-details` (this bench counts pauses and checks)")
+    return answer
 
 
 async def _run_all(base: str, model: str, jobs: list[tuple[str, int, list[dict]]], max_tokens: int,

@@ -69,8 +69,9 @@ def server_command(kind: str, port: int, weights: str, dtype: str, slots: int) -
     if kind == "transformers":
         return [sys.executable, "-m", "transformers.cli.transformers", "serve", "--continuous-batching", "--dtype",
                 dtype, "--device", "cpu", "--port", str(port), "--host", "127.0.0.1", weights]
+    # --guard-details: the finish chunk then says how many tokens were decoded, blocked or not.
     command = [sys.executable, "-m", "oc_engine.cli", "serve", "--port", str(port), "--dtype", dtype,
-               "--max-num-seqs", str(slots), "--log-level", "warning"]
+               "--max-num-seqs", str(slots), "--log-level", "warning", "--guard-details"]
     if kind.startswith("vllm-"):
         command += ["--backend", "vllm"]
     return command + (["--no-guard"] if kind.endswith("unguarded") else [])
@@ -90,9 +91,11 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> Re
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     timing = RequestTiming(time.perf_counter())
+    generated = None  # oc-engine's count of the tokens decoded (its usage counts those shown)
     async for chunk in sse_chunks(client, url, body):
+        generated = (chunk.get("oc_engine") or {}).get("generated_tokens", generated)
         if chunk.get("usage"):
-            timing.tokens = chunk["usage"]["completion_tokens"]
+            timing.tokens = generated if generated is not None else chunk["usage"]["completion_tokens"]
         choices = chunk.get("choices") or []
         if choices and (choices[0].get("delta") or {}).get("content"):
             now = time.perf_counter()

@@ -26,13 +26,17 @@ from oc_engine.cli.common import (check_output_file, engine_config, engine_optio
 @click.option("--allow-guard-override", is_flag=True,
               help="Let a request weaken the guard through its 'oc_engine' settings (turn it off, drop a check, "
                    "check less often). Without it a request can only make the guard stricter.")
+@click.option("--guard-details", is_flag=True,
+              help="Send clients the guard's details: pause points, verdicts with p(unsafe), the reason, the tokens "
+                   "generated, timings, and a stream chunk per pause and verdict. Without it a response depends "
+                   "only on what was shown and whether the guard ended it (the metrics and audit log have all).")
 @click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per pause, verdict, block, fail-closed event and refused request.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
-def serve(model, backend, host, port, served_model_name, api_key, max_waiting, allow_guard_override, audit_log,
-          log_level, **fields):
+def serve(model, backend, host, port, served_model_name, api_key, max_waiting, allow_guard_override, guard_details,
+          audit_log, log_level, **fields):
     """Serve guarded generation over OpenAI's API (chat and completions, streamed or not).
 
     Every stream is guarded token by token: no text the probe held is sent before the
@@ -58,7 +62,8 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
     setup = guard_setup(model, fields, announce)
     name = served_model_name or (EMBEDDED_MODEL_NAME if model is None else str(model))
     server_config = ServerConfig(model_name=name, api_key=api_key, max_waiting=max_waiting,
-                                 allow_guard_override=allow_guard_override, audit_log=audit_log)
+                                 allow_guard_override=allow_guard_override, audit_log=audit_log,
+                                 guard_details=guard_details)
     if backend == "vllm":
         make_llm = vllm_factory(model, config, setup, log=announce)
     else:

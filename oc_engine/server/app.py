@@ -44,13 +44,16 @@ class ServerConfig:
     api_key: required as `Authorization: Bearer <key>` on /v1 routes when set.
     max_waiting: requests accepted beyond the engine's slots; past it, 429.
     allow_guard_override: let a request weaken the guard (see `guard_policy`).
-    audit_log: a JSONL file the guard's events are appended to."""
+    audit_log: a JSONL file the guard's events are appended to.
+    guard_details: send clients the guard's details (see `responses`); off, a response depends
+    only on what was shown and on whether the guard ended it."""
 
     model_name: str
     api_key: str | None = None
     max_waiting: int = 64
     allow_guard_override: bool = False
     audit_log: str | None = None
+    guard_details: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_waiting, int) or isinstance(self.max_waiting, bool) or self.max_waiting < 0:
@@ -232,7 +235,7 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
     if engine.outstanding >= llm.capacity + config.max_waiting:
         raise APIError(429, f"the server is at capacity ({engine.outstanding} requests running or waiting); "
                             "retry later", code="queue_full")
-    builder = ResponseBuilder(rid, config.model_name, chat)
+    builder = ResponseBuilder(rid, config.model_name, chat, details=config.guard_details)
     try:
         handle = engine.add(seq)
     except EngineDead as exc:  # it stopped since `engine_or_503`
@@ -287,8 +290,8 @@ async def _until_finished(engine: AsyncEngine, handle, request: Request):
 
 async def _sse(engine: AsyncEngine, handle, builder: ResponseBuilder, include_usage: bool):
     """Server-sent events: text chunks as the guard releases text, a chunk per pause and verdict
-    (`oc_engine`, no text), the refusal as the last content of a blocked answer, the finish
-    chunk (with the guard's report), the usage if asked, then [DONE]."""
+    (`oc_engine`, no text; with the guard's details only), the refusal as the last content of a
+    blocked answer, the finish chunk (with the guard's report), the usage if asked, then [DONE]."""
     def data(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -309,10 +312,10 @@ async def _sse(engine: AsyncEngine, handle, builder: ResponseBuilder, include_us
                 if isinstance(event, Finished):
                     completion = event.completion
                     yield data(builder.chunk(finish=finish_reason(completion), include_usage=include_usage,
-                                             oc_engine=guard_json(completion)))
+                                             oc_engine=guard_json(completion, builder.details)))
                     if include_usage:
                         yield data(builder.usage_chunk(completion))
-                elif (detail := event_json(event)) is not None:
+                elif builder.details and (detail := event_json(event)) is not None:
                     yield data(builder.chunk(include_usage=include_usage, oc_engine=detail))
             if text:
                 shown += text

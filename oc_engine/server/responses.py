@@ -1,8 +1,15 @@
 """OpenAI response objects and stream chunks, built from oc-engine's typed results.
 
-Every response carries an `oc_engine` object: the guard's status, pause points and verdicts
-(with p(unsafe)). A blocked answer ends with the refusal as its last content and
-`finish_reason: "content_filter"`, OpenAI's value for filtered output.
+Every response carries an `oc_engine` object. A blocked answer ends with the refusal as its
+last content and `finish_reason: "content_filter"`, OpenAI's value for filtered output.
+
+What a client sees of an answer depends only on what was shown and on whether the guard ended
+it: `usage.completion_tokens` counts the tokens released, and the `oc_engine` object holds the
+status, the refusal and that count. The guard's details (pause points, verdicts with
+p(unsafe), the reason, the tokens generated, timings; in a stream, a chunk per pause and
+verdict) would let a client probe the text it was never shown, or tune an attack against both
+stages; they are sent only where the operator allows it (`serve --guard-details`). The metrics
+and the audit log always have them.
 """
 
 from __future__ import annotations
@@ -26,20 +33,23 @@ def finish_reason(completion: Completion) -> str:
     return FINISH_REASONS.get(completion.finish_reason, "stop")
 
 
-def guard_json(completion: Completion) -> dict:
-    """The `oc_engine` object of a finished request."""
+def guard_json(completion: Completion, details: bool = False) -> dict:
+    """The `oc_engine` object of a finished request; `details`: the guard's details too."""
     guard = completion.guard
-    out = {"guarded": guard is not None, "generated_tokens": completion.generated_tokens,
-           "timings": dataclasses.asdict(completion.timings)}
+    out = {"guarded": guard is not None, "released_tokens": len(completion.token_ids)}
     if guard is not None:
-        out.update(status=guard.status, reason=guard.reason, pause_points=list(guard.pause_points),
-                   verdicts=[dataclasses.asdict(v) for v in guard.verdicts], released_tokens=guard.released_tokens,
-                   refusal=completion.refusal)
+        out.update(status=guard.status, refusal=completion.refusal)
+    if details:
+        out.update(generated_tokens=completion.generated_tokens, timings=dataclasses.asdict(completion.timings))
+        if guard is not None:
+            out.update(reason=guard.reason, pause_points=list(guard.pause_points),
+                       verdicts=[dataclasses.asdict(v) for v in guard.verdicts])
     return out
 
 
 def event_json(event) -> dict | None:
-    """A guard event while streaming: a pause (the text after it is held) or a verdict."""
+    """A guard event while streaming (sent only with the guard's details): a pause (the text
+    after it is held) or a verdict."""
     if isinstance(event, Paused):
         return {"event": "paused", "token_index": event.token_index}
     if isinstance(event, VerdictReceived):
@@ -48,16 +58,17 @@ def event_json(event) -> dict | None:
 
 
 def usage(completion: Completion) -> dict:
-    prompt = len(completion.prompt_token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion.generated_tokens,
-            "total_tokens": prompt + completion.generated_tokens}
+    """Tokens the client was shown, not those generated: a count of withheld tokens would say
+    where in the text it never saw the guard (or a stop string) ended the answer."""
+    prompt, released = len(completion.prompt_token_ids), len(completion.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": released, "total_tokens": prompt + released}
 
 
 class ResponseBuilder:
     """Responses of one request to one endpoint (`chat` or `text` completions)."""
 
-    def __init__(self, request_id: str, model: str, chat: bool):
-        self.id, self.model, self.chat = request_id, model, chat
+    def __init__(self, request_id: str, model: str, chat: bool, details: bool = False):
+        self.id, self.model, self.chat, self.details = request_id, model, chat, details
         self.created = int(time.time())
         self._role_sent = False
 
@@ -73,7 +84,8 @@ class ResponseBuilder:
         else:
             choice = {"index": 0, "text": completion.shown_text, "logprobs": None, "finish_reason": reason}
             body = self._base("text_completion")
-        return {**body, "choices": [choice], "usage": usage(completion), "oc_engine": guard_json(completion)}
+        return {**body, "choices": [choice], "usage": usage(completion),
+                "oc_engine": guard_json(completion, self.details)}
 
     def chunk(self, text: str | None = None, *, finish: str | None = None, oc_engine: dict | None = None,
               include_usage: bool = False) -> dict:

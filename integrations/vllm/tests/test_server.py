@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "serve.log"
     command = [str(Path(sys.executable).parent / "oc-engine"), "serve", "--backend", "vllm", "--port", str(port),
                "--dtype", "float32", "--max-num-seqs", "4", "--max-model-len", "512", "--no-compile",
-               "--audit-log", str(audit), "--log-level", "warning"]
+               "--audit-log", str(audit), "--log-level", "warning", "--guard-details"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
