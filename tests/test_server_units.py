@@ -20,7 +20,8 @@ BASE = GuardConfig(every=4, deadline_s=5.0)
     ({"input_check": True}, True, []),
     ({"every": 1, "uncertain": "block", "deadline_s": 1.0}, True, []),
     ({"final_check": True}, True, []),
-    ({"max_held": 1024}, True, []),
+    ({"max_held": 8}, True, []),
+    ({"max_held": 1024}, True, ["max_held 1024 > 64"]),  # the operator bounds what is decoded unseen
     ({"every": 8}, True, ["every 8 > 4"]),
     ({"deadline_s": 60.0}, False, ["deadline_s 60.0 > 5.0"]),
     ({"final_check": False}, False, ["final_check: false", "hold_all: false"]),  # a whole answer: judged whole

@@ -2,8 +2,9 @@
 the server was started with `--allow-guard-override`.
 
 Stricter means: an input check or a final check added, a shorter cadence, uncertain verdicts
-blocked, a shorter deadline, holding the whole answer. Anything else a request asks
-(no guard, a longer cadence or deadline, dropping a check the server makes) is an override.
+blocked, a shorter deadline, fewer tokens held, holding the whole answer. Anything else a
+request asks (no guard, a longer cadence or deadline, more held tokens, dropping a check the
+server makes) is an override.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def weakenings(base: GuardConfig, wanted: GuardConfig, *, stream: bool, has_clas
         found.append(f"every {b.every} > {a.every}")
     if b.deadline_s > a.deadline_s:
         found.append(f"deadline_s {b.deadline_s} > {a.deadline_s}")
+    if b.max_held > a.max_held:  # more decoded past a pause, unseen: the operator's bound on that
+        found.append(f"max_held {b.max_held} > {a.max_held}")
     for name in ("input_check", "final_check", "hold_all"):
         if getattr(a, name) and not getattr(b, name):
             found.append(f"{name}: false")
