@@ -213,6 +213,9 @@ def test_an_api_key_is_required_and_never_logged(guarded):
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{server.base}/v1/models").status_code == 401
     assert KEY not in audit.read_text() and "sk-wrong" not in audit.read_text()
+    for path in ("/docs", "/redoc", "/openapi.json"):  # no map of the API without a key
+        response = httpx.get(f"{server.base}{path}")
+        assert response.status_code == 404 and "error" in response.json()
 
 
 def test_metrics_move(guarded, client):

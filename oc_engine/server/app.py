@@ -149,7 +149,10 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
         finally:
             await asyncio.to_thread(state.close)
 
-    app = FastAPI(title="oc-engine", summary="Guarded, OpenAI-compatible generation", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: an unauthenticated map of the API is no use to a client
+    # of OpenAI's and a help to a scanner (docs/serve.md documents the routes).
+    app = FastAPI(title="oc-engine", summary="Guarded, OpenAI-compatible generation", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.oc = state
 
     @app.middleware("http")
