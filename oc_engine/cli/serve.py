@@ -5,7 +5,10 @@ from __future__ import annotations
 import click
 
 from oc_engine.cli.common import (check_output_file, engine_config, engine_options, guard_options, guard_setup,
-                                       model_option, progress_log, user_errors)
+                                  model_option, progress_log, user_errors)
+from oc_engine.server.config import ServerConfig
+
+LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library's defaults
 
 
 @click.command()
@@ -26,6 +29,14 @@ from oc_engine.cli.common import (check_output_file, engine_config, engine_optio
 @click.option("--allow-guard-override", is_flag=True,
               help="Let a request weaken the guard through its 'oc_engine' settings (turn it off, drop a check, "
                    "check less often). Without it a request can only make the guard stricter.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=LIMITS.max_body_bytes, show_default=True,
+              help="Larger request bodies get 413, before any work.")
+@click.option("--max-messages", type=click.IntRange(min=1), default=LIMITS.max_messages, show_default=True,
+              help="Messages per chat request (400 past it, before any templating).")
+@click.option("--max-message-chars", type=click.IntRange(min=1), default=LIMITS.max_message_chars,
+              show_default=True, help="Characters per message or prompt (400 past it, before tokenization).")
+@click.option("--max-stop-chars", type=click.IntRange(min=1), default=LIMITS.max_stop_chars, show_default=True,
+              help="Characters per stop sequence (at most 4 of them, as OpenAI's API).")
 @click.option("--guard-details", is_flag=True,
               help="Send clients the guard's details: pause points, verdicts with p(unsafe), the reason, the tokens "
                    "generated, timings, and a stream chunk per pause and verdict. Without it a response depends "
@@ -35,8 +46,8 @@ from oc_engine.cli.common import (check_output_file, engine_config, engine_optio
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
-def serve(model, backend, host, port, served_model_name, api_key, max_waiting, allow_guard_override, guard_details,
-          audit_log, log_level, **fields):
+def serve(model, backend, host, port, served_model_name, api_key, max_waiting, allow_guard_override, max_body_bytes,
+          max_messages, max_message_chars, max_stop_chars, guard_details, audit_log, log_level, **fields):
     """Serve guarded generation over OpenAI's API (chat and completions, streamed or not).
 
     Every stream is guarded token by token: no text the probe held is sent before the
@@ -54,7 +65,7 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
     """
     from oc_engine.models.embedded import EMBEDDED_MODEL_NAME
     from oc_engine.llm import LLM
-    from oc_engine.server import ServerConfig, run_server
+    from oc_engine.server import run_server
 
     check_output_file(audit_log, "--audit-log")
     announce = progress_log("oc-engine")
@@ -63,7 +74,8 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
     name = served_model_name or (EMBEDDED_MODEL_NAME if model is None else str(model))
     server_config = ServerConfig(model_name=name, api_key=api_key, max_waiting=max_waiting,
                                  allow_guard_override=allow_guard_override, audit_log=audit_log,
-                                 guard_details=guard_details)
+                                 guard_details=guard_details, max_body_bytes=max_body_bytes, max_messages=max_messages,
+                                 max_message_chars=max_message_chars, max_stop_chars=max_stop_chars)
     if backend == "vllm":
         make_llm = vllm_factory(model, config, setup, log=announce)
     else:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from oc_engine.engine.interface import Engine
 from oc_engine.errors import OcEngineError
-from oc_engine.server.app import ServerConfig, build_app
+from oc_engine.server.config import ServerConfig
 
 __all__ = ["ServerConfig", "build_app", "run_server"]
 
@@ -28,6 +28,8 @@ def run_server(config: ServerConfig, make_llm: Callable[[], Engine], *, host: st
     import socket
 
     import uvicorn
+
+    from oc_engine.server.app import build_app
 
     # Bound before uvicorn starts: its lifespan (which starts loading the model) runs before it
     # binds, so a port in use would otherwise fail with the model half loaded on a thread.
@@ -57,3 +59,12 @@ def run_server(config: ServerConfig, make_llm: Callable[[], Engine], *, host: st
             signal.signal(sig, handler)
     if state.load_error:
         raise OcEngineError(f"the model could not be loaded: {state.load_error}")
+
+
+def __getattr__(name: str):
+    """`build_app` loads FastAPI: only when asked for (the CLI imports this package at start)."""
+    if name == "build_app":
+        from oc_engine.server.app import build_app
+
+        return build_app
+    raise AttributeError(f"module 'oc_engine.server' has no attribute {name!r}")

@@ -17,7 +17,6 @@ import logging
 import threading
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -30,6 +29,7 @@ from oc_engine.engine.interface import AsyncEngine, Engine
 from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Finished, Refused, TextReleased, refusal_piece
 from oc_engine.server.audit import AuditLog
+from oc_engine.server.config import ServerConfig
 from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard
 from oc_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from oc_engine.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -38,37 +38,12 @@ from oc_engine.server.responses import ResponseBuilder, event_json, finish_reaso
 log = logging.getLogger("oc_engine.server")
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """model_name: the name clients send as `model` (and `/v1/models` lists).
-    api_key: required as `Authorization: Bearer <key>` on /v1 routes when set.
-    max_waiting: requests accepted beyond the engine's slots; past it, 429.
-    allow_guard_override: let a request weaken the guard (see `guard_policy`).
-    audit_log: a JSONL file the guard's events are appended to.
-    guard_details: send clients the guard's details (see `responses`); off, a response depends
-    only on what was shown and on whether the guard ended it."""
-
-    model_name: str
-    api_key: str | None = None
-    max_waiting: int = 64
-    allow_guard_override: bool = False
-    audit_log: str | None = None
-    guard_details: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.max_waiting, int) or isinstance(self.max_waiting, bool) or self.max_waiting < 0:
-            raise OcEngineError(f"max_waiting must be an integer >= 0, got {self.max_waiting!r}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise OcEngineError("the API key must not be empty")
-        if not self.model_name:
-            raise OcEngineError("the served model name must not be empty")
-
-
 class APIError(Exception):
     """An OpenAI-style error response."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
+             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -159,6 +134,11 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     async def request_ids(request: Request, call_next):
         prefix = {"/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}.get(request.url.path, "req-")
         request.state.request_id = prefix + uuid.uuid4().hex
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            return _error_response(request, APIError(413, f"the request body is over {config.max_body_bytes} "
+                                                          "bytes (this server's --max-body-bytes)",
+                                                     code="request_too_large"))
         if request.url.path.startswith("/v1/") and config.api_key is not None:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
@@ -212,20 +192,27 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
 # -- one request ------------------------------------------------------------------------
 async def _serve(state: ServerState, request: Request, body, chat: bool):
     engine = state.engine_or_503()
-    config, llm, rid = state.config, engine.llm, request.state.request_id
+    config, llm, rid = state.config, state.llm, request.state.request_id
     if body.model is not None and body.model != config.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves {config.model_name!r}",
                        param="model", code="model_not_found")
     unsupported = body.unsupported()
     if unsupported:
         raise APIError(400, f"{unsupported}: not supported by oc-engine", param=unsupported, code="unsupported")
-    try:
+    _check_limits(config, body, chat)
+
+    def prepare():
         prompt = body.conversation() if chat else _completion_prompt(llm, body.single_prompt())
         guard = request_guard(llm.guard_config, body.oc_engine, stream=body.stream,
                               has_classifier=llm.classifier is not None, allow_override=config.allow_guard_override)
-        asked = body.requested_tokens()
         params = body.sampling_params(asked if asked is not None else llm.max_model_len)
-        seq = llm.prepare_request(prompt, params, request_id=rid, stream=body.stream, guard=guard)
+        return llm.prepare_request(prompt, params, request_id=rid, stream=body.stream, guard=guard)
+
+    asked = body.requested_tokens()
+    try:
+        # Templating and tokenization take seconds for a long prompt: off the event loop, so
+        # /health and every other request are answered meanwhile.
+        seq = await asyncio.to_thread(prepare)
     except GuardOverrideRefused as exc:
         raise APIError(403, str(exc), param="oc_engine", code="guard_override_not_allowed") from None
     except OcEngineError as exc:
@@ -251,6 +238,27 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
     if completion is None:  # the client left; its request was cancelled
         return Response(status_code=499)
     return JSONResponse(builder.full(completion))
+
+
+def _check_limits(config: ServerConfig, body, chat: bool) -> None:
+    """The operator's limits on what a request may ask, checked before any work on it."""
+    texts = [m.text() for m in body.messages] if chat else \
+        ([body.prompt] if isinstance(body.prompt, str) else [p for p in body.prompt if isinstance(p, str)])
+    if chat and len(body.messages) > config.max_messages:
+        raise APIError(400, f"messages: at most {config.max_messages}, got {len(body.messages)}", param="messages",
+                       code="too_many_messages")
+    if not chat and isinstance(body.prompt, list) and len(body.prompt) > config.max_message_chars:
+        raise APIError(400, f"prompt: at most {config.max_message_chars} token ids", param="prompt",
+                       code="prompt_too_long")
+    longest = max((len(t) for t in texts), default=0)
+    if longest > config.max_message_chars:
+        raise APIError(400, f"{'a message' if chat else 'the prompt'} has {longest} characters, over "
+                            f"{config.max_message_chars}", param="messages" if chat else "prompt",
+                       code="message_too_long")
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(len(stop) > config.max_stop_chars for stop in stops):
+        raise APIError(400, f"stop: a stop sequence may have at most {config.max_stop_chars} characters",
+                       param="stop", code="stop_too_long")
 
 
 def _completion_prompt(llm, prompt: str | list[int]) -> list[int]:

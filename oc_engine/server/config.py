@@ -1,0 +1,42 @@
+"""`ServerConfig`: what the operator decides for `oc-engine serve` (its options map onto these
+fields), apart from the engine's and the guard's settings. Importing it loads no web framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from oc_engine.config import check_int
+from oc_engine.errors import OcEngineError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """model_name: the name clients send as `model` (and `/v1/models` lists).
+    api_key: required as `Authorization: Bearer <key>` on /v1 routes when set.
+    max_waiting: requests accepted beyond the engine's slots; past it, 429.
+    allow_guard_override: let a request weaken the guard (see `guard_policy`).
+    audit_log: a JSONL file the guard's events are appended to.
+    guard_details: send clients the guard's details (see `responses`); off, a response depends
+    only on what was shown and on whether the guard ended it.
+    max_body_bytes, max_messages, max_message_chars, max_stop_chars: refused (413, 400) before
+    any templating or tokenization."""
+
+    model_name: str
+    api_key: str | None = None
+    max_waiting: int = 64
+    allow_guard_override: bool = False
+    audit_log: str | None = None
+    guard_details: bool = False
+    max_body_bytes: int = 8 * 2 ** 20
+    max_messages: int = 512
+    max_message_chars: int = 256 * 2 ** 10
+    max_stop_chars: int = 256
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_stop_chars"):
+            check_int(name, getattr(self, name), 1)
+        check_int("max_waiting", self.max_waiting, 0)
+        if self.api_key is not None and not self.api_key.strip():
+            raise OcEngineError("the API key must not be empty")
+        if not self.model_name:
+            raise OcEngineError("the served model name must not be empty")

@@ -1,0 +1,84 @@
+"""The operator's limits, through a started server and raw HTTP: each refusal is OpenAI's error
+JSON before any templating or tokenization, and preparing a request (templating, tokenizing)
+runs off the event loop, so /health answers while a long prompt is being prepared."""
+
+import threading
+
+import httpx
+import pytest
+
+from oc_engine.server import ServerConfig
+from server_helpers import thread_server
+
+LIMITS = dict(max_body_bytes=4096, max_messages=3, max_message_chars=200, max_stop_chars=8)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    from oc_engine.config import UNGUARDED, EngineConfig
+    from oc_engine.llm import LLM
+
+    loaded = tiny("llama")
+    loaded.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    built = {}
+
+    def make_llm():
+        built["llm"] = LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=128), UNGUARDED)
+        return built["llm"]
+
+    try:
+        with thread_server(ServerConfig(model_name="tiny", **LIMITS), make_llm) as (base, _):
+            yield base, built["llm"]
+    finally:
+        loaded.tokenizer.chat_template = None
+
+
+def chat(base, messages, **body):
+    return httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": messages, "max_tokens": 2, **body})
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"messages": [{"role": "user", "content": "w5"}] * 4}, 400, "too_many_messages"),
+    ({"messages": [{"role": "user", "content": "w5 " * 100}]}, 400, "message_too_long"),
+    ({"messages": [{"role": "user", "content": "w5"}], "stop": ["123456789"]}, 400, "stop_too_long"),
+    ({"messages": [{"role": "user", "content": "w5"}], "user": "x" * 5000}, 413, "request_too_large"),
+])
+def test_past_a_limit_is_an_openai_error_before_any_work(server, body, status, code):
+    base, llm = server
+    calls = []
+    original = llm.prepare_request
+    llm.prepare_request = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={"model": "tiny", "max_tokens": 2,
+                                                                                **body})
+    finally:
+        del llm.prepare_request
+    assert response.status_code == status and response.json()["error"]["code"] == code
+    assert not calls  # refused before templating or tokenization
+    assert chat(base, [{"role": "user", "content": "w5 w6"}]).status_code == 200  # and it keeps serving
+
+
+def test_health_answers_while_a_request_is_being_prepared(server):
+    base, llm = server
+    entered, release = threading.Event(), threading.Event()
+    original = llm.prepare_request
+
+    def slow_prepare(*args, **kwargs):  # stands for the templating and tokenizing of a huge prompt
+        entered.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    llm.prepare_request = slow_prepare
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=chat(base, [{"role": "user", "content": "w5"}])))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        health = httpx.get(f"{base}/health", timeout=10)  # answered while the preparation blocks
+        assert health.status_code == 200 and not release.is_set()
+    finally:
+        release.set()
+        worker.join(60)
+        del llm.prepare_request
+    assert result["r"].status_code == 200
