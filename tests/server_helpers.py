@@ -104,11 +104,14 @@ def sse_events(response: httpx.Response) -> list:
     return out
 
 
-def metric(base: str, name: str, **labels) -> float:
-    """One sample's value from /metrics (0 when absent)."""
+def metric(base: str, name: str, key: str | None = None, **labels) -> float:
+    """One sample's value from /metrics (0 when absent); `key`: the server's API key, if any."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    response = httpx.get(f"{base}/metrics", timeout=10, headers=headers)
+    response.raise_for_status()
+    text = response.text
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -123,7 +123,7 @@ def test_eight_concurrent_clients_get_the_tokens_they_get_alone(client):
 
 def test_a_blocked_stream_ends_with_the_refusal_and_shows_no_held_token(guarded, client, reference):
     server, audit = guarded
-    blocks = metric(server.base, "oc_engine_guard_blocks_total")
+    blocks = metric(server.base, "oc_engine_guard_blocks_total", key=KEY)
     text, finish, report, chunks = _chat(client, HARMFUL, stream=True, max_tokens=64)
     run = reference.run([HARMFUL], SamplingParams(max_tokens=64), on_event=lambda e: None)[0]  # streamed, as here
     own = run.completion.guard
@@ -140,7 +140,7 @@ def test_a_blocked_stream_ends_with_the_refusal_and_shows_no_held_token(guarded,
     assert held_text.strip() and held_text.strip() not in text
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert contents[-1].endswith(refusal), "the refusal is the last content"
-    assert metric(server.base, "oc_engine_guard_blocks_total") == blocks + 1
+    assert metric(server.base, "oc_engine_guard_blocks_total", key=KEY) == blocks + 1
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {line["event"] for line in lines if line["request_id"] == chunks[0].id}
     assert {"pause", "verdict", "block"} <= kinds
@@ -223,12 +223,13 @@ def test_metrics_move(guarded, client):
     names = ("oc_engine_requests_total", "oc_engine_prompt_tokens_total", "oc_engine_generation_tokens_total",
              "oc_engine_time_to_first_token_seconds_count", "oc_engine_inter_token_latency_seconds_count",
              "oc_engine_guard_checks_total", "oc_engine_classifier_latency_seconds_count")
-    before = {name: metric(server.base, name) for name in names}
+    before = {name: metric(server.base, name, key=KEY) for name in names}
     _chat(client, BENIGN[2], stream=True)
     _chat(client, BENIGN[2], stream=False)  # its final check asks the classifier
-    after = {name: metric(server.base, name) for name in names}
+    after = {name: metric(server.base, name, key=KEY) for name in names}
     assert all(after[name] > before[name] for name in names), (before, after)
-    text = httpx.get(f"{server.base}/metrics").text
+    assert httpx.get(f"{server.base}/metrics").status_code == 401  # behind the key, as /v1 is
+    text = httpx.get(f"{server.base}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
     for gauge in ("oc_engine_requests_running", "oc_engine_requests_waiting", "oc_engine_guard_pauses_total",
                   "oc_engine_guard_fail_closed_total", "oc_engine_guard_blocks_total"):
         assert gauge in text

@@ -26,6 +26,7 @@ from probe_helpers import fixed, make_probe, plain_llm
 from server_helpers import metric, thread_server
 
 DEADLINE = 0.3
+KEY = "sk-test-secret"
 KINDS = ("allow", "block", "uncertain", "raise", "raise_on_submit", "hang", "nan", "not_a_dict", "unknown_verdict",
          "late_allow")
 FAILURES = {"raise": "error", "raise_on_submit": "error", "nan": "error", "not_a_dict": "error",
@@ -74,7 +75,7 @@ def server(tiny, tmp_path_factory):
 
     loaded = tiny("llama")
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    config = ServerConfig(model_name="tiny", api_key="sk-test-secret", audit_log=str(audit), max_waiting=8,
+    config = ServerConfig(model_name="tiny", api_key=KEY, audit_log=str(audit), max_waiting=8,
                           allow_guard_override=True,  # lets a test give a hanging check a long deadline
                           guard_details=True)  # the tests read each answer's pauses and verdicts
     guard = GuardConfig(every=1, deadline_s=DEADLINE, max_held=8, refusal="REFUSED")
@@ -89,7 +90,7 @@ def server(tiny, tmp_path_factory):
 
     reference = plain_llm(loaded, max_num_seqs=1)
     with thread_server(config, make_llm) as (base, app):
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test-secret", max_retries=0)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
         yield base, client, reference, audit
     classifier.close()
 
@@ -130,7 +131,7 @@ def test_a_stream_shows_only_what_a_valid_allow_covered(server, kind, words, max
 def test_each_fault_is_counted_and_audited_as_fail_closed(server, kind):
     base, client, _, audit = server
     reason = FAILURES[kind]
-    before = metric(base, "oc_engine_guard_fail_closed_total", reason=reason)
+    before = metric(base, "oc_engine_guard_fail_closed_total", key=KEY, reason=reason)
     prompt = f"{WORD[kind]} w7 w8 w9"
     response = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
                                          extra_body={"ignore_eos": True, "oc_engine": {"every": 1}})
@@ -138,7 +139,7 @@ def test_each_fault_is_counted_and_audited_as_fail_closed(server, kind):
     assert response.choices[0].finish_reason == "content_filter"
     assert response.choices[0].text.endswith("REFUSED") and report["status"] == "blocked"
     assert report["verdicts"][-1]["verdict"] == reason
-    assert metric(base, "oc_engine_guard_fail_closed_total", reason=reason) == before + 1
+    assert metric(base, "oc_engine_guard_fail_closed_total", key=KEY, reason=reason) == before + 1
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     mine = [line for line in lines if line["request_id"] == response.id]
     events = [line["event"] for line in mine]
@@ -146,24 +147,24 @@ def test_each_fault_is_counted_and_audited_as_fail_closed(server, kind):
     failed = next(line for line in mine if line["event"] == "fail_closed")
     assert failed["reason"] == reason and failed["prompt"] == prompt
     assert failed["held_text"], "the audit log keeps the text the guard held back"
-    assert "sk-test-secret" not in audit.read_text()
+    assert KEY not in audit.read_text()
 
 
 def test_a_client_that_leaves_cancels_its_request_while_a_check_hangs(server):
     """The engine thread is blocked on the verdict (the only sequence waits for it); the
     disconnect still cancels the request at once, and a new request is served meanwhile."""
     base, client, _, _ = server
-    cancelled = metric(base, "oc_engine_requests_total", outcome="cancelled")
+    cancelled = metric(base, "oc_engine_requests_total", key=KEY, outcome="cancelled")
     body = {"model": "tiny", "prompt": f"{WORD['hang']} w7 w8", "max_tokens": 24, "ignore_eos": True,
             "oc_engine": {"deadline_s": 120.0, "input_check": True}}  # the input check hangs: all is held
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{base}/v1/completions", json=body, headers={"authorization": "Bearer sk-test-secret"},
+        httpx.post(f"{base}/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"},
                    timeout=httpx.Timeout(10.0, read=1.0))
     started = time.monotonic()
-    while metric(base, "oc_engine_requests_total", outcome="cancelled") < cancelled + 1:
+    while metric(base, "oc_engine_requests_total", key=KEY, outcome="cancelled") < cancelled + 1:
         assert time.monotonic() - started < 10, "the request was not cancelled"
         time.sleep(0.05)
-    assert metric(base, "oc_engine_requests_running") == 0
+    assert metric(base, "oc_engine_requests_running", key=KEY) == 0
 
 
 def test_a_new_request_is_admitted_while_every_running_one_waits(server):
@@ -172,7 +173,7 @@ def test_a_new_request_is_admitted_while_every_running_one_waits(server):
             "stream": True, "oc_engine": {"deadline_s": 120.0, "input_check": True}}
     with httpx.Client(timeout=30) as http:
         request = http.build_request("POST", f"{base}/v1/completions", json=body,
-                                     headers={"authorization": "Bearer sk-test-secret"})
+                                     headers={"authorization": f"Bearer {KEY}"})
         hanging = http.send(request, stream=True)  # its input check hangs; at max_held the engine blocks on it
         next(hanging.iter_lines())
         time.sleep(0.5)

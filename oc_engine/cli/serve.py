@@ -37,6 +37,8 @@ LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library
               show_default=True, help="Characters per message or prompt (400 past it, before tokenization).")
 @click.option("--max-stop-chars", type=click.IntRange(min=1), default=LIMITS.max_stop_chars, show_default=True,
               help="Characters per stop sequence (at most 4 of them, as OpenAI's API).")
+@click.option("--metrics-public", is_flag=True,
+              help="Serve /metrics without the API key (with --api-key it is behind the key by default).")
 @click.option("--guard-details", is_flag=True,
               help="Send clients the guard's details: pause points, verdicts with p(unsafe), the reason, the tokens "
                    "generated, timings, and a stream chunk per pause and verdict. Without it a response depends "
@@ -47,7 +49,8 @@ LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library
               show_default=True)
 @user_errors
 def serve(model, backend, host, port, served_model_name, api_key, max_waiting, allow_guard_override, max_body_bytes,
-          max_messages, max_message_chars, max_stop_chars, guard_details, audit_log, log_level, **fields):
+          max_messages, max_message_chars, max_stop_chars, metrics_public, guard_details, audit_log, log_level,
+          **fields):
     """Serve guarded generation over OpenAI's API (chat and completions, streamed or not).
 
     Every stream is guarded token by token: no text the probe held is sent before the
@@ -75,7 +78,8 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
     server_config = ServerConfig(model_name=name, api_key=api_key, max_waiting=max_waiting,
                                  allow_guard_override=allow_guard_override, audit_log=audit_log,
                                  guard_details=guard_details, max_body_bytes=max_body_bytes, max_messages=max_messages,
-                                 max_message_chars=max_message_chars, max_stop_chars=max_stop_chars)
+                                 max_message_chars=max_message_chars, max_stop_chars=max_stop_chars,
+                                 metrics_public=metrics_public)
     if backend == "vllm":
         make_llm = vllm_factory(model, config, setup, log=announce)
     else:

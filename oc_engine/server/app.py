@@ -139,7 +139,9 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
             return _error_response(request, APIError(413, f"the request body is over {config.max_body_bytes} "
                                                           "bytes (this server's --max-body-bytes)",
                                                      code="request_too_large"))
-        if request.url.path.startswith("/v1/") and config.api_key is not None:
+        guarded_path = request.url.path.startswith("/v1/") or (request.url.path == "/metrics"
+                                                                and not config.metrics_public)
+        if guarded_path and config.api_key is not None:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), config.api_key.encode()):

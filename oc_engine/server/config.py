@@ -12,14 +12,16 @@ from oc_engine.errors import OcEngineError
 @dataclass(frozen=True)
 class ServerConfig:
     """model_name: the name clients send as `model` (and `/v1/models` lists).
-    api_key: required as `Authorization: Bearer <key>` on /v1 routes when set.
+    api_key: required as `Authorization: Bearer <key>` on /v1 routes (and /metrics) when set.
     max_waiting: requests accepted beyond the engine's slots; past it, 429.
     allow_guard_override: let a request weaken the guard (see `guard_policy`).
     audit_log: a JSONL file the guard's events are appended to.
     guard_details: send clients the guard's details (see `responses`); off, a response depends
     only on what was shown and on whether the guard ended it.
     max_body_bytes, max_messages, max_message_chars, max_stop_chars: refused (413, 400) before
-    any templating or tokenization."""
+    any templating or tokenization.
+    metrics_public: /metrics answers without the API key (it tells request counts, blocks and
+    fail-closed events: the key guards it by default)."""
 
     model_name: str
     api_key: str | None = None
@@ -31,6 +33,7 @@ class ServerConfig:
     max_messages: int = 512
     max_message_chars: int = 256 * 2 ** 10
     max_stop_chars: int = 256
+    metrics_public: bool = False
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_stop_chars"):
