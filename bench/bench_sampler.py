@@ -14,10 +14,10 @@ import sys
 import torch
 
 import oc_engine.engine.model_runner as model_runner
-from oc_engine.models.loading import load_model
-from oc_engine.engine.prompts import render_prompt
 from oc_engine.config import UNGUARDED, EngineConfig
+from oc_engine.engine.prompts import render_prompt
 from oc_engine.llm import LLM
+from oc_engine.models.loading import load_model
 from oc_engine.params import SamplingParams
 
 

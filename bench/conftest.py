@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from oc_engine.bench.decode import BENCH_PROMPT
-from oc_engine.models.loading import load_model
 from oc_engine.engine.prompts import render_prompt
+from oc_engine.models.loading import load_model
 
 
 def pytest_addoption(parser):

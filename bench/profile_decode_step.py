@@ -27,8 +27,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from oc_engine.bench.decode import BENCH_PROMPT, bench_llm, quiet_probe
-    from oc_engine.models.loading import load_model
     from oc_engine.engine.prompts import render_prompt
+    from oc_engine.models.loading import load_model
     from oc_engine.params import SamplingParams
 
     loaded = load_model(None, dtype="bfloat16", quantize=args.quantize, progress=False)

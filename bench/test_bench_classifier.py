@@ -20,8 +20,8 @@ from oc_engine.guard.classifier import model_inputs
 def minilm(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.export.onnx_export import ExportOptions, export_classifier
+    from oc_engine.models.embedded import embedded_classifier_backbone
 
     root = tmp_path_factory.mktemp("minilm")
     labels = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}

@@ -17,9 +17,9 @@ from oc_engine.bench.guard import GUARD_BENCH_MODES, run_guard_bench
 def classifier(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from oc_engine.export.onnx_export import export_classifier
     from oc_engine.guard.classifier import ExchangeClassifier
     from oc_engine.models.embedded import embedded_classifier_backbone
-    from oc_engine.export.onnx_export import export_classifier
 
     root = tmp_path_factory.mktemp("minilm")
     labels = ("safe_compliance", "safe_refusal", "unsafe_compliance")

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
 from oc_engine.config import DEFAULT, DebugOptions, EngineConfig, GuardSetup
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.requests import PreparesRequests, Prompt
 from oc_engine.engine.sequence import FINISHED, WAITING, Sequence
 from oc_engine.errors import OcEngineError
-from oc_engine.outputs import Completion, Event, Finished
+from oc_engine.guard.policy import GuardConfig
+from oc_engine.outputs import Completion, Event
 from oc_engine.params import SamplingParams
 
 CACHE_BUCKET = 128  # `fit` rounds cache lengths up to this, so nearby jobs share compiled steps
@@ -48,10 +48,10 @@ class LLM(PreparesRequests):
 
     def __init__(self, model=None, config: EngineConfig | None = None, guard: GuardSetup | None = None, *,
                  debug: DebugOptions | None = None, log: Callable[[str], None] | None = None):
-        from oc_engine.models.defaults import resolve_classifier, resolve_probe_dir
-        from oc_engine.models.loading import LoadedModel, load_model, resolve_device
         from oc_engine.engine.model_runner import ModelRunner
         from oc_engine.guard.probe import Probe, load_probe
+        from oc_engine.models.defaults import resolve_classifier, resolve_probe_dir
+        from oc_engine.models.loading import LoadedModel, load_model, resolve_device
 
         self.config = config = config if config is not None else EngineConfig()
         setup = guard if guard is not None else GuardSetup()

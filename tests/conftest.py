@@ -74,8 +74,8 @@ def tiny_classifier(tmp_path_factory):
     """(HF directory, ONNX export directory) of a tiny random BERT with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from oc_engine.models.embedded import embedded_classifier_backbone
     from oc_engine.export.onnx_export import export_classifier
+    from oc_engine.models.embedded import embedded_classifier_backbone
 
     labels = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}
     root = tmp_path_factory.mktemp("classifier")

@@ -46,9 +46,9 @@ def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, **deb
 
 def monitored(tokenizer, prompt: str, config, classifier, **kwargs):
     """A SequenceMonitor over a fresh Sequence, outside any engine: `feed` gives it tokens."""
-    from oc_engine.guard.monitor import SequenceMonitor
     from oc_engine.engine.sequence import Sequence
     from oc_engine.engine.text_stream import TextStream
+    from oc_engine.guard.monitor import SequenceMonitor
     from oc_engine.params import SamplingParams
 
     seq = Sequence(request_id="0", prompt_ids=[1], params=SamplingParams(max_tokens=10_000, ignore_eos=True), key=0,

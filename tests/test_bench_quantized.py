@@ -44,8 +44,8 @@ def test_quality_bench_compares_answers_and_perplexity(tiny_model_dir, tmp_path)
 
 
 def test_llama_cpp_helpers_read_the_gguf_and_link_versioned_libraries(tmp_path):
-    from oc_engine.models.embedded import embedded_gguf_path
     from oc_engine.bench.llama_cpp import _link_versioned_libraries, find_llama_server, gguf_weight_bytes
+    from oc_engine.models.embedded import embedded_gguf_path
 
     size = gguf_weight_bytes(embedded_gguf_path())
     assert 80e6 < size < embedded_gguf_path().stat().st_size  # every tensor, without the metadata

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from oc_engine.errors import OcEngineError
 from oc_engine.guard import classifier_delta
 from oc_engine.guard.classifier_delta import ADAPTER_WEIGHTS, DELTA_CONFIG, materialize, read_delta
-from oc_engine.errors import OcEngineError
 
 LABELS = ("safe_compliance", "safe_refusal", "unsafe_compliance")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from oc_engine.guard.classifier import ExchangeClassifier
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.classifier import ExchangeClassifier
 from oc_engine.params import SamplingParams
 from probe_helpers import guarded_run, make_probe
 

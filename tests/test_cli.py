@@ -32,8 +32,8 @@ def test_generate_streams_text(tmp_path):
 
 @pytest.mark.slow
 def test_the_embedded_model_is_guarded_by_its_shipped_probe():
-    from oc_engine.models.embedded import default_probe_dir
     from oc_engine.guard.probe import load_probe
+    from oc_engine.models.embedded import default_probe_dir
 
     # (conftest hides any default classifier: a pause blocks)
     probe = load_probe(default_probe_dir())

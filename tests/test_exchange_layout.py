@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oc_engine.engine.prompts import conversation_text, last_request
 from oc_engine.guard.exchange_layout import ExchangeLayout, PairTemplate
 from oc_engine.guard.policy import PAUSE, GuardConfig
-from oc_engine.engine.prompts import conversation_text, last_request
 from probe_helpers import feed, monitored
 
 MAX_LENGTH = 96  # a small window, so a few hundred words span many

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from oc_engine.guard.classifier import ExchangeClassifier, model_inputs
 from oc_engine.errors import OcEngineError
 from oc_engine.export.onnx_export import ExportOptions, export_classifier
+from oc_engine.guard.classifier import ExchangeClassifier, model_inputs
 
 LABELS = {0: "safe_compliance", 1: "safe_refusal", 2: "unsafe_compliance"}
 

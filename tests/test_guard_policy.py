@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oc_engine.errors import OcEngineError
 from oc_engine.guard.policy import (NONFINITE, PAUSE, WARN, Check, GuardConfig, Refuse, Release, SequenceGuard, Stop,
                                     token_flags)
-from oc_engine.errors import OcEngineError
 
 REFUSAL = "REFUSED"
 

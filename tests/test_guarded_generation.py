@@ -156,8 +156,8 @@ def test_an_input_check_that_does_not_allow_shows_no_model_token(tiny, verdict):
 
 
 def test_an_allowing_input_check_holds_the_first_tokens_then_shows_the_same_text(tiny):
-    from oc_engine.guard.policy import GuardConfig
     from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.policy import GuardConfig
     from oc_engine.llm import LLM
     from oc_engine.outputs import TextReleased, VerdictReceived
 
@@ -193,9 +193,9 @@ def test_decoding_yields_to_a_check_past_a_quarter_of_its_deadline(tiny):
     OVERDUE_SHARE of its deadline makes the next step wait for verdicts instead of decoding."""
     import time
 
-    from oc_engine.guard.policy import GuardConfig
-    from oc_engine.guard.monitor import OVERDUE_SHARE
     from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.monitor import OVERDUE_SHARE
+    from oc_engine.guard.policy import GuardConfig
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")

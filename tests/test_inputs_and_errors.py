@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from oc_engine.models.loading import load_model, resolve_dtype, resolve_model_source
 from oc_engine.engine.prompts import read_prompts_file
 from oc_engine.errors import OcEngineError
+from oc_engine.models.loading import load_model, resolve_dtype, resolve_model_source
 
 
 def test_jsonl_prompts_file(tmp_path):

@@ -132,8 +132,8 @@ def test_stream_yields_the_released_text_while_another_request_runs(tiny):
 
 
 def test_a_guarded_stream_reports_pauses_verdicts_and_the_refusal_apart(tiny):
-    from oc_engine.guard.policy import GuardConfig
     from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.policy import GuardConfig
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")
@@ -183,8 +183,8 @@ class ContentClassifier(FakeClassifier):
 def test_guard_decisions_do_not_depend_on_arrival_order_or_neighbours(tiny, order, waits, slots, max_held):
     """Each request's shown text, status, pause points and verdicts are those it gets alone,
     whatever order and moment the requests arrive in and however many share the step."""
-    from oc_engine.guard.policy import GuardConfig
     from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.policy import GuardConfig
     from oc_engine.llm import LLM
 
     loaded = tiny("llama")

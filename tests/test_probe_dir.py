@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from oc_engine.guard.probe import ModelFingerprint, load_probe, save_probe
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.probe import ModelFingerprint, load_probe, save_probe
 from probe_helpers import make_probe
 
 

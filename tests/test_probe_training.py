@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from oc_engine.config import EngineConfig, GuardSetup
 from oc_engine.data import Exchange
 from oc_engine.errors import OcEngineError
-from oc_engine.config import EngineConfig, GuardSetup
 from oc_engine.llm import LLM
 from oc_engine.training.activations import Activations, CollectSpec, collect
 from oc_engine.training.probe_calibration import calibrate_probe, replay_pauses

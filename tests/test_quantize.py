@@ -8,9 +8,9 @@ import torch
 
 from conftest import hf_greedy
 from oc_engine.config import UNGUARDED, EngineConfig, GuardSetup
+from oc_engine.errors import OcEngineError
 from oc_engine.models.quantize import (INT4_GROUP, QUANTIZER_VERSION, QuantizedLinear, int4_codes,
                                        linear_weight_bytes, quantize_int8, quantize_model)
-from oc_engine.errors import OcEngineError
 from probe_helpers import make_probe
 from tiny_models import tiny_model
 
@@ -255,8 +255,8 @@ def test_the_shipped_probe_guards_the_quantized_embedded_model(scheme):
     """The shipped probe carries passing re-validation records for both quantizations, made with
     the current quantizer, so the embedded model runs guarded with --quantize out of the box."""
     from oc_engine import LLM, SamplingParams
-    from oc_engine.models.embedded import default_probe_dir
     from oc_engine.guard.probe import load_probe
+    from oc_engine.models.embedded import default_probe_dir
 
     record = load_probe(default_probe_dir()).revalidation(scheme)
     assert record["passed"] and record["quantizer_version"] == QUANTIZER_VERSION

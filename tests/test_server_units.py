@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.prompts import check_messages, conversation_text
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.outputs import Completion, GuardReport, Timings
 from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard, weakenings
 from oc_engine.server.protocol import ChatCompletionRequest, GuardRequest

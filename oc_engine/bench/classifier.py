@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from oc_engine.export.samples import SAMPLE_EXCHANGES
 from oc_engine.guard.check_batcher import pad
 from oc_engine.guard.classifier import load_sequence_classifier, model_inputs
 from oc_engine.guard.exchange_layout import ExchangeLayout
-from oc_engine.export.samples import SAMPLE_EXCHANGES
 
 
 def _encoded(tokenizer, tokens: int) -> dict:
@@ -49,8 +49,8 @@ def run_classifier_bench(export_dir: str | Path, *, lengths=(128, 512), repeats:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from oc_engine.guard.classifier import load_classifier_config
     from oc_engine.export.onnx_export import ExportOptions, export_classifier
+    from oc_engine.guard.classifier import load_classifier_config
 
     export_dir = Path(export_dir)
     config = load_classifier_config(export_dir)

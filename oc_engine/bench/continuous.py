@@ -105,8 +105,8 @@ def _summary(tokens: int, seconds: float, ttft: list[float]) -> dict:
 def run_continuous_bench(loaded: LoadedModel, *, requests: int = 32, slots: int = 8, seed: int = 0,
                          arrival_gap_s: float = 0.25, repeats: int = 1, compile: bool = True,
                          progress: Callable[[str], None] | None = None) -> dict:
-    from oc_engine.engine.prompts import render_prompt
     from oc_engine.config import UNGUARDED, EngineConfig
+    from oc_engine.engine.prompts import render_prompt
     from oc_engine.llm import LLM
 
     reqs = make_requests(requests, seed, arrival_gap_s)

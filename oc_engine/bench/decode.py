@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from oc_engine.engine import accel
-from oc_engine.models.loading import LoadedModel
 from oc_engine.engine.prompts import render_prompt
+from oc_engine.models.loading import LoadedModel
 
 MODES = ("hf_generate", "no_kv_cache", "engine_eager", "engine_compiled")
 GUARD_MODES = ("engine_compiled", "engine_compiled_probe")

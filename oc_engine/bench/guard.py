@@ -34,9 +34,9 @@ import onnxruntime
 import torch
 
 from oc_engine.bench.decode import BENCH_PROMPT, bench_llm, check_bench_length, package_version, quiet_probe
+from oc_engine.engine.prompts import render_prompt
 from oc_engine.guard.policy import GuardConfig
 from oc_engine.models.loading import LoadedModel
-from oc_engine.engine.prompts import render_prompt
 from oc_engine.params import SamplingParams
 
 GUARD_BENCH_MODES = ("unguarded", "probe_only", "escalating", "blocking")

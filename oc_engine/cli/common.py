@@ -150,9 +150,9 @@ def guard_setup(model, fields: dict, log, *, record_trace: bool = False) -> Guar
     import dataclasses
 
     from oc_engine.config import DEFAULT, UNGUARDED
-    from oc_engine.models.defaults import resolve_probe_dir
     from oc_engine.guard.policy import GuardConfig
     from oc_engine.guard.probe import load_probe
+    from oc_engine.models.defaults import resolve_probe_dir
 
     no_guard, probe_dir, classifier_dir = fields.pop("no_guard"), fields.pop("probe_dir"), fields.pop("classifier_dir")
     thresholds = {name: fields.pop(name) for name in ("warn", "pause", "every", "alpha")}

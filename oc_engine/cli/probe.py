@@ -333,9 +333,9 @@ def revalidate_probe(probe_dir, model, dtype, quantize, data_specs, max_exchange
     """
     import dataclasses
 
-    from oc_engine.models.defaults import require_probe
-    from oc_engine.guard.probe import rewrite_probe_config, save_probe
     from oc_engine.errors import OcEngineError
+    from oc_engine.guard.probe import rewrite_probe_config, save_probe
+    from oc_engine.models.defaults import require_probe
     from oc_engine.training.probe_default import MAX_EXCHANGES
     from oc_engine.training.probe_pipeline import ProbeJob
     from oc_engine.training.probe_revalidation import revalidate, with_record

@@ -66,8 +66,8 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
       curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}'
     """
-    from oc_engine.models.embedded import EMBEDDED_MODEL_NAME
     from oc_engine.llm import LLM
+    from oc_engine.models.embedded import EMBEDDED_MODEL_NAME
     from oc_engine.server import run_server
 
     check_output_file(audit_log, "--audit-log")

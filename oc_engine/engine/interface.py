@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol, runtime_checkable
 
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.sequence import Sequence
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.outputs import Completion, Event
 from oc_engine.params import SamplingParams
 

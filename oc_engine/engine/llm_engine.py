@@ -24,10 +24,10 @@ import time
 from collections import deque
 from typing import Callable
 
-from oc_engine.guard.monitor import wait_for_verdicts
 from oc_engine.engine.model_runner import ModelRunner
 from oc_engine.engine.scheduler import Scheduler
 from oc_engine.engine.sequence import DRAINING, FINISHED, RUNNING, WAITING, Sequence
+from oc_engine.guard.monitor import wait_for_verdicts
 from oc_engine.outputs import Completion, Finished, TextReleased, Timings
 
 

@@ -27,12 +27,12 @@ import torch
 
 from oc_engine.engine import accel
 from oc_engine.engine.kv_cache import StaticKVCache
-from oc_engine.models.loading import LoadedModel
-from oc_engine.guard.probe import Probe
-from oc_engine.guard.probe_runtime import ProbeRuntime
 from oc_engine.engine.runners import build_runner
 from oc_engine.engine.sampling import RowSampling, SamplingConfig, sample_rows
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.probe import Probe
+from oc_engine.guard.probe_runtime import ProbeRuntime
+from oc_engine.models.loading import LoadedModel
 
 SPAN_BUCKET = 128  # attention spans are multiples of this (or the whole cache)
 SPAN_MIN_CACHE = 512  # bound attention by the span only in caches longer than this

@@ -10,9 +10,9 @@ import random
 from typing import Any, Iterator
 
 from oc_engine.config import DEFAULT
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.sequence import Sequence
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.params import SamplingParams
 
 Prompt = str | list[int] | list[dict]  # text (the user turn), token ids, or chat messages
@@ -42,10 +42,10 @@ class PreparesRequests:
                    request_id: str | None = None, check_length: bool = True, streaming: bool | None = None,
                    guard: GuardConfig | None | str = DEFAULT) -> list[Sequence]:
         """Validated sequences for these prompts; an error for any bad one before any is queued."""
-        from oc_engine.guard.monitor import SequenceMonitor
         from oc_engine.engine.prompts import conversation_text, is_messages, last_request, render_messages, render_prompt
         from oc_engine.engine.sampling import sequence_keys
         from oc_engine.engine.text_stream import TextStream
+        from oc_engine.guard.monitor import SequenceMonitor
 
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
             prompts = [prompts]  # one prompt: text, token ids or a conversation

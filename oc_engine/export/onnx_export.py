@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from oc_engine.errors import OcEngineError
 from oc_engine.guard.check_batcher import pad
 from oc_engine.guard.classifier import CLASSIFIER_FORMAT, load_sequence_classifier
 from oc_engine.guard.exchange_layout import INPUT_FORMAT, ExchangeLayout
-from oc_engine.errors import OcEngineError
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
 BERT_FUSIONS = {"bert", "roberta", "distilbert", "xlm-roberta", "electra"}  # ORT's "bert" optimizer knows these

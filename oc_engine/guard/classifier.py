@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from oc_engine.errors import OcEngineError
 from oc_engine.guard.check_batcher import CheckBatcher, pad
 from oc_engine.guard.exchange_layout import INPUT_FORMAT, ExchangeLayout
-from oc_engine.errors import OcEngineError
 
 CLASSIFIER_FORMAT = "oc-engine-classifier/2"
 RETIRED_FORMATS = ("oc-engine-classifier/1",)  # `User: ... Assistant: ...`, cut from the right at max_length

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from oc_engine.models import embedded
 from oc_engine.errors import OcEngineError
+from oc_engine.models import embedded
 
 Log = Callable[[str], None]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from oc_engine.models.embedded import EMBEDDED_MODEL_NAME, cache_root, embedded_gguf_path
 from oc_engine.errors import OcEngineError
+from oc_engine.models.embedded import EMBEDDED_MODEL_NAME, cache_root, embedded_gguf_path
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.server.protocol import GuardRequest
 
 

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from oc_engine.data import Exchange
-from oc_engine.guard.probe import ModelFingerprint
 from oc_engine.engine.prompts import render_messages, render_prompt
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.probe import ModelFingerprint
 
 SHARD_EXCHANGES = 512
 

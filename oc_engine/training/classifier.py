@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE, Exchange, read_exchanges
+from oc_engine.errors import OcEngineError
+from oc_engine.export.onnx_export import TRAINING_FILE
 from oc_engine.guard.check_batcher import pad
 from oc_engine.guard.classifier import load_sequence_classifier, model_inputs
 from oc_engine.guard.exchange_layout import ExchangeLayout
-from oc_engine.errors import OcEngineError
-from oc_engine.export.onnx_export import TRAINING_FILE
 from oc_engine.training.calibration import calibrate_block_threshold
 from oc_engine.training.contexts import with_long_requests
 from oc_engine.training.metrics import block_rates, per_class_report

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from oc_engine.data import UNSAFE, Exchange
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.training.probe_calibration import _threshold_for
 
 SAFE_COMPLIANCE, SAFE_REFUSAL = 0, 1

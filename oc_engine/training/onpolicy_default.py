@@ -52,8 +52,8 @@ def embedded_onpolicy_specs(log, progress: bool, loaded=None) -> list[tuple[str,
 
 def default_onpolicy_files(loaded, root: Path, log, progress: bool) -> list[Path]:
     """[sampled answers, topic-matched benign answers, benign twins], collected on first use."""
-    from oc_engine.models.embedded import cache_root
     from oc_engine.guard.probe import ModelFingerprint
+    from oc_engine.models.embedded import cache_root
 
     stem = cache_root() / "onpolicy" / ModelFingerprint.of(loaded.model).weights_hash[:12]
     sampled = Path(f"{stem}-default-v2.jsonl")

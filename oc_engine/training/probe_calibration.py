@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from oc_engine.data import LABELS, UNSAFE
-from oc_engine.guard.policy import PAUSE, WARN, GuardConfig, SequenceGuard, token_flags
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import PAUSE, WARN, GuardConfig, SequenceGuard, token_flags
 from oc_engine.training.activations import Activations
 from oc_engine.training.probe_training import ema_traces, probe_logits
 

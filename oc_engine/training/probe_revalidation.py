@@ -13,8 +13,8 @@ import time
 from datetime import datetime, timezone
 
 from oc_engine.data import UNSAFE
-from oc_engine.guard.probe import REVALIDATION_KEY, Probe
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.probe import REVALIDATION_KEY, Probe
 
 DEFAULT_TOLERANCE = 0.02  # AUROC points a quantized model may lose
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 from oc_engine.config import DEFAULT, EngineConfig, GuardSetup
-from oc_engine.guard.policy import GuardConfig
 from oc_engine.engine.requests import PreparesRequests
 from oc_engine.errors import OcEngineError
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.llm import eos_token_ids
 from oc_engine.outputs import Finished
 from oc_engine.params import SamplingParams
@@ -77,9 +77,9 @@ class VllmLLM(PreparesRequests):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         from oc_engine.guard.classifier import ExchangeClassifier
+        from oc_engine.guard.probe import Probe, load_probe
         from oc_engine.models.defaults import resolve_classifier_dir, resolve_probe_dir
         from oc_engine.models.loading import resolve_model_source
-        from oc_engine.guard.probe import Probe, load_probe
         from oc_engine_vllm.plugin import ARCHITECTURES
         from oc_engine_vllm.score_table import ScoreTable
 

@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from oc_engine.guard.policy import GuardConfig
-from oc_engine.guard.monitor import SequenceMonitor
 from oc_engine.engine.sequence import Sequence
 from oc_engine.engine.text_stream import TextStream
+from oc_engine.guard.monitor import SequenceMonitor
+from oc_engine.guard.policy import GuardConfig
 from oc_engine.kernels.probe_ema import ema_update, probe_ema_reference
 from oc_engine.outputs import Finished, Refused, TextReleased
 from oc_engine.params import SamplingParams
