@@ -266,7 +266,10 @@ def _wait_for(condition, timeout=30.0):
 def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(small):
     cancelled = metric(small.base, "oc_engine_requests_total", outcome="cancelled")
     first_http, first = _open_stream(small)
-    next(first.iter_lines())
+    # Keep the line iterator: a discarded one is closed at once, and httpcore closes the
+    # connection with it, which cancels the request.
+    first_lines = first.iter_lines()
+    next(first_lines)
     _wait_for(lambda: metric(small.base, "oc_engine_requests_running") == 1)
     second_http, second = _open_stream(small)  # accepted: it waits for the slot
     _wait_for(lambda: metric(small.base, "oc_engine_requests_waiting") == 1)
@@ -275,7 +278,8 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(small):
     first.close()
     first_http.close()  # the client goes away: its request is cancelled, the waiting one takes the slot
     _wait_for(lambda: metric(small.base, "oc_engine_requests_waiting") == 0)
-    assert next(second.iter_lines()).startswith("data: ")
+    second_lines = second.iter_lines()
+    assert next(second_lines).startswith("data: ")
     second.close()
     second_http.close()
     _wait_for(lambda: metric(small.base, "oc_engine_requests_running") == 0)

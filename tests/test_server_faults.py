@@ -175,7 +175,8 @@ def test_a_new_request_is_admitted_while_every_running_one_waits(server):
         request = http.build_request("POST", f"{base}/v1/completions", json=body,
                                      headers={"authorization": f"Bearer {KEY}"})
         hanging = http.send(request, stream=True)  # its input check hangs; at max_held the engine blocks on it
-        next(hanging.iter_lines())
+        hanging_lines = hanging.iter_lines()  # kept: a discarded iterator closes the connection
+        next(hanging_lines)
         time.sleep(0.5)
         started = time.monotonic()
         quick = client.completions.create(model="tiny", prompt=f"{WORD['allow']} w9", max_tokens=4, temperature=0)
