@@ -53,7 +53,7 @@ def monitored(tokenizer, prompt: str, config, classifier, **kwargs):
 
     seq = Sequence(request_id="0", prompt_ids=[1], params=SamplingParams(max_tokens=10_000, ignore_eos=True), key=0,
                    limit=10_000, stream=TextStream(tokenizer))
-    seq.guard = SequenceMonitor(seq, tokenizer, prompt, config, classifier, **kwargs)
+    seq.guard = SequenceMonitor(seq, prompt, config, classifier, **kwargs)
     return seq.guard
 
 

@@ -4,8 +4,9 @@ Without `--guard-details`, a blocked answer's response depends only on the text 
 and the fact of the block, not on how much was withheld: usage counts the tokens shown, and
 no pause point, verdict, score or timing reaches the client. (The wifi case: the same blocked
 answer reported 16 completion tokens, and 10 with `"stop": ["steal"]`, which told where
-"steal" sat in text never shown.) Not yet covered: a stop string found in held text still ends
-the answer there, which can change whether it is blocked at all."""
+"steal" sat in text never shown.) Stop strings change nothing of that: a stop string found in
+held text ends the answer there, and the guard then judges the answer as it ends (what the
+user asked for), so all a client sees is either text the classifier allowed or the refusal."""
 
 import httpx
 import pytest
@@ -41,8 +42,9 @@ def normalized(body: dict) -> dict:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(max_tokens=st.integers(3, 24))
-def test_a_blocked_answer_reads_the_same_however_much_was_withheld(server, max_tokens):
+@given(max_tokens=st.integers(3, 24),
+       stop=st.lists(st.sampled_from(["w", "w1", " w", "1", "2 w", "w9", "zz"]), max_size=3))
+def test_a_blocked_answer_reads_the_same_however_much_was_withheld(server, max_tokens, stop):
     base = server
     baseline = httpx.post(f"{base}/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": "w5 w6 w7", "temperature": 0, "max_tokens": 2, "ignore_eos": True}).json()
@@ -51,7 +53,7 @@ def test_a_blocked_answer_reads_the_same_however_much_was_withheld(server, max_t
                                      "status": "blocked", "refusal": "REFUSED"}
     other = httpx.post(f"{base}/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": "w5 w6 w7", "temperature": 0, "max_tokens": max_tokens,
-        "ignore_eos": True}).json()
+        "ignore_eos": True, "stop": stop}).json()
     assert normalized(other) == normalized(baseline)
 
 

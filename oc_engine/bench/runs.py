@@ -121,6 +121,11 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
         return ("continuous batching", f"{report['requests']} requests, {report['slots']} slots, {dtype}: "
                 f"{continuous['tokens_per_s']:.1f} vs {static['tokens_per_s']:.1f} tokens/s for static batches, "
                 f"{report['recompiles_after_warmup']} recompiles")
+    if bench == "text-stream" and "results" in report:
+        rows = report["results"]
+        return ("text stream per token", f"{rows[0]['us_per_token']:.0f} µs at {rows[0]['tokens']} tokens, "
+                f"{rows[-1]['us_per_token']:.0f} µs at {rows[-1]['tokens']} ({report['stop_strings']} stops of "
+                f"{report['stop_chars']} characters)")
     return bench, "see report.json"
 
 

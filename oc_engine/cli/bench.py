@@ -1,4 +1,4 @@
-"""`oc-engine bench decode|guard|classifier|input-check|continuous|serve|long-context`: measure, print a
+"""`oc-engine bench decode|guard|classifier|input-check|continuous|serve|...`: measure, print a
 table or JSON, save (a file, or a run folder with its manifest); `bench results` writes the pages
 generated from the runs."""
 
@@ -206,6 +206,29 @@ def input_check(model, dtype, device, classifier_dir, rounds, new_tokens, out, a
     finally:
         classifier.close()
     _report(report, input_check_markdown_table(report), out, as_json)
+
+
+@bench.command("text-stream")
+@model_option
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--stop-chars", type=click.IntRange(min=1), default=256, show_default=True,
+              help="The length of each of the four stop strings (the server's default limit).")
+@bench_out_option
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def text_stream(model, rounds, stop_chars, out, as_json):
+    """What turning tokens into released text costs per token at 100 to 4,000 tokens (the
+    model's tokenizer only; four stop strings that never match)."""
+    from transformers import AutoTokenizer
+
+    from oc_engine.bench.text_stream import run_text_stream_bench, text_stream_markdown_table
+    from oc_engine.models.loading import resolve_model_source
+
+    _check_out(out)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model))
+    report = run_text_stream_bench(tokenizer, rounds=rounds, stop_chars=stop_chars,
+                                   progress=_progress("text-stream"))
+    _report(report, text_stream_markdown_table(report), out, as_json)
 
 
 @bench.command("quality")

@@ -94,7 +94,7 @@ class PreparesRequests:
                 # A non-streaming call shows nothing before the end: its final check is on by default.
                 config = policy.for_request(streaming=keep_events if streaming is None else streaming,
                                             has_classifier=self.classifier is not None)
-                seq.guard = SequenceMonitor(seq, self.tokenizer, guard_prompt, config, self.classifier,
+                seq.guard = SequenceMonitor(seq, guard_prompt, config, self.classifier,
                                             record_trace=self.record_trace, conversation=conversation)
             seqs.append(seq)
         return seqs

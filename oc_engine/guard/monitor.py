@@ -60,10 +60,10 @@ class SequenceMonitor:
     answer checks judge the answer against; conversation: what the input check judges (every
     turn, the system prompt included; default: `prompt`)."""
 
-    def __init__(self, seq: Sequence, tokenizer, prompt: str, config: GuardConfig, classifier: Classifier | None,
+    def __init__(self, seq: Sequence, prompt: str, config: GuardConfig, classifier: Classifier | None,
                  *, record_trace: bool = False, clock: Callable[[], float] = time.perf_counter,
                  conversation: str | None = None):
-        self.seq, self.tokenizer, self.prompt, self.config, self.classifier = seq, tokenizer, prompt, config, classifier
+        self.seq, self.prompt, self.config, self.classifier = seq, prompt, config, classifier
         self.conversation = prompt if conversation is None else conversation
         self.judged = 0  # the answer's first tokens that an allowed check judged
         self.request_id, self.record_trace, self.clock = seq.request_id, record_trace, clock
@@ -194,10 +194,10 @@ class SequenceMonitor:
             prompt, response, judged_chars = self.conversation, "", 0
         else:
             prompt = self.prompt
-            tokens = self.seq.token_ids
-            response = self.tokenizer.decode(tokens[:check.covers], skip_special_tokens=True)
-            judged_chars = len(self.tokenizer.decode(tokens[:self.judged], skip_special_tokens=True)) \
-                if self.judged else 0
+            # The stream's text, decoded once as the tokens came: no re-decoding per check.
+            stream = self.seq.stream
+            response = stream.text_upto(check.covers)
+            judged_chars = stream.token_ends[self.judged - 1] if self.judged else 0
         submitted = self.clock()
         try:
             # urgent: this sequence's decoding waits for the verdict (held at max_held, or ended).

@@ -200,7 +200,7 @@ def reference(tokenizer, tokens, entries, config, verdicts):
     limit = max(1, len(tokens))  # an input check may block before any token
     seq = Sequence(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=limit, ignore_eos=True),
                    key=0, limit=limit, stream=TextStream(tokenizer, ()))
-    monitor = seq.guard = SequenceMonitor(seq, tokenizer, "a prompt", config, classifier)
+    monitor = seq.guard = SequenceMonitor(seq, "a prompt", config, classifier)
     monitor.start()
     monitor.poll()
     for k, token in enumerate(tokens):
@@ -245,7 +245,7 @@ def test_the_driver_shows_what_the_blocking_design_shows(tokenizer, data):
                                   vllm_params=lambda seq, row, tag: SimpleNamespace(extra_args=spec(table, row, tag)))
         seq = Sequence(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=n, ignore_eos=True),
                        key=0, limit=n, stream=TextStream(tokenizer, ()))
-        seq.guard = SequenceMonitor(seq, tokenizer, "a prompt", config, classifier)
+        seq.guard = SequenceMonitor(seq, "a prompt", config, classifier)
         events = []
 
         async def run():
