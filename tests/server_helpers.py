@@ -41,11 +41,12 @@ def wait_healthy(base: str, timeout: float, alive=lambda: True) -> None:
 class ServerProcess:
     """`oc-engine serve ARGS` in a subprocess; its output goes to `log` (a file)."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, launcher: tuple[str, ...] = ()):
+        """launcher: a script to run in place of `python -m oc_engine.cli` (one that injects a fault)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "oc_engine.cli", "serve", "--port", str(self.port), *args]
+        command = [sys.executable, *(launcher or ("-m", "oc_engine.cli")), "serve", "--port", str(self.port), *args]
         self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

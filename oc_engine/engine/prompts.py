@@ -79,8 +79,13 @@ def render_messages(tokenizer, messages) -> list[int]:
     messages = check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise OcEngineError("this model's tokenizer has no chat template: send raw text instead")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                        enable_thinking=False)
+    from jinja2 import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                            enable_thinking=False)
+    except TemplateError as exc:  # the template's raise_exception: e.g. two user turns in a row
+        raise OcEngineError(f"this model's chat template refuses these messages: {exc}") from None
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 

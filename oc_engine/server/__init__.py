@@ -24,7 +24,8 @@ __all__ = ["ServerConfig", "build_app", "run_server"]
 def run_server(config: ServerConfig, make_llm: Callable[[], Engine], *, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting connections, let the running requests
-    finish, stop the engine, and return. Raises `OcEngineError` if the model could not be loaded."""
+    finish, stop the engine, and return. Raises `OcEngineError` if the model could not be loaded
+or the engine stopped on an error while serving (the command then exits non-zero)."""
     import socket
 
     import uvicorn
@@ -59,6 +60,8 @@ def run_server(config: ServerConfig, make_llm: Callable[[], Engine], *, host: st
             signal.signal(sig, handler)
     if state.load_error:
         raise OcEngineError(f"the model could not be loaded: {state.load_error}")
+    if state.fatal:
+        raise OcEngineError(state.fatal)
 
 
 def __getattr__(name: str):

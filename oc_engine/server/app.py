@@ -66,6 +66,7 @@ class ServerState:
         self.ready = threading.Event()
         self.stopping = False
         self.load_error: str | None = None
+        self.fatal: str | None = None  # why the engine stopped while serving: the process exits non-zero
         self.on_fatal: Callable[[], None] = lambda: None  # set by the runner: stop the server
         self.exiting: Callable[[], bool] = lambda: False  # set by the runner: a signal asked it to stop
 
@@ -98,6 +99,8 @@ class ServerState:
 
     def unavailable(self) -> str | None:
         """Why no request can be served now, or None (for /health and every request)."""
+        if self.fatal is not None:
+            return self.fatal
         if self.stopping or self.exiting():
             return "the server is shutting down"
         if not self.ready.is_set() or self.engine is None:
@@ -105,6 +108,19 @@ class ServerState:
         if not self.engine.alive:
             return f"the engine stopped: {self.engine.error!r}"
         return None
+
+    async def watch_engine(self, every_s: float = 0.2) -> None:
+        """A dead engine thread stops the server (and the process exits non-zero), so that a
+        supervisor restarts it instead of a server that answers 503 forever. The requests in
+        flight got the error from the engine itself."""
+        while True:
+            await asyncio.sleep(every_s)
+            engine = self.engine
+            if engine is not None and not engine.alive and not self.stopping and not self.exiting():
+                self.fatal = f"the engine stopped: {engine.error!r}"
+                log.error("%s; the server stops", self.fatal)
+                self.on_fatal()
+                return
 
     def engine_or_503(self) -> AsyncEngine:
         reason = self.unavailable()
@@ -119,9 +135,11 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="oc-engine-load", daemon=True).start()
+        watcher = asyncio.ensure_future(state.watch_engine())
         try:
             yield
         finally:
+            watcher.cancel()
             await asyncio.to_thread(state.close)
 
     # No /docs, /redoc or /openapi.json: an unauthenticated map of the API is no use to a client
@@ -163,6 +181,14 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return _error_response(request, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        """A bug, not the request's fault: OpenAI's format, audited; the traceback goes to the log
+        (Starlette logs it after this answer), never to the client."""
+        log.error("request %s failed", getattr(request.state, "request_id", "?"), exc_info=exc)
+        return _error_response(request, APIError(500, "internal server error; the server log has the details "
+                                                      f"under this request's id ({type(exc).__name__})"))
 
     @app.get("/health")
     async def health():
@@ -234,7 +260,7 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
         raise APIError(503, str(exc)) from None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_sse(engine, handle, builder, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(state, handle, builder, include_usage), media_type="text/event-stream",
                                  headers={"x-request-id": rid, "cache-control": "no-cache"})
     completion = await _until_finished(engine, handle, request)
     if completion is None:  # the client left; its request was cancelled
@@ -301,7 +327,7 @@ async def _until_finished(engine: AsyncEngine, handle, request: Request):
         raise APIError(503, str(exc)) from None
 
 
-async def _sse(engine: AsyncEngine, handle, builder: ResponseBuilder, include_usage: bool):
+async def _sse(state: ServerState, handle, builder: ResponseBuilder, include_usage: bool):
     """Server-sent events: text chunks as the guard releases text, a chunk per pause and verdict
     (`oc_engine`, no text; with the guard's details only), the refusal as the last content of a
     blocked answer, the finish chunk (with the guard's report), the usage if asked, then [DONE]."""
@@ -311,7 +337,7 @@ async def _sse(engine: AsyncEngine, handle, builder: ResponseBuilder, include_us
     yield data(builder.chunk("", include_usage=include_usage))
     shown = ""
     try:
-        async for events in engine.events(handle):
+        async for events in state.engine.events(handle):
             text = ""
             for event in events:
                 if isinstance(event, (TextReleased, Refused)):
@@ -333,8 +359,12 @@ async def _sse(engine: AsyncEngine, handle, builder: ResponseBuilder, include_us
             if text:
                 shown += text
                 yield data(builder.chunk(text, include_usage=include_usage))
-    except EngineDead as exc:
-        yield data(APIError(503, str(exc)).body())
+    except EngineDead as exc:  # the headers are sent: the error is the stream's last chunk
+        error = APIError(503, str(exc))
+        state.metrics.rejected(error.status)
+        if state.audit is not None:
+            state.audit.error(builder.id, error.status, error.message)
+        yield data(error.body())
     yield "data: [DONE]\n\n"
 
 
