@@ -144,8 +144,10 @@ def test_a_blocked_stream_ends_with_the_refusal_and_shows_no_held_token(guarded,
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {line["event"] for line in lines if line["request_id"] == chunks[0].id}
     assert {"pause", "verdict", "block"} <= kinds
-    block = next(line for line in lines if line["request_id"] == chunks[0].id and line["event"] == "block")
-    assert block["prompt"] == HARMFUL and block["released_text"] == released and block["held_text"]
+    mine = [line for line in lines if line["request_id"] == chunks[0].id]
+    assert mine[0]["event"] == "request" and mine[0]["prompt"] == HARMFUL
+    block = next(line for line in mine if line["event"] == "block")
+    assert block["released_text"] == released and block["held_text"]
 
 
 def test_a_request_may_tighten_the_guard_but_not_weaken_it(client):

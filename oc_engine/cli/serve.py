@@ -9,6 +9,10 @@ from oc_engine.cli.common import (check_output_file, engine_config, engine_optio
 from oc_engine.server.config import ServerConfig
 
 LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library's defaults
+# The options that map one to one onto `ServerConfig`'s fields.
+SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", "audit_max_bytes", "audit_backups",
+                 "audit_required", "guard_details", "max_body_bytes", "max_messages", "max_message_chars",
+                 "max_stop_chars", "metrics_public", "limit_concurrency", "keep_alive_s", "graceful_shutdown_s")
 
 
 @click.command()
@@ -44,13 +48,26 @@ LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library
                    "generated, timings, and a stream chunk per pause and verdict. Without it a response depends "
                    "only on what was shown and whether the guard ended it (the metrics and audit log have all).")
 @click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
-              help="Append one JSON line per pause, verdict, block, fail-closed event and refused request.")
+              help="Append one JSON line per guard event (the prompt once per request) and refused request; "
+                   "created 0600, never through a symlink.")
+@click.option("--audit-max-bytes", type=click.IntRange(min=1), default=LIMITS.audit_max_bytes, show_default=True,
+              help="Rotate the audit log past this size (FILE.1 is the newest old file).")
+@click.option("--audit-backups", type=click.IntRange(min=0), default=LIMITS.audit_backups, show_default=True,
+              help="Old audit log files kept.")
+@click.option("--audit-required", is_flag=True,
+              help="Fail closed on the audit log: once a write fails, no more guarded text is released and "
+                   "/health answers 503.")
+@click.option("--limit-concurrency", type=click.IntRange(min=1), default=LIMITS.limit_concurrency,
+              show_default=True, help="Open connections past which the server answers 503 at once.")
+@click.option("--keep-alive", "keep_alive_s", type=click.FloatRange(min=0, min_open=True),
+              default=LIMITS.keep_alive_s, show_default=True, help="Seconds an idle connection stays open.")
+@click.option("--graceful-shutdown", "graceful_shutdown_s", type=click.FloatRange(min=0, min_open=True),
+              default=LIMITS.graceful_shutdown_s, show_default=True,
+              help="After SIGTERM, seconds the running requests have to finish before they are cut.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
-def serve(model, backend, host, port, served_model_name, api_key, max_waiting, allow_guard_override, max_body_bytes,
-          max_messages, max_message_chars, max_stop_chars, metrics_public, guard_details, audit_log, log_level,
-          **fields):
+def serve(model, backend, host, port, served_model_name, log_level, **fields):
     """Serve guarded generation over OpenAI's API (chat and completions, streamed or not).
 
     Every stream is guarded token by token: no text the probe held is sent before the
@@ -70,16 +87,12 @@ def serve(model, backend, host, port, served_model_name, api_key, max_waiting, a
     from oc_engine.models.embedded import EMBEDDED_MODEL_NAME
     from oc_engine.server import run_server
 
-    check_output_file(audit_log, "--audit-log")
+    check_output_file(fields["audit_log"], "--audit-log")
     announce = progress_log("oc-engine")
+    name = served_model_name or (EMBEDDED_MODEL_NAME if model is None else str(model))
+    server_config = ServerConfig(model_name=name, **{f: fields.pop(f) for f in SERVER_FIELDS})
     config = engine_config(fields)
     setup = guard_setup(model, fields, announce)
-    name = served_model_name or (EMBEDDED_MODEL_NAME if model is None else str(model))
-    server_config = ServerConfig(model_name=name, api_key=api_key, max_waiting=max_waiting,
-                                 allow_guard_override=allow_guard_override, audit_log=audit_log,
-                                 guard_details=guard_details, max_body_bytes=max_body_bytes, max_messages=max_messages,
-                                 max_message_chars=max_message_chars, max_stop_chars=max_stop_chars,
-                                 metrics_public=metrics_public)
     if backend == "vllm":
         make_llm = vllm_factory(model, config, setup, log=announce)
     else:

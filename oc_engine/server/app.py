@@ -60,7 +60,8 @@ class ServerState:
     def __init__(self, config: ServerConfig, make_llm: Callable[[], Engine]):
         self.config, self.make_llm = config, make_llm
         self.metrics = ServerMetrics(config.model_name)
-        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self.audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes, backups=config.audit_backups) \
+            if config.audit_log else None
         self.llm: Engine | None = None
         self.engine: AsyncEngine | None = None
         self.ready = threading.Event()
@@ -101,6 +102,8 @@ class ServerState:
         """Why no request can be served now, or None (for /health and every request)."""
         if self.fatal is not None:
             return self.fatal
+        if self.audit_failed():
+            return f"the audit log cannot be written ({self.audit.failed}) and --audit-required is set"
         if self.stopping or self.exiting():
             return "the server is shutting down"
         if not self.ready.is_set() or self.engine is None:
@@ -108,6 +111,10 @@ class ServerState:
         if not self.engine.alive:
             return f"the engine stopped: {self.engine.error!r}"
         return None
+
+    def audit_failed(self) -> bool:
+        """A write to the audit log failed and the operator requires it: guarded text stops."""
+        return self.config.audit_required and self.audit is not None and self.audit.failed is not None
 
     async def watch_engine(self, every_s: float = 0.2) -> None:
         """A dead engine thread stops the server (and the process exits non-zero), so that a
@@ -265,7 +272,15 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
     completion = await _until_finished(engine, handle, request)
     if completion is None:  # the client left; its request was cancelled
         return Response(status_code=499)
+    _check_audit(state, handle.seq)
     return JSONResponse(builder.full(completion))
+
+
+def _check_audit(state: ServerState, seq) -> None:
+    """Fail closed on the audit log: no guarded text leaves once a required write has failed
+    (the observer that failed ran before this request's events reached its handler)."""
+    if seq.guard is not None and state.audit_failed():
+        raise APIError(503, state.unavailable() or "the audit log cannot be written", code="audit_unavailable")
 
 
 def _check_limits(config: ServerConfig, body, chat: bool) -> None:
@@ -338,6 +353,7 @@ async def _sse(state: ServerState, handle, builder: ResponseBuilder, include_usa
     shown = ""
     try:
         async for events in state.engine.events(handle):
+            _check_audit(state, handle.seq)
             text = ""
             for event in events:
                 if isinstance(event, (TextReleased, Refused)):
@@ -359,8 +375,8 @@ async def _sse(state: ServerState, handle, builder: ResponseBuilder, include_usa
             if text:
                 shown += text
                 yield data(builder.chunk(text, include_usage=include_usage))
-    except EngineDead as exc:  # the headers are sent: the error is the stream's last chunk
-        error = APIError(503, str(exc))
+    except (EngineDead, APIError) as exc:  # the headers are sent: the error is the stream's last chunk
+        error = exc if isinstance(exc, APIError) else APIError(503, str(exc))
         state.metrics.rejected(error.status)
         if state.audit is not None:
             state.audit.error(builder.id, error.status, error.message)
@@ -372,7 +388,8 @@ def _error_response(request: Request, exc: APIError) -> JSONResponse:
     state: ServerState = request.app.state.oc
     request_id = getattr(request.state, "request_id", None) or "req-" + uuid.uuid4().hex
     state.metrics.rejected(exc.status)
-    if state.audit is not None and request.url.path.startswith("/v1/"):
+    # Requests without a valid key are counted (above), not logged: else anyone could fill the disk.
+    if state.audit is not None and request.url.path.startswith("/v1/") and exc.status != 401:
         state.audit.error(request_id, exc.status, exc.message)
     return JSONResponse(exc.body(), status_code=exc.status, headers={"x-request-id": request_id})
 
