@@ -126,6 +126,12 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
         return ("text stream per token", f"{rows[0]['us_per_token']:.0f} µs at {rows[0]['tokens']} tokens, "
                 f"{rows[-1]['us_per_token']:.0f} µs at {rows[-1]['tokens']} ({report['stop_strings']} stops of "
                 f"{report['stop_chars']} characters)")
+    if bench == "soak" and "targets" in report:
+        targets, rss = report["targets"], report["rss"] or {}
+        return ("serve soak", f"{report['requests']} requests by {report['clients']} clients in "
+                f"{report['wall_s'] / 60:.0f} min: {targets['broken']['value']} broken, "
+                f"{targets['audit_lines_lost']['value']} audit lines lost, RSS growth after warm-up "
+                f"{100 * rss.get('growth_after_warmup', 0):.1f}%, p99 {report['latency_s']['p99']} s")
     return bench, "see report.json"
 
 

@@ -231,6 +231,37 @@ def text_stream(model, rounds, stop_chars, out, as_json):
     _report(report, text_stream_markdown_table(report), out, as_json)
 
 
+@bench.command("soak")
+@click.option("--clients", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds to run (the time limit).")
+@click.option("--max-requests", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Requests to send at most (the count limit).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
+              show_default=True, help="The shared data directory (its dev/jbb_behaviors.jsonl prompts).")
+@bench_out_option
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def soak(clients, duration, max_requests, dtype, data_dir, out, as_json):
+    """A bounded soak of a guarded `oc-engine serve` on loopback: good, blocked, malformed,
+    oversized, unauthenticated, disconnecting and slow-reading requests from many clients.
+
+    Reports requests by outcome (none may be neither complete nor a clean error), errors by
+    status, p99 latency, the server's RSS growth after warm-up, and the audit lines lost.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from oc_engine.bench.soak import run_soak_bench, soak_markdown_table
+
+    _check_out(out)
+    log_dir = Path(tempfile.mkdtemp(prefix="oc-bench-soak-"))
+    report = run_soak_bench(clients=clients, duration_s=duration, max_requests=max_requests, dtype=dtype,
+                            data_dir=Path(data_dir), log_dir=log_dir, progress=_progress("soak"))
+    _report(report, soak_markdown_table(report), out, as_json)
+
+
 @bench.command("quality")
 @model_option
 @dtype_option
