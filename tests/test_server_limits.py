@@ -82,3 +82,21 @@ def test_health_answers_while_a_request_is_being_prepared(server):
         worker.join(60)
         del llm.prepare_request
     assert result["r"].status_code == 200
+
+
+def test_a_chunked_body_is_counted_as_it_is_read(server):
+    """No Content-Length to refuse it by: the body is counted and cut off past the limit."""
+    base, _ = server
+
+    def chunks():
+        yield b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"w5 " * 30
+        yield b'"}]}'
+
+    response = httpx.post(f"{base}/v1/chat/completions", timeout=60, content=chunks(),
+                          headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+    assert "--max-body-bytes" in response.json()["error"]["message"]
+    assert chat(base, [{"role": "user", "content": "w5 w6"}]).status_code == 200

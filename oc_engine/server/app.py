@@ -136,6 +136,31 @@ class ServerState:
         return self.engine
 
 
+class BodyLimit:
+    """ASGI middleware: a body sent without a Content-Length (chunked) is counted as it is read;
+    past `max_bytes` reading it fails with a 413 (a Content-Length over it is refused sooner,
+    in `request_ids`)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        read = 0
+
+        async def counted():
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise StarletteHTTPException(413, f"the request body is over {self.max_bytes} bytes "
+                                                      "(this server's --max-body-bytes)")
+            return message
+        return await self.app(scope, counted, send)
+
+
 def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     state = ServerState(config, make_llm)
 
@@ -154,6 +179,7 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     app = FastAPI(title="oc-engine", summary="Guarded, OpenAI-compatible generation", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.oc = state
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.middleware("http")
     async def request_ids(request: Request, call_next):
