@@ -87,7 +87,7 @@ def test_four_concurrent_streams_are_each_guarded_on_their_own(server):
 
     async def all_four():
         client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
-        return await asyncio.gather(*(one(client, p) for p in (HARMFUL[0], BENIGN[0], HARMFUL[1], BENIGN[1])))
+        return await asyncio.gather(*(one(client, p) for p in (HARMFUL[0], BENIGN[0], HARMFUL[0], BENIGN[1])))
 
     results = asyncio.run(all_four())
     for (text, _verdicts, (finish, report)), harmful in zip(results, (True, False, True, False)):
@@ -117,3 +117,28 @@ def test_metrics_and_the_audit_log_see_the_guard(server, client):
     assert "oc_engine_guard_checks_total" in metrics
     audit = server[1].read_text()
     assert '"block"' in audit
+
+
+def test_the_audit_log_is_private_and_writes_the_prompt_once(server, client):
+    import json
+    import stat
+
+    blocked = chat(client, HARMFUL[0])
+    assert blocked.choices[0].finish_reason == "content_filter"
+    path = server[1]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    mine = [line for line in map(json.loads, path.read_text().splitlines()) if line["request_id"] == blocked.id]
+    assert [line["event"] for line in mine][0] == "request" and mine[-1]["event"] == "end"
+    assert "block" in {line["event"] for line in mine}
+    assert [line.get("prompt") for line in mine] == [HARMFUL[0]] + [None] * (len(mine) - 1)
+
+
+def test_limits_are_checked_before_any_work(server):
+    base = server[0]
+    too_long = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "a" * (256 * 2 ** 10 + 1)}], "max_tokens": 2})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "message_too_long"
+    huge = httpx.post(f"{base}/v1/chat/completions", timeout=60, content=b" " * (8 * 2 ** 20 + 1),
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 200
