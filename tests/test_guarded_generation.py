@@ -229,3 +229,51 @@ def test_a_non_streaming_answer_blocked_at_its_final_check_shows_only_the_refusa
     assert whole.guard.status == "blocked" and whole.guard.verdicts[-1].final
     assert whole.text == "" and whole.token_ids == () and whole.guard.released_tokens == 0
     assert whole.refusal is not None and len(whole.guard.verdicts) == 1
+
+
+def test_a_finished_answer_is_handed_back_before_a_step_blocks_on_another(tiny):
+    """One request holds at max_held on a check that never answers (deadline 120 s); another
+    finishes meanwhile. Its Finished must come back from the step that made it, not after the
+    step has waited out the first one's deadline (the server held it for 120 s)."""
+    import concurrent.futures as cf
+    import threading
+    from dataclasses import replace
+
+    from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.policy import GuardConfig
+    from oc_engine.llm import LLM
+    from oc_engine.outputs import Finished
+
+    class HangsOnW9:
+        """Never answers a w9 prompt; allows any other at once (its verdict is there when the
+        next step begins, the case that blocked)."""
+
+        def submit(self, prompt, response, urgent=False, judged_chars=0):
+            future = cf.Future()
+            if not prompt.startswith("w9"):
+                future.set_result({"verdict": "allow", "p_unsafe": 0.0})
+            return future
+
+    loaded = tiny("llama")
+    policy = GuardConfig(every=1, max_held=4, refusal=REFUSAL)
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=2, max_model_len=64),
+              GuardSetup(probe=make_probe(loaded.model, bias=20.0), classifier=HangsOnW9(), policy=policy))
+    hanging = llm.prepare_request("w9 w7", fixed(24), stream=True, guard=replace(policy, deadline_s=120.0))
+    llm.add_request(hanging)
+    while not hanging.guard.must_wait:
+        llm.step()
+    fired = threading.Event()
+    rescue = threading.Timer(60, lambda: (fired.set(), llm.wake()))  # a failing test ends, not hangs
+    rescue.start()
+    try:
+        quick = llm.prepare_request("w5 w6", fixed(3), stream=True)
+        llm.add_request(quick)
+        finished = []
+        while not finished:
+            finished = [e for e in llm.step() if isinstance(e, Finished) and e.request_id == quick.request_id]
+        assert not fired.is_set(), "the finished answer waited for the other request's deadline"
+        assert finished[0].completion.guard.status == "completed"
+    finally:
+        rescue.cancel()
+        llm.cancel(hanging.request_id)
+        llm.step()

@@ -41,6 +41,7 @@ class LLMEngine:
         self.draining: list[Sequence] = []
         self.inflight: deque = deque()  # launched steps whose outputs the host has not read yet
         self._wake = cf.Future()  # done: a step blocked on verdicts returns early (see `wake`)
+        self._emitted = 0  # events emitted so far: a step that made some must not block before returning them
 
     # -- requests -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -90,10 +91,14 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> None:
         self.run_checks()
+        emitted = self._emitted
         self._poll_guards()
+        # A step blocks only if it has nothing to hand back: events made before a block would
+        # reach their callers only after it (a finished answer held for a stranger's deadline).
+        idle = lambda: self._emitted == emitted  # noqa: E731
         overdue = [s.guard for s in (*self.scheduler.running.values(), *self.draining)
                    if s.guard is not None and s.guard.overdue()]
-        if overdue:  # a starved check: decoding yields the machine until a verdict arrives
+        if overdue and idle():  # a starved check: decoding yields the machine until a verdict arrives
             self._wait(overdue)
             self._poll_guards()
             return
@@ -120,7 +125,7 @@ class LLMEngine:
             self._read_oldest()
         else:
             waiting = [s.guard for s in (*self.scheduler.running.values(), *self.draining) if s.guard is not None]
-            if waiting:
+            if waiting and idle():
                 self._wait(waiting)  # every live sequence waits for a verdict
                 self._poll_guards()
 
@@ -206,6 +211,7 @@ class LLMEngine:
         self._emit(seq, [Finished(seq.request_id, seq.completion)])
 
     def _emit(self, seq: Sequence, events: list) -> None:
+        self._emitted += len(events)
         if seq.first_text_at is None and any(isinstance(e, TextReleased) and e.text for e in events):
             seq.first_text_at = self.clock()  # the user's time to first token: the guard may hold the first ones
         seq.emit(events)
