@@ -100,3 +100,29 @@ def test_a_chunked_body_is_counted_as_it_is_read(server):
     assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
     assert "--max-body-bytes" in response.json()["error"]["message"]
     assert chat(base, [{"role": "user", "content": "w5 w6"}]).status_code == 200
+
+
+def test_past_the_concurrency_limit_is_a_json_503_at_once(tiny):
+    """A stream holds its place until it ends; the next request is refused in OpenAI's format."""
+    from oc_engine.config import UNGUARDED, EngineConfig
+    from oc_engine.llm import LLM
+    from server_helpers import metric
+
+    loaded = tiny("llama")
+
+    def make_llm():
+        return LLM(loaded, EngineConfig(compile=False, max_num_seqs=1, max_model_len=128), UNGUARDED)
+
+    body = {"model": "tiny", "prompt": "w5", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with thread_server(ServerConfig(model_name="tiny", limit_concurrency=1), make_llm) as (base, _):
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{base}/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                next(lines)
+                refused = httpx.post(f"{base}/v1/completions", timeout=60, json={**body, "stream": False})
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "too_many_requests_in_progress"
+                rest = list(lines)
+        assert "data: [DONE]" in rest
+        assert metric(base, "oc_engine_requests_total", outcome="503") == 1
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200  # the stream's place is free again

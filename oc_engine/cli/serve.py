@@ -58,7 +58,8 @@ SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", 
               help="Fail closed on the audit log: once a write fails, no more guarded text is released and "
                    "/health answers 503.")
 @click.option("--limit-concurrency", type=click.IntRange(min=1), default=LIMITS.limit_concurrency,
-              show_default=True, help="Open connections past which the server answers 503 at once.")
+              show_default=True,
+              help="Requests in progress (a stream until it ends) past which a new one gets 503 at once.")
 @click.option("--keep-alive", "keep_alive_s", type=click.FloatRange(min=0, min_open=True),
               default=LIMITS.keep_alive_s, show_default=True, help="Seconds an idle connection stays open.")
 @click.option("--graceful-shutdown", "graceful_shutdown_s", type=click.FloatRange(min=0, min_open=True),

@@ -44,7 +44,8 @@ or the engine stopped on an error while serving (the command then exits non-zero
         raise OcEngineError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     app = build_app(config, make_llm)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                           limit_concurrency=config.limit_concurrency,
+                                           # a backstop: the app answers past its own limit in JSON
+                                           limit_concurrency=config.limit_concurrency + 64,
                                            timeout_keep_alive=config.keep_alive_s,
                                            timeout_graceful_shutdown=config.graceful_shutdown_s))
     state = app.state.oc

@@ -136,17 +136,34 @@ class ServerState:
         return self.engine
 
 
-class BodyLimit:
-    """ASGI middleware: a body sent without a Content-Length (chunked) is counted as it is read;
-    past `max_bytes` reading it fails with a 413 (a Content-Length over it is refused sooner,
-    in `request_ids`)."""
+class RequestLimits:
+    """ASGI middleware: past `limit_concurrency` requests in progress (a stream counts until it
+    ends) a new one gets a 503 in OpenAI's format at once, before any work (uvicorn's own limit
+    answers plain text). It is counted, not audited: it is refused before its key is read, and
+    a flood of them must not fill the disk. A body sent without a Content-Length (chunked) is
+    counted as it is read: past `max_body_bytes` reading it fails with a 413 (a Content-Length
+    over it is refused sooner, in `request_ids`)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        self.max_bytes, self.max_open = state.config.max_body_bytes, state.config.limit_concurrency
+        self.open = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.open >= self.max_open:
+            error = APIError(503, f"the server has {self.open} requests in progress (its --limit-concurrency); "
+                                  "retry later", code="too_many_requests_in_progress")
+            self.state.metrics.rejected(error.status)
+            return await JSONResponse(error.body(), status_code=503)(scope, receive, send)
+        self.open += 1
+        try:
+            await self._app_counting_body(scope, receive, send)
+        finally:
+            self.open -= 1
+
+    async def _app_counting_body(self, scope, receive, send):
         read = 0
 
         async def counted():
@@ -179,7 +196,7 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     app = FastAPI(title="oc-engine", summary="Guarded, OpenAI-compatible generation", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.oc = state
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestLimits, state=state)
 
     @app.middleware("http")
     async def request_ids(request: Request, call_next):

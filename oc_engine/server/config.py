@@ -25,7 +25,7 @@ class ServerConfig:
     any templating or tokenization.
     metrics_public: /metrics answers without the API key (it tells request counts, blocks and
     fail-closed events: the key guards it by default).
-    limit_concurrency: open connections past which uvicorn answers 503 at once;
+    limit_concurrency: requests in progress past which a new one gets a 503 at once;
     keep_alive_s: how long an idle connection stays open; graceful_shutdown_s: after SIGTERM,
     how long running requests may take to finish before they are cut."""
 
