@@ -128,7 +128,9 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
                 f"{report['stop_chars']} characters)")
     if bench == "soak" and "targets" in report:
         targets, rss = report["targets"], report["rss"] or {}
-        return ("serve soak", f"{report['requests']} requests by {report['clients']} clients in "
+        backend = report.get("settings", {}).get("backend", "native")
+        what = "serve soak" + (f", --backend {backend}" if backend != "native" else "")
+        return (what, f"{report['requests']} requests by {report['clients']} clients in "
                 f"{report['wall_s'] / 60:.0f} min: {targets['broken']['value']} broken, "
                 f"{targets['audit_lines_lost']['value']} audit lines lost, RSS growth after warm-up "
                 f"{100 * rss.get('growth_after_warmup', 0):.1f}%, p99 {report['latency_s']['p99']} s")

@@ -253,7 +253,7 @@ def soak_markdown_table(report: dict) -> str:
 
 
 def run_soak_bench(*, clients: int, duration_s: float, max_requests: int, dtype: str, data_dir: Path,
-                   log_dir: Path, slots: int = 8, progress=lambda s: None) -> dict:
+                   log_dir: Path, slots: int = 8, backend: str = "native", progress=lambda s: None) -> dict:
     """Start a guarded `oc-engine serve` (API key, audit log, tighter limits so that the bad
     requests stay cheap), soak it, stop it with SIGTERM, and read its audit log back."""
     import secrets
@@ -264,14 +264,16 @@ def run_soak_bench(*, clients: int, duration_s: float, max_requests: int, dtype:
     benign, harmful = _prompts(data_dir)
     port, key = free_port(), "sk-soak-" + secrets.token_hex(8)
     audit = log_dir / "audit.jsonl"
-    settings = {"clients": clients, "duration_s": duration_s, "max_requests": max_requests, "dtype": dtype,
+    settings = {"backend": backend, "clients": clients, "duration_s": duration_s, "max_requests": max_requests,
+                "dtype": dtype,
                 "slots": slots, "max_tokens": MAX_TOKENS, "max_body_bytes": 2 ** 20, "max_message_chars": 65536,
                 "audit_max_bytes": 2 ** 20, "kinds": list(KINDS)}
     command = [sys.executable, "-m", "oc_engine.cli", "serve", "--port", str(port), "--dtype", dtype,
                "--max-num-seqs", str(slots), "--max-waiting", str(4 * clients), "--api-key", key,
                "--audit-log", str(audit), "--audit-max-bytes", str(settings["audit_max_bytes"]),
                "--audit-backups", "1000", "--max-body-bytes", str(settings["max_body_bytes"]),
-               "--max-message-chars", str(settings["max_message_chars"]), "--log-level", "warning"]
+               "--max-message-chars", str(settings["max_message_chars"]), "--log-level", "warning",
+               "--backend", backend]
     log = log_dir / "server.log"
     progress(f"starting the server (log {log})")
     proc = start_server(command, log)
@@ -306,11 +308,26 @@ def _prompts(data_dir: Path) -> tuple[list[str], list[str]]:
 
 
 def _rss(pid: int) -> int:
-    """A process's resident set, in bytes (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """The resident set of a process and all its descendants, in bytes (Linux): vLLM runs its
+    engine core in a child process."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def _quantile(values: list[float], q: float) -> float | None:

@@ -238,12 +238,15 @@ def text_stream(model, rounds, stop_chars, out, as_json):
 @click.option("--max-requests", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Requests to send at most (the count limit).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
+@click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
+              help="The server's --backend (vllm: run from the plugin's environment, uv run --project "
+                   "integrations/vllm oc-engine bench soak --backend vllm).")
 @click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
               show_default=True, help="The shared data directory (its dev/jbb_behaviors.jsonl prompts).")
 @bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
-def soak(clients, duration, max_requests, dtype, data_dir, out, as_json):
+def soak(clients, duration, max_requests, dtype, backend, data_dir, out, as_json):
     """A bounded soak of a guarded `oc-engine serve` on loopback: good, blocked, malformed,
     oversized, unauthenticated, disconnecting and slow-reading requests from many clients.
 
@@ -258,7 +261,7 @@ def soak(clients, duration, max_requests, dtype, data_dir, out, as_json):
     _check_out(out)
     log_dir = Path(tempfile.mkdtemp(prefix="oc-bench-soak-"))
     report = run_soak_bench(clients=clients, duration_s=duration, max_requests=max_requests, dtype=dtype,
-                            data_dir=Path(data_dir), log_dir=log_dir, progress=_progress("soak"))
+                            backend=backend, data_dir=Path(data_dir), log_dir=log_dir, progress=_progress("soak"))
     _report(report, soak_markdown_table(report), out, as_json)
 
 
