@@ -53,15 +53,16 @@ class RequestTiming:
     end: float = 0.0
 
 
-def benign_prompts(data_dir: Path) -> list[str]:
+def jbb_prompts(data_dir: Path, label: str) -> list[str]:
+    """The JailbreakBench behaviours of `label` (benign, harmful) in the shared data directory."""
     path = data_dir / "dev" / "jbb_behaviors.jsonl"
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except OSError as exc:
         raise OcEngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    prompts = [r["prompt"] for r in rows if r.get("prompt_label") == "benign"]
+    prompts = [r["prompt"] for r in rows if r.get("prompt_label") == label]
     if not prompts:
-        raise OcEngineError(f"{path} has no benign prompts")
+        raise OcEngineError(f"{path} has no {label} prompts")
     return prompts
 
 
@@ -154,7 +155,7 @@ def _steady_rate(timings: list[RequestTiming], start: float, until: float) -> fl
 def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...], requests: tuple[int, ...],
                     max_tokens: int, dtype: str, data_dir: Path, weights: str,
                     progress: Callable[[str], None] = lambda s: None, log_dir: Path | None = None) -> dict:
-    prompts = benign_prompts(data_dir)
+    prompts = jbb_prompts(data_dir, "benign")
     results = {}
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="oc-bench-serve-"))
     for kind in servers:

@@ -259,9 +259,9 @@ def run_soak_bench(*, clients: int, duration_s: float, max_requests: int, dtype:
     import secrets
     import sys
 
-    from oc_engine.bench.serve import free_port, start_server, stop_server, wait_healthy
+    from oc_engine.bench.serve import free_port, jbb_prompts, start_server, stop_server, wait_healthy
 
-    benign, harmful = _prompts(data_dir)
+    benign, harmful = jbb_prompts(data_dir, "benign"), jbb_prompts(data_dir, "harmful")
     port, key = free_port(), "sk-soak-" + secrets.token_hex(8)
     audit = log_dir / "audit.jsonl"
     settings = {"backend": backend, "clients": clients, "duration_s": duration_s, "max_requests": max_requests,
@@ -290,21 +290,6 @@ def run_soak_bench(*, clients: int, duration_s: float, max_requests: int, dtype:
     settings["exit_code"] = proc.returncode
     paths = [audit] + sorted(log_dir.glob("audit.jsonl.*"), key=lambda p: -int(p.suffix[1:]))
     return soak_report(summarize(plan, load), check_audit(paths, plan.outcomes), settings)
-
-
-def _prompts(data_dir: Path) -> tuple[list[str], list[str]]:
-    from oc_engine.errors import OcEngineError
-
-    path = data_dir / "dev" / "jbb_behaviors.jsonl"
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise OcEngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    benign = [r["prompt"] for r in rows if r.get("prompt_label") == "benign"]
-    harmful = [r["prompt"] for r in rows if r.get("prompt_label") == "harmful"]
-    if not benign or not harmful:
-        raise OcEngineError(f"{path} needs benign and harmful prompts")
-    return benign, harmful
 
 
 def _rss(pid: int) -> int:

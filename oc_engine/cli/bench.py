@@ -37,6 +37,12 @@ def bench_out_option(fn):
                              "bench/results/runs/ for `oc-engine bench results` to list.")(fn)
 
 
+def jbb_data_option(fn):
+    return click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
+                        show_default=True,
+                        help="The shared data directory (its dev/jbb_behaviors.jsonl prompts).")(fn)
+
+
 def _check_out(out: str | None) -> None:
     if out is not None and Path(out).suffix.lower() == ".json":
         check_output_file(out, "--out")
@@ -241,8 +247,7 @@ def text_stream(model, rounds, stop_chars, out, as_json):
 @click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
               help="The server's --backend (vllm: run from the plugin's environment, uv run --project "
                    "integrations/vllm oc-engine bench soak --backend vllm).")
-@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
-              show_default=True, help="The shared data directory (its dev/jbb_behaviors.jsonl prompts).")
+@jbb_data_option
 @bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
@@ -362,8 +367,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
               help="Requests sent at each concurrency, comma-separated (one per --concurrency value).")
 @click.option("--max-tokens", type=click.IntRange(1, 2048), default=128, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default="../shared/data",
-              show_default=True, help="The shared data directory (its dev/jbb_behaviors.jsonl benign prompts).")
+@jbb_data_option
 @bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
