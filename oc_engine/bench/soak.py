@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 KINDS = ("stream", "whole", "blocked", "malformed", "stream", "oversized", "slow_reader", "too_long",
          "unauthenticated", "disconnect", "blocked", "stream")
@@ -57,8 +58,8 @@ class SoakPlan:
 async def _request(client, plan: SoakPlan, kind: str, n: int) -> Outcome:
     url = f"{plan.base}/v1/chat/completions"
     auth = {"authorization": f"Bearer {plan.api_key}"}
-    prompt = (plan.harmful if kind == "blocked" else plan.benign)[n % len(plan.harmful if kind == "blocked"
-                                                                             else plan.benign)]
+    pool = plan.harmful if kind == "blocked" else plan.benign
+    prompt = pool[n % len(pool)]
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": kind in ("stream", "blocked", "slow_reader", "disconnect")}
     start = time.perf_counter()
@@ -144,7 +145,7 @@ def _judge_error(outcome: Outcome, content: bytes) -> None:
     outcome.detail = f"HTTP {outcome.status} without OpenAI's error JSON: {content[:200]!r}"
 
 
-async def run_soak_load(plan: SoakPlan, rss: callable = None, progress=None) -> dict:
+async def run_soak_load(plan: SoakPlan, rss: Callable[[], int] | None = None, progress=None) -> dict:
     """Drive the server; returns the outcomes' summary and the RSS samples (seconds, bytes)."""
     import httpx
 

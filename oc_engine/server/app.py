@@ -2,10 +2,12 @@
 
 `build_app(config, make_llm)` returns the app. The model loads on a thread once the server is
 up (so `/health` answers 503 meanwhile), is warmed up (both compiled steps and the
-classifier), and is then driven by its `AsyncEngine`. A request is validated, tokenized and given
-its guard here, on the event loop, so a bad one is answered at once and nothing of it reaches
-the engine; a good one is added to the engine and its events become the response (or the
-server-sent events of a stream). Only text the guard released leaves this module.
+classifier), and is then driven by its `AsyncEngine`. A request is checked against the
+operator's limits, then templated, tokenized and given its guard here (the templating on a
+worker thread), so a bad one is answered at once and nothing of it reaches the engine; a good
+one is added to the engine and its events become the response (or the server-sent events of a
+stream). Only text the guard released leaves this module. If the engine dies, `watch_engine`
+stops the server; a failed write to a required audit log stops every guarded answer.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class ServerState:
 
 class RequestLimits:
     """ASGI middleware: past `limit_concurrency` requests in progress (a stream counts until it
-    ends) a new one gets a 503 in OpenAI's format at once, before any work (uvicorn's own limit
+    ends; /health and /metrics neither count nor are refused) a new one gets a 503 in OpenAI's format at once, before any work (uvicorn's own limit
     answers plain text). It is counted, not audited: it is refused before its key is read, and
     a flood of them must not fill the disk. A body sent without a Content-Length (chunked) is
     counted as it is read: past `max_body_bytes` reading it fails with a 413 (a Content-Length
@@ -150,8 +152,8 @@ class RequestLimits:
         self.open = 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in ("/health", "/metrics"):
+            return await self.app(scope, receive, send)  # a busy server is still a healthy one
         if self.open >= self.max_open:
             error = APIError(503, f"the server has {self.open} requests in progress (its --limit-concurrency); "
                                   "retry later", code="too_many_requests_in_progress")
