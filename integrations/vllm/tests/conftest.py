@@ -2,6 +2,9 @@
 per module (an engine costs about 45 s on two cores)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +49,22 @@ def assert_same_tokens_and_scores(ours, theirs, tolerance=1e-4):
         assert max(abs(a - b) for a, b in zip(mine.scores, ref.scores)) < tolerance
         assert max(abs(a - b) for a, b in zip(mine.emas, ref.emas)) < tolerance
 
+
+def start_vllm_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`oc-engine serve --backend vllm ARGS` on a free port, ready (/health 200); (process, base URL)."""
+    from oc_engine.bench.serve import free_port, wait_healthy
+    from oc_engine.errors import OcEngineError
+
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "oc-engine"), "serve", "--backend", "vllm", "--port", str(port),
+               "--dtype", "float32", "--max-model-len", "512", "--no-compile", "--log-level", "warning", *args]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, process, log, timeout=300)
+    except OcEngineError as exc:
+        process.kill()
+        process.wait()
+        pytest.fail(f"{exc}:\n{log.read_text()[-3000:]}")
+    return process, base

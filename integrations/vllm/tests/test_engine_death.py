@@ -5,15 +5,11 @@ that a supervisor restarts it, as the native server does when its engine thread 
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
-import pytest
 
-from oc_engine.bench.serve import free_port, wait_healthy
-from oc_engine.errors import OcEngineError
+from conftest import start_vllm_server
 
 
 def _children(pid: int) -> list[int]:
@@ -37,19 +33,9 @@ def _engine_core(pid: int) -> int:
 
 
 def test_a_dead_engine_core_errors_the_stream_and_the_server_exits_1(tmp_path):
-    port = free_port()
     log = tmp_path / "serve.log"
-    command = [str(Path(sys.executable).parent / "oc-engine"), "serve", "--backend", "vllm", "--port", str(port),
-               "--dtype", "float32", "--max-num-seqs", "2", "--max-model-len", "512", "--no-compile", "--no-guard",
-               "--log-level", "warning"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_vllm_server(["--max-num-seqs", "2", "--no-guard"], log)
     try:
-        try:
-            wait_healthy(base, process, log, timeout=300)
-        except OcEngineError as exc:
-            pytest.fail(f"{exc}:\n{log.read_text()[-3000:]}")
         body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 400,
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:

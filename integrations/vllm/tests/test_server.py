@@ -3,39 +3,23 @@ the `openai` client: the same contract as the native server (OpenAI's API, the g
 finish_reason and `oc_engine` report, 4xx error bodies, Prometheus metrics)."""
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from conftest import BENIGN, HARMFUL
-from oc_engine.bench.serve import free_port, wait_healthy
-from oc_engine.errors import OcEngineError
+from conftest import BENIGN, HARMFUL, start_vllm_server
 
 REFUSAL = "I can't help with that."
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    command = [str(Path(sys.executable).parent / "oc-engine"), "serve", "--backend", "vllm", "--port", str(port),
-               "--dtype", "float32", "--max-num-seqs", "4", "--max-model-len", "512", "--no-compile",
-               "--audit-log", str(audit), "--log-level", "warning", "--guard-details"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_vllm_server(["--max-num-seqs", "4", "--audit-log", str(audit), "--guard-details"], log)
     try:
-        try:
-            wait_healthy(base, process, log, timeout=300)
-        except OcEngineError as exc:
-            pytest.fail(f"{exc}:\n{log.read_text()[-3000:]}")
         yield base, audit
     finally:
         process.send_signal(signal.SIGTERM)
