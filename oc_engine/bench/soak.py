@@ -38,6 +38,7 @@ class Outcome:
     request_id: str | None = None
     finish_reason: str | None = None
     detail: str = ""
+    code: str | None = None  # an error's OpenAI `code`
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _judge_error(outcome: Outcome, content: bytes) -> None:
     try:
         error = json.loads(content)["error"]
         if isinstance(error["message"], str) and error["type"]:
-            outcome.result, outcome.detail = "clean_error", error["message"][:200]
+            outcome.result, outcome.detail, outcome.code = "clean_error", error["message"][:200], error.get("code")
             return
     except (ValueError, KeyError, TypeError):
         pass
@@ -203,12 +204,15 @@ def summarize(plan: SoakPlan, load: dict, warmup_share: float = 0.2) -> dict:
 
 def check_audit(paths: list[Path], outcomes: list[Outcome]) -> dict:
     """What the audit log lost: an error answered to a client with a key without its `error`
-    line, a blocked answer without its `block` line, a `request` line without its `end`."""
+    line, a blocked answer without its `block` line, a `request` line without its `end`. (A
+    401, and a 503 past the concurrency limit, are refused before the key is read: counted,
+    not logged.)"""
     lines = [json.loads(line) for path in paths if path.exists() for line in path.read_text().splitlines()]
     by_event: dict[str, set] = {}
     for line in lines:
         by_event.setdefault(line["event"], set()).add(line["request_id"])
-    errors = {o.request_id for o in outcomes if o.result == "clean_error" and o.status != 401 and o.request_id}
+    errors = {o.request_id for o in outcomes if o.result == "clean_error" and o.request_id and o.status != 401
+              and o.code != "too_many_requests_in_progress"}
     blocked = {o.request_id for o in outcomes if o.finish_reason == "content_filter" and o.request_id}
     opened, ended = by_event.get("request", set()), by_event.get("end", set())
     missing = {"error": sorted(errors - by_event.get("error", set())),
