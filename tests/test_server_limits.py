@@ -10,7 +10,7 @@ import pytest
 from oc_engine.server import ServerConfig
 from server_helpers import thread_server
 
-LIMITS = dict(max_body_bytes=4096, max_messages=3, max_message_chars=200, max_stop_chars=8)
+LIMITS = dict(max_body_bytes=4096, max_messages=3, max_message_chars=200, max_stop_chars=8, max_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +43,16 @@ def chat(base, messages, **body):
     ({"messages": [{"role": "user", "content": "w5 " * 100}]}, 400, "message_too_long"),
     ({"messages": [{"role": "user", "content": "w5"}], "stop": ["123456789"]}, 400, "stop_too_long"),
     ({"messages": [{"role": "user", "content": "w5"}], "user": "x" * 5000}, 413, "request_too_large"),
+    ({"messages": [{"role": "user", "content": "w5"}], "max_tokens": 7}, 400, "max_tokens_too_large"),
 ])
 def test_past_a_limit_is_an_openai_error_before_any_work(server, body, status, code):
     base, llm = server
+    body = {"max_tokens": 2, **body}
     calls = []
     original = llm.prepare_request
     llm.prepare_request = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        response = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={"model": "tiny", "max_tokens": 2,
-                                                                                **body})
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={"model": "tiny", **body})
     finally:
         del llm.prepare_request
     assert response.status_code == status and response.json()["error"]["code"] == code
@@ -126,3 +127,12 @@ def test_past_the_concurrency_limit_is_a_json_503_at_once(tiny):
         assert "data: [DONE]" in rest
         assert metric(base, "oc_engine_requests_total", outcome="503") == 1
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200  # the stream's place is free again
+
+
+def test_a_request_without_max_tokens_gets_the_operators_limit(server):
+    base, _ = server
+    response = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "w5"}], "ignore_eos": True})
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == LIMITS["max_tokens"]
+    assert response.json()["choices"][0]["finish_reason"] == "length"

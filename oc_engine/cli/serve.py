@@ -12,7 +12,8 @@ LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library
 # The options that map one to one onto `ServerConfig`'s fields.
 SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", "audit_max_bytes", "audit_backups",
                  "audit_required", "guard_details", "max_body_bytes", "max_messages", "max_message_chars",
-                 "max_stop_chars", "metrics_public", "limit_concurrency", "keep_alive_s", "graceful_shutdown_s")
+                 "max_stop_chars", "max_tokens", "metrics_public", "limit_concurrency", "keep_alive_s",
+                 "graceful_shutdown_s")
 
 
 @click.command()
@@ -41,6 +42,9 @@ SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", 
               show_default=True, help="Characters per message or prompt (400 past it, before tokenization).")
 @click.option("--max-stop-chars", type=click.IntRange(min=1), default=LIMITS.max_stop_chars, show_default=True,
               help="Characters per stop sequence (at most 4 of them, as OpenAI's API).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="The most tokens a request may ask for (400 past it), and what one that asks for none gets "
+                   "[default: the rest of the model's context].")
 @click.option("--metrics-public", is_flag=True,
               help="Serve /metrics without the API key (with --api-key it is behind the key by default).")
 @click.option("--guard-details", is_flag=True,
