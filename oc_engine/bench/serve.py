@@ -38,6 +38,7 @@ from typing import Callable
 
 from oc_engine.bench.decode import package_version
 from oc_engine.errors import OcEngineError
+from oc_engine.jsonl import iter_jsonl
 
 SERVERS = ("unguarded", "guarded", "transformers")  # the default set
 VLLM_SERVERS = ("vllm-unguarded", "vllm-guarded")
@@ -56,11 +57,7 @@ class RequestTiming:
 def jbb_prompts(data_dir: Path, label: str) -> list[str]:
     """The JailbreakBench behaviours of `label` (benign, harmful) in the shared data directory."""
     path = data_dir / "dev" / "jbb_behaviors.jsonl"
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise OcEngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    prompts = [r["prompt"] for r in rows if r.get("prompt_label") == label]
+    prompts = [row["prompt"] for _, row in iter_jsonl(path, required=("prompt",)) if row.get("prompt_label") == label]
     if not prompts:
         raise OcEngineError(f"{path} has no {label} prompts")
     return prompts

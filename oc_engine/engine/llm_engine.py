@@ -95,10 +95,11 @@ class LLMEngine:
         self._poll_guards()
         # A step blocks only if it has nothing to hand back: events made before a block would
         # reach their callers only after it (a finished answer held for a stranger's deadline).
-        idle = lambda: self._emitted == emitted  # noqa: E731
+        # Nothing below emits before a block: admitting and decoding never reach one.
+        idle = self._emitted == emitted
         overdue = [s.guard for s in (*self.scheduler.running.values(), *self.draining)
                    if s.guard is not None and s.guard.overdue()]
-        if overdue and idle():  # a starved check: decoding yields the machine until a verdict arrives
+        if overdue and idle:  # a starved check: decoding yields the machine until a verdict arrives
             self._wait(overdue)
             self._poll_guards()
             return
@@ -125,7 +126,7 @@ class LLMEngine:
             self._read_oldest()
         else:
             waiting = [s.guard for s in (*self.scheduler.running.values(), *self.draining) if s.guard is not None]
-            if waiting and idle():
+            if waiting and idle:
                 self._wait(waiting)  # every live sequence waits for a verdict
                 self._poll_guards()
 

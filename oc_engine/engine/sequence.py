@@ -37,7 +37,7 @@ class Sequence:
     params: SamplingParams
     key: int  # this request's random stream (see `sampling`)
     limit: int  # max new tokens, after the model's length limit
-    stream: TextStream  # the model's text, stop strings applied
+    stream: TextStream  # the model's text (the one copy of it), stop strings applied
     prompt: str | None = None  # the prompt text, when it was given as text
     guard: Any = None  # a SequenceMonitor, or None for unguarded generation
     collect_taps: bool = False
@@ -45,7 +45,6 @@ class Sequence:
     status: Status = WAITING
     slot: int | None = None
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # the model's text, stop strings applied (what a guard releases is a prefix)
     text_ends: list[int] = field(default_factory=list)  # len(text) after each token
     finish_reason: str | None = None  # eos, stop, length, guard or cancelled
     scores: list[float] = field(default_factory=list)  # per token probe score, with a probe
@@ -60,6 +59,11 @@ class Sequence:
     decode_end: float | None = None  # its last token (a final verdict may come later)
     events: list = field(default_factory=list)  # undelivered stream events
     completion: Any = None  # the Completion, once FINISHED
+
+    @property
+    def text(self) -> str:
+        """The model's text that stop strings allow (what a guard releases is a prefix of it)."""
+        return self.stream.released
 
     @property
     def decoding_done(self) -> bool:
@@ -105,8 +109,7 @@ class Sequence:
             self.finish_reason = "length"
         if self.decoding_done:
             piece += self.stream.finish()
-        self.text += piece
-        self.text_ends.append(len(self.text))
+        self.text_ends.append(self.stream.released_chars)
         return piece
 
     def emit(self, events: list) -> None:

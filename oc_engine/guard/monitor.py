@@ -85,7 +85,7 @@ class SequenceMonitor:
     @property
     def text(self) -> str:
         """The released text."""
-        return self.seq.text[:self.released_chars]
+        return self.seq.stream.text[:self.released_chars]
 
     def on_token(self, token: int, score: float | None, ema: float | None, flags: int) -> None:
         """`token`, the sequence's last (already appended), was scored `score`, `ema`, `flags`."""
@@ -139,7 +139,7 @@ class SequenceMonitor:
         back (a possible stop-string prefix) if the answer completed."""
         shown = self.policy.shown
         if self.policy.status == "completed" and shown == len(self.seq.token_ids):
-            self._release_to(len(self.seq.text))  # the tail a stop-string prefix held back
+            self._release_to(self.seq.stream.released_chars)  # the tail a stop-string prefix held back
         if self.record_trace and self.trace:
             self.trace[-1]["events"] += self._new_trace_events()  # the verdicts after the last token
 
@@ -237,7 +237,7 @@ class SequenceMonitor:
         """Release the answer's text up to `end` characters (the text of the tokens released:
         what a stop string or a split character held back comes with a later token)."""
         if end > self.released_chars:
-            piece, self.released_chars = self.seq.text[self.released_chars:end], end
+            piece, self.released_chars = self.seq.stream.text[self.released_chars:end], end
             self._events.append(TextReleased(self.request_id, piece))
 
 
