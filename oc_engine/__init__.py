@@ -11,13 +11,14 @@ Submodules load lazily, so `import oc_engine` stays fast.
 from oc_engine.errors import OcEngineError
 
 __all__ = ["LLM", "EngineConfig", "GuardSetup", "UNGUARDED", "SamplingParams", "GuardConfig", "Completion", "GuardReport", "Verdict", "Timings",
-           "TextReleased", "Paused", "VerdictReceived", "Refused", "Finished", "OcEngineError"]
+           "TextReleased", "TokenScored", "Paused", "VerdictReceived", "Refused", "Finished",
+           "OcEngineError"]
 __version__ = "0.1.0"
 
 _WHERE = {"LLM": "oc_engine.llm", **{name: "oc_engine.config" for name in ("EngineConfig", "GuardSetup", "UNGUARDED")},
           "SamplingParams": "oc_engine.params", "GuardConfig": "oc_engine.guard.policy",
           **{name: "oc_engine.outputs" for name in ("Completion", "GuardReport", "Verdict", "Timings", "TextReleased",
-                                                    "Paused", "VerdictReceived", "Refused", "Finished")}}
+                                                    "TokenScored", "Paused", "VerdictReceived", "Refused", "Finished")}}
 
 
 def __getattr__(name: str):

@@ -117,11 +117,12 @@ class LLM(PreparesRequests):
         completions come back in the prompts' order. `progress` is called as each one finishes."""
         return [seq.completion for seq in self.run(prompts, params, progress=progress)]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Event]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, trace: bool = False) -> Iterator[Event]:
         """The events of one request as they happen: `TextReleased`, `Paused`, `VerdictReceived`,
-        `Refused`, and last `Finished` (with the Completion). Other requests keep decoding
-        meanwhile; leaving the loop early cancels the request."""
-        (seq,) = self._sequences([prompt], params, keep_events=True)
+        `Refused`, and last `Finished` (with the Completion); with `trace` (guarded only) a
+        `TokenScored` per token too. Other requests keep decoding meanwhile; leaving the loop
+        early cancels the request."""
+        (seq,) = self._sequences([prompt], params, keep_events=True, trace=trace)
         with contextlib.closing(self._drive([seq])) as steps:  # closed early: the request is cancelled
             for _, events, _ in steps:
                 yield from events

@@ -92,6 +92,18 @@ class VerdictReceived:
 
 
 @dataclass(frozen=True)
+class TokenScored:
+    """The probe's score and EMA for generated token `token_index` (None: not finite, which
+    pauses). Sent only to a request that asked for them (`prepare_request(trace=True)`): a
+    number per token, never the token, so a held one shows nothing of its text."""
+
+    request_id: str
+    token_index: int
+    score: float | None
+    ema: float | None
+
+
+@dataclass(frozen=True)
 class Refused:
     """The answer was blocked: `text` (the refusal) is shown after the released text, and it ends."""
 
@@ -105,4 +117,4 @@ class Finished:
     completion: Completion
 
 
-Event = TextReleased | Paused | VerdictReceived | Refused | Finished
+Event = TextReleased | TokenScored | Paused | VerdictReceived | Refused | Finished

@@ -60,6 +60,7 @@ class Engine(Protocol):
     max_model_len: int  # prompt plus answer, in tokens
     guard_config: GuardConfig | None  # the default policy; None: unguarded
     classifier: Any  # the exchange classifier, or None
+    probe: Any  # the activation probe (its `warn` and `pause` thresholds), or None
 
     @property
     def capacity(self) -> int:
@@ -70,11 +71,12 @@ class Engine(Protocol):
         """Token ids below this are valid input."""
 
     def prepare_request(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
-                        stream: bool = True, guard: GuardConfig | None | str = ...) -> Sequence: ...
+                        stream: bool = True, guard: GuardConfig | None | str = ...,
+                        trace: bool = False) -> Sequence: ...
 
     def generate(self, prompts, params=None) -> list[Completion]: ...
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[Event]: ...
+    def stream(self, prompt, params: SamplingParams | None = None, *, trace: bool = False) -> Iterator[Event]: ...
 
     def warm_up(self) -> None: ...
 

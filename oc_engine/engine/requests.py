@@ -29,18 +29,20 @@ class PreparesRequests:
     _ids: Iterator[int]  # request id counter
 
     def prepare_request(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
-                        stream: bool = True, guard: GuardConfig | None | str = DEFAULT) -> Sequence:
+                        stream: bool = True, guard: GuardConfig | None | str = DEFAULT,
+                        trace: bool = False) -> Sequence:
         """A validated, tokenized request that `add_request` can queue later; touches no engine
         state, so a server can do it on its own thread and answer a bad request at once.
         stream=False: nothing is shown before the end, so the final check is on by default.
-        guard: this request's policy (a `GuardConfig`), None for no guard, or "default" (the LLM's)."""
+        guard: this request's policy (a `GuardConfig`), None for no guard, or "default" (the LLM's).
+        trace: its events include the probe's score per token (`TokenScored`); needs a guard."""
         (seq,) = self._sequences([prompt], params, keep_events=True, request_id=request_id, streaming=stream,
-                                 guard=guard)
+                                 guard=guard, trace=trace)
         return seq
 
     def _sequences(self, prompts, params, *, keep_events: bool, collect_taps: bool = False,
                    request_id: str | None = None, check_length: bool = True, streaming: bool | None = None,
-                   guard: GuardConfig | None | str = DEFAULT) -> list[Sequence]:
+                   guard: GuardConfig | None | str = DEFAULT, trace: bool = False) -> list[Sequence]:
         """Validated sequences for these prompts; an error for any bad one before any is queued."""
         from oc_engine.engine.prompts import conversation_text, is_messages, last_request, render_messages, render_prompt
         from oc_engine.engine.sampling import sequence_keys
@@ -61,6 +63,8 @@ class PreparesRequests:
         if policy is not None and (self.probe is None or not isinstance(policy, GuardConfig)):
             raise OcEngineError("a guard policy needs an LLM built with a probe" if self.probe is None
                                 else f"guard must be a GuardConfig, None or 'default', got {guard!r}")
+        if trace and policy is None:
+            raise OcEngineError("a trace of the probe's scores needs a guard (this request has none)")
         # Each prompt samples from its own random stream, keyed by its seed and its index here:
         # its tokens do not depend on its neighbours nor on how long it waited for a verdict.
         seeds = {p.seed for p in per_prompt}
@@ -95,7 +99,8 @@ class PreparesRequests:
                 config = policy.for_request(streaming=keep_events if streaming is None else streaming,
                                             has_classifier=self.classifier is not None)
                 seq.guard = SequenceMonitor(seq, guard_prompt, config, self.classifier,
-                                            record_trace=self.record_trace, conversation=conversation)
+                                            record_trace=self.record_trace, conversation=conversation,
+                                            score_events=trace)
             seqs.append(seq)
         return seqs
 

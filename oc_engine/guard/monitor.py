@@ -6,8 +6,8 @@ actions (release text, submit a check, refuse, stop), polls the classifier's fut
 blocking decoding, and applies the deadline by arrival time: a verdict that arrives later than
 `deadline_s` after its check was submitted counts as "timeout" (fail closed) whatever it says,
 and so does a malformed answer ("error"). What the user may see leaves only as events
-(`TextReleased`, `Paused`, `VerdictReceived`, `Refused`), taken with `take_events`. With
-`record_trace` it keeps a per-token trace; `trace_rows` leaves out the ids of tokens never
+(`TextReleased`, `Paused`, `VerdictReceived`, `Refused`, and with `score_events` a
+`TokenScored` per token), taken with `take_events`. With `record_trace` it keeps a per-token trace; `trace_rows` leaves out the ids of tokens never
 shown unless asked. Nothing here knows about other sequences: a verdict, a wait at `max_held`
 or a block touches only this one.
 """
@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Protocol
 from oc_engine.config_fields import is_number
 from oc_engine.engine.sequence import Sequence
 from oc_engine.guard.policy import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
-from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, Verdict, VerdictReceived
+from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, TokenScored, Verdict, VerdictReceived
 
 
 # On a CPU shared with decoding, a check runs in the time decoding leaves; under a full batch
@@ -58,15 +58,17 @@ class SequenceMonitor:
     each token there before calling `on_token`).
     prompt: the request the answer answers (a conversation's last user turn), which the
     answer checks judge the answer against; conversation: what the input check judges (every
-    turn, the system prompt included; default: `prompt`)."""
+    turn, the system prompt included; default: `prompt`).
+    score_events: a `TokenScored` event per token (a live trace, `serve`'s console)."""
 
     def __init__(self, seq: Sequence, prompt: str, config: GuardConfig, classifier: Classifier | None,
                  *, record_trace: bool = False, clock: Callable[[], float] = time.perf_counter,
-                 conversation: str | None = None):
+                 conversation: str | None = None, score_events: bool = False):
         self.seq, self.prompt, self.config, self.classifier = seq, prompt, config, classifier
         self.conversation = prompt if conversation is None else conversation
         self.judged = 0  # the answer's first tokens that an allowed check judged
         self.request_id, self.record_trace, self.clock = seq.request_id, record_trace, clock
+        self.score_events = score_events
         self.policy = SequenceGuard(config)
         self.released_chars = 0  # how much of the answer's text was released
         self.refusal: str | None = None
@@ -90,6 +92,9 @@ class SequenceMonitor:
     def on_token(self, token: int, score: float | None, ema: float | None, flags: int) -> None:
         """`token`, the sequence's last (already appended), was scored `score`, `ema`, `flags`."""
         flags = token_flags(flags, score, ema)
+        if self.score_events:  # before the pause it may cause
+            self._events.append(TokenScored(self.request_id, len(self.seq.token_ids) - 1, _finite_or_none(score),
+                                            _finite_or_none(ema)))
         self._apply(self.policy.on_token(flags))
         if self.record_trace:
             # This token's events, and those since the previous token (verdicts arrive between tokens).

@@ -24,12 +24,12 @@ def request_guard(base: GuardConfig | None, asked: GuardRequest | None, *, strea
                   allow_override: bool) -> GuardConfig | None:
     """The policy for one request (None: unguarded). Raises `GuardOverrideRefused` for a weakening
     the server does not allow, `OcEngineError` for settings that cannot apply."""
-    if asked is None:
+    fields = {} if asked is None else asked.policy_fields()
+    if not fields:
         return base
-    fields = asked.model_dump(exclude_none=True)
     wants_guard = fields.pop("guard", True)
     if base is None:
-        if wants_guard and (fields or asked.guard):
+        if wants_guard:
             raise OcEngineError("oc_engine: this server runs without a guard (started with --no-guard)")
         return None
     if not wants_guard:

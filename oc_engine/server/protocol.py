@@ -29,7 +29,10 @@ class StreamOptions(_Strict):
 
 class GuardRequest(_Strict):
     """Per-request guard settings (`"oc_engine": {...}` in the body; `extra_body` with the openai
-    client). Without `--allow-guard-override` a request may only make the guard stricter."""
+    client). Without `--allow-guard-override` a request may only make the guard stricter.
+    `trace` is no policy: a streamed request's chunks then carry the probe's score per token,
+    a guard detail that only a server started with `--guard-details` sends (the console's
+    live trace)."""
 
     guard: StrictBool | None = None  # false: no guard for this request
     input_check: StrictBool | None = None
@@ -38,6 +41,11 @@ class GuardRequest(_Strict):
     uncertain: Literal["final", "block"] | None = None
     max_held: StrictInt | None = Field(None, ge=1, le=65536)
     deadline_s: float | None = Field(None, gt=0)
+    trace: StrictBool | None = None
+
+    def policy_fields(self) -> dict:
+        """The settings that change the guard's policy (all but `trace`)."""
+        return self.model_dump(exclude_none=True, exclude={"trace"})
 
 
 class TextPart(_Strict):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from oc_engine.outputs import Completion, Paused, VerdictReceived
+from oc_engine.outputs import Completion, Paused, TokenScored, VerdictReceived
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
 
@@ -48,8 +48,10 @@ def guard_json(completion: Completion, details: bool = False) -> dict:
 
 
 def event_json(event) -> dict | None:
-    """A guard event while streaming (sent only with the guard's details): a pause (the text
-    after it is held) or a verdict."""
+    """A guard event while streaming (sent only with the guard's details): a token's score (to
+    a request that asked for a trace), a pause (the text after it is held) or a verdict."""
+    if isinstance(event, TokenScored):
+        return {"event": "score", "token_index": event.token_index, "score": event.score, "ema": event.ema}
     if isinstance(event, Paused):
         return {"event": "paused", "token_index": event.token_index}
     if isinstance(event, VerdictReceived):

@@ -161,12 +161,12 @@ class VllmLLM(PreparesRequests):
                 future.cancel()  # a caller interrupted: the requests stop, nothing more is released
         return [future.result() for future in futures]
 
-    def stream(self, prompt, params: SamplingParams | None = None):
-        """As `oc_engine.LLM.stream`: the request's events as they happen, `Finished` last;
-        leaving the loop early cancels the request."""
+    def stream(self, prompt, params: SamplingParams | None = None, *, trace: bool = False):
+        """As `oc_engine.LLM.stream`: the request's events as they happen, `Finished` last
+        (`trace`: a `TokenScored` per token too); leaving the loop early cancels the request."""
         import queue
 
-        (seq,) = self._sequences([prompt], params, keep_events=True)
+        (seq,) = self._sequences([prompt], params, keep_events=True, trace=trace)
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         future = asyncio.run_coroutine_threadsafe(self.run_request(seq, lambda _s, events: inbox.put(events)),
                                                   self.loop)
