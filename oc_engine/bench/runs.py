@@ -134,6 +134,12 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
                 f"{report['wall_s'] / 60:.0f} min: {targets['broken']['value']} broken, "
                 f"{targets['audit_lines_lost']['value']} audit lines lost, RSS growth after warm-up "
                 f"{100 * rss.get('growth_after_warmup', 0):.1f}%, p99 {report['latency_s']['p99']} s")
+    if bench == "console" and "targets" in report:
+        fcp, paced = report["first_paint_ms"], report["replay"][0]
+        fastest = report["replay"][-1]["tokens_per_s"]
+        return ("guard console in Chromium", f"first paint {fcp['median']:.0f} ms median, {fcp['max']:.0f} ms max; "
+                f"trace at {paced['rate']:g} tokens/s drawn within {paced['lag_ms']['p99']:.0f} ms (p99); "
+                f"unpaced, the page takes {fastest:.0f} tokens/s")
     return bench, "see report.json"
 
 

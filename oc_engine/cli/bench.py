@@ -270,6 +270,35 @@ def soak(clients, duration, max_requests, dtype, backend, data_dir, out, as_json
     _report(report, soak_markdown_table(report), out, as_json)
 
 
+@bench.command("console")
+@click.option("--loads", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Page loads (the browser's cache cleared before each).")
+@click.option("--tokens", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Tokens per trace replay.")
+@click.option("--rate", type=click.FloatRange(min=1), default=100.0, show_default=True,
+              help="Tokens/s of the paced replay (a second replay goes as fast as the page takes them).")
+@bench_out_option
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def console(loads, tokens, rate, out, as_json):
+    """The guard console in headless Chromium against a warm `oc-engine serve --guard-details`:
+    first paint and time to ready over cold-cache loads, and whether the live trace keeps up
+    with a stream of RATE tokens/s (each token's lag from arrival to being drawn).
+
+    Needs Debian's chromium and chromium-driver, and selenium (the dev group).
+    """
+    import tempfile
+
+    from oc_engine.bench.browser import browser_paths
+    from oc_engine.bench.console import console_markdown_table, run_console_bench
+
+    _check_out(out)
+    browser_paths()  # a clear error before the server starts
+    log_dir = Path(tempfile.mkdtemp(prefix="oc-bench-console-"))
+    report = run_console_bench(loads=loads, tokens=tokens, rate=rate, log_dir=log_dir, progress=_progress("console"))
+    _report(report, console_markdown_table(report), out, as_json)
+
+
 @bench.command("quality")
 @model_option
 @dtype_option

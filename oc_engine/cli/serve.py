@@ -13,7 +13,7 @@ LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library
 SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", "audit_max_bytes", "audit_backups",
                  "audit_required", "guard_details", "max_body_bytes", "max_messages", "max_message_chars",
                  "max_stop_chars", "max_tokens", "metrics_public", "limit_concurrency", "keep_alive_s",
-                 "graceful_shutdown_s")
+                 "graceful_shutdown_s", "console")
 
 
 @click.command()
@@ -69,6 +69,10 @@ SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", 
 @click.option("--graceful-shutdown", "graceful_shutdown_s", type=click.FloatRange(min=0, min_open=True),
               default=LIMITS.graceful_shutdown_s, show_default=True,
               help="After SIGTERM, seconds the running requests have to finish before they are cut.")
+@click.option("--console/--no-console", default=True, show_default=True,
+              help="The guard console at http://HOST:PORT/: a chat that draws each answer's risk live (the "
+                   "probe's score per token, pauses, verdicts, blocks) and the server's state. It uses the API "
+                   "(behind --api-key, which the page asks for); its trace needs --guard-details.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
@@ -78,11 +82,12 @@ def serve(model, backend, host, port, served_model_name, log_level, **fields):
     Every stream is guarded token by token: no text the probe held is sent before the
     classifier allows it, and a blocked answer ends with the refusal and
     finish_reason "content_filter". /health answers 503 until the model is loaded and
-    warmed up; /metrics is Prometheus text.
+    warmed up; /metrics is Prometheus text; / is the guard console (open it in a browser).
 
     \b
     Examples:
       oc-engine serve                                  # the embedded model and its guard
+      oc-engine serve --guard-details                  # ... and the console's live risk trace
       oc-engine serve --port 8001 --api-key s3cret --audit-log audit.jsonl
       uv run --project integrations/vllm oc-engine serve --backend vllm   # vLLM decodes
       curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
@@ -105,8 +110,9 @@ def serve(model, backend, host, port, served_model_name, log_level, **fields):
             return LLM(model, config, setup, log=announce)
 
     guarded = "guarded" if setup.probe is not None else "unguarded"
+    console = f"; the guard console is at http://{host}:{port}/" if server_config.console else ""
     announce(f"serving {name} on http://{host}:{port}/v1 ({guarded}, {backend} backend); "
-             "/health answers 503 until the model is loaded and warmed up")
+             f"/health answers 503 until the model is loaded and warmed up{console}")
     run_server(server_config, make_llm, host=host, port=port, log_level=log_level)
 
 

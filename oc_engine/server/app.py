@@ -32,6 +32,8 @@ from oc_engine.errors import OcEngineError
 from oc_engine.outputs import Finished, Refused, TextReleased, refusal_piece
 from oc_engine.server.audit import AuditLog
 from oc_engine.server.config import ServerConfig
+from oc_engine.server.console import SETTINGS_PATH as CONSOLE_SETTINGS
+from oc_engine.server.console import add_console
 from oc_engine.server.guard_policy import GuardOverrideRefused, request_guard
 from oc_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from oc_engine.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -209,8 +211,9 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
             return _error_response(request, APIError(413, f"the request body is over {config.max_body_bytes} "
                                                           "bytes (this server's --max-body-bytes)",
                                                      code="request_too_large"))
-        guarded_path = request.url.path.startswith("/v1/") or (request.url.path == "/metrics"
-                                                                and not config.metrics_public)
+        path = request.url.path
+        guarded_path = path.startswith("/v1/") or path == CONSOLE_SETTINGS or (path == "/metrics"
+                                                                                and not config.metrics_public)
         if guarded_path and config.api_key is not None:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
@@ -258,6 +261,9 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "oc-engine"}]}
 
+    if config.console:
+        add_console(app, state)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _serve(state, request, body, chat=True)
@@ -281,12 +287,14 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
         raise APIError(400, f"{unsupported}: not supported by oc-engine", param=unsupported, code="unsupported")
     _check_limits(config, body, chat)
 
+    trace = _wants_trace(config, body)
+
     def prepare():
         prompt = body.conversation() if chat else _completion_prompt(llm, body.single_prompt())
         guard = request_guard(llm.guard_config, body.oc_engine, stream=body.stream,
                               has_classifier=llm.classifier is not None, allow_override=config.allow_guard_override)
         params = body.sampling_params(asked if asked is not None else config.max_tokens or llm.max_model_len)
-        return llm.prepare_request(prompt, params, request_id=rid, stream=body.stream, guard=guard)
+        return llm.prepare_request(prompt, params, request_id=rid, stream=body.stream, guard=guard, trace=trace)
 
     asked = body.requested_tokens()
     try:
@@ -319,6 +327,18 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
         return Response(status_code=499)
     _check_audit(state, handle.seq)
     return JSONResponse(builder.full(completion))
+
+
+def _wants_trace(config: ServerConfig, body) -> bool:
+    """`oc_engine.trace`: the probe's score per token in a stream's chunks, a guard detail."""
+    if body.oc_engine is None or not body.oc_engine.trace:
+        return False
+    if not config.guard_details:
+        raise APIError(403, "oc_engine.trace: this server does not send the guard's details; start it with "
+                            "--guard-details to allow that", param="oc_engine", code="guard_details_not_allowed")
+    if not body.stream:
+        raise APIError(400, "oc_engine.trace: only a streamed request (stream: true) gets a trace", param="oc_engine")
+    return True
 
 
 def _check_audit(state: ServerState, seq) -> None:

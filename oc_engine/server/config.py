@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from oc_engine.config import check_int
+from oc_engine.config import check_bool, check_int
 from oc_engine.config_fields import is_number
 from oc_engine.errors import OcEngineError
 
@@ -28,7 +28,9 @@ class ServerConfig:
     fail-closed events: the key guards it by default).
     limit_concurrency: requests in progress past which a new one gets a 503 at once;
     keep_alive_s: how long an idle connection stays open; graceful_shutdown_s: after SIGTERM,
-    how long running requests may take to finish before they are cut."""
+    how long running requests may take to finish before they are cut.
+    console: the guard console at `/` (see `console`): static files; what it shows comes through
+    the API, behind the key, and its trace only with `guard_details`."""
 
     model_name: str
     api_key: str | None = None
@@ -48,6 +50,8 @@ class ServerConfig:
     limit_concurrency: int = 512
     keep_alive_s: float = 5.0
     graceful_shutdown_s: float = 120.0
+    console: bool = True
+    console: bool = True
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_stop_chars", "audit_max_bytes",
@@ -61,6 +65,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not is_number(value) or not 0 < value < float("inf"):
                 raise OcEngineError(f"{name} must be a positive number of seconds, got {value!r}")
+        check_bool("console", self.console)
         if self.audit_required and self.audit_log is None:
             raise OcEngineError("audit_required needs an audit log (--audit-log FILE)")
         if self.api_key is not None and not self.api_key.strip():

@@ -3,6 +3,7 @@ the `openai` client: the same contract as the native server (OpenAI's API, the g
 finish_reason and `oc_engine` report, 4xx error bodies, Prometheus metrics)."""
 
 import asyncio
+import json
 import signal
 
 import httpx
@@ -126,3 +127,23 @@ def test_limits_are_checked_before_any_work(server):
                       headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+
+
+def test_the_console_and_its_trace(server):
+    """The guard console's page, and its trace: one score per token vLLM generated, the
+    pauses where the guard paused, numbers only."""
+    base = server[0]
+    assert httpx.get(f"{base}/").status_code == 200
+    assert httpx.get(f"{base}/console/settings").json()["thresholds"]
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 32, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": HARMFUL[0]}], "oc_engine": {"trace": True}}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line) for line in lines if line != "[DONE]"]
+    events = [c["oc_engine"] for c in chunks if "event" in (c.get("oc_engine") or {})]
+    scores = [e for e in events if e["event"] == "score"]
+    report = chunks[-1]["oc_engine"]
+    assert [s["token_index"] for s in scores] == list(range(report["generated_tokens"]))
+    assert all(set(s) == {"event", "token_index", "score", "ema"} for s in scores)
+    assert all(s["ema"] is None or 0 <= s["ema"] <= 1 for s in scores)
+    assert [e["token_index"] for e in events if e["event"] == "paused"] == report["pause_points"]
