@@ -58,6 +58,8 @@ class EngineConfig:
     compile: torch.compile the decode step (vLLM: its own compilation; False is enforce_eager).
     max_num_seqs: cache slots, the requests decoded together; each costs compute every step.
     max_model_len: prompt plus answer, in tokens (None: the model's context, at most 2048).
+    prefill_chunk: prompt tokens prefilled per step at most (None: a prompt at once); a long
+    prompt joining then costs the running requests one chunk per token, not the whole prompt.
     quantize: None, "int8" or "int4" weight-only quantization of the linear layers.
     chat_template: render text prompts as the user turn of the model's chat template.
     trust_remote_code: allow model code from the hub (off unless asked)."""
@@ -67,6 +69,7 @@ class EngineConfig:
     compile: bool = True
     max_num_seqs: int = 8
     max_model_len: int | None = None
+    prefill_chunk: int | None = 256
     quantize: str | None = None
     chat_template: bool = True
     trust_remote_code: bool = False
@@ -79,6 +82,8 @@ class EngineConfig:
         check_int("max_num_seqs", self.max_num_seqs, 1)
         if self.max_model_len is not None:
             check_int("max_model_len", self.max_model_len, 2)
+        if self.prefill_chunk is not None:
+            check_int("prefill_chunk", self.prefill_chunk, 1)
         object.__setattr__(self, "quantize", check_quantization(self.quantize))
         for name in ("compile", "chat_template", "trust_remote_code"):
             check_bool(name, getattr(self, name))

@@ -105,7 +105,7 @@ class LLM(PreparesRequests):
 
         generation = getattr(self.loaded.model, "generation_config", None)
         self.engine = LLMEngine(self.runner, eos_token_ids(generation, self.tokenizer),
-                                run_checks=self._run_checks)
+                                run_checks=self._run_checks, prefill_chunk=config.prefill_chunk)
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._driven: dict[str, Sequence] = {}  # requests from add_request, whose events step() returns

@@ -35,12 +35,13 @@ class FakeClassifier:
         return {"verdict": self.verdict, "p_unsafe": 0.9 if self.verdict == "block" else 0.1}
 
 
-def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, **debug):
+def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, prefill_chunk=256, **debug):
     """An unguarded LLM over a loaded (tiny) model; `debug`: DebugOptions' fields."""
     from oc_engine.config import UNGUARDED, DebugOptions, EngineConfig
     from oc_engine.llm import LLM
 
-    config = EngineConfig(compile=compile, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    config = EngineConfig(compile=compile, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                          prefill_chunk=prefill_chunk)
     return LLM(loaded, config, UNGUARDED, debug=DebugOptions(**debug))
 
 

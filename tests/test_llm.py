@@ -56,6 +56,38 @@ def test_alone_in_a_batch_or_joining_the_tokens_are_the_same(tiny, family, compi
     assert [c.token_ids for c in joined] == [alone[1], alone[0], alone[2]]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_prompt_prefilled_in_chunks_between_decode_steps_gives_the_same_tokens(tiny, family, chunk):
+    """Each prompt goes in `chunk` tokens per step while the others decode: greedy tokens equal
+    Hugging Face generate, and sampled ones those of a prompt prefilled at once."""
+    loaded = tiny(family)
+    chunked = plain_llm(loaded, max_num_seqs=2, prefill_chunk=chunk)
+    schedule = [(0, PROMPTS[0], fixed(LENGTHS[0])), (3, PROMPTS[1], fixed(LENGTHS[1])),
+                (2, PROMPTS[2], fixed(LENGTHS[2]))]
+    for (_, prompt, _), n, completion in zip(schedule, LENGTHS, drive(chunked, schedule)):
+        assert list(completion.token_ids) == hf_greedy(loaded, prompt, n)
+    sampled = [fixed(n, temperature=0.9, seed=7) for n in LENGTHS]
+    whole = plain_llm(loaded, max_num_seqs=2, prefill_chunk=None)
+    assert [c.token_ids for c in chunked.generate(PROMPTS, sampled)] == \
+        [c.token_ids for c in whole.generate(PROMPTS, sampled)]
+
+
+def test_a_long_prompt_joining_leaves_the_running_requests_decoding(tiny):
+    """While a prompt goes in a chunk per step, the running request gets a token every step."""
+    llm = plain_llm(tiny("llama"), max_num_seqs=2, prefill_chunk=2)
+    running = llm.engine.requests[llm.add_request(PROMPTS[0], fixed(30))]
+    while not running.token_ids:  # its prefill, 2 tokens per step
+        llm.step()
+    joining = llm.engine.requests[llm.add_request(PROMPTS[1], fixed(4))]  # 14 tokens: 7 chunks
+    new_tokens = []
+    while joining.first_token_at is None:
+        before = len(running.token_ids)
+        llm.step()
+        new_tokens.append(len(running.token_ids) - before)
+    assert new_tokens == [1] * 6 + [0]  # the last chunk samples the first token, and that step ends there
+
+
 @pytest.mark.slow
 def test_embedded_model_joining_mid_flight_matches_hf_generate(embedded_fp32):
     from oc_engine.engine.prompts import render_prompt

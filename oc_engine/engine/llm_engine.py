@@ -3,9 +3,11 @@
 One `step()`:
 1. run the checks an inline classifier queued (`run_checks`), then deliver the verdicts that
    arrived (never blocking otherwise); a sequence its guard stopped leaves at once;
-2. prefill waiting requests into free slots (first come, first served), each sampling its
-   first token; that step ends there, so first tokens are delivered before the next decode
-   step (the first one compiles);
+2. admit waiting requests into free slots (first come, first served) and prefill them, at most
+   `prefill_chunk` prompt tokens per step (a long prompt over several steps, so the running
+   requests keep decoding); a step in which a prefill completes, sampling its first token,
+   ends there, so first tokens are delivered before the next decode step (the first one
+   compiles);
 3. run the compiled step over all slots, with the slots whose guard holds `max_held` tokens
    frozen, and read the new tokens (on CUDA one step behind the device, see `accel.StepReader`);
 4. a sequence that ends (EOS, stop string, length, guard, cancel) frees its slot at once; one
@@ -33,8 +35,10 @@ from oc_engine.outputs import Completion, Finished, TextReleased, Timings
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, eos_ids: set[int], clock: Callable[[], float] = time.perf_counter,
-                 run_checks: Callable[[], None] | None = None):
+                 run_checks: Callable[[], None] | None = None, prefill_chunk: int | None = None):
         self.runner, self.eos_ids, self.clock = runner, eos_ids, clock
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step at most (None: any)
+        self.prefilling: deque[Sequence] = deque()  # admitted, prompt not all in the cache yet
         self.run_checks = run_checks or (lambda: None)  # an inline classifier's queued checks
         self.scheduler = Scheduler(runner.num_slots)
         self.requests: dict[str, Sequence] = {}  # every unfinished request
@@ -105,14 +109,13 @@ class LLMEngine:
             return
         if self.scheduler.waiting and self.scheduler.free_slots:
             self._flush()  # a freed slot may still have a lagged step in flight
-            admitted = self.scheduler.admit()
-            for seq in admitted:
-                self._prefill(seq)
-            if admitted:
-                return  # first tokens reach their callers before the next decode step (which may compile)
+            for seq in self.scheduler.admit():
+                self._admit(seq)
+        if self.prefilling and self._prefill():
+            return  # first tokens reach their callers before the next decode step (which may compile)
         decoding = []
         for slot, seq in self.scheduler.running.items():
-            go = seq.guard is None or not seq.guard.must_wait
+            go = not seq.prefilling and (seq.guard is None or not seq.guard.must_wait)
             self.runner.set_decoding(slot, go)
             if go:
                 decoding.append(seq)
@@ -137,13 +140,31 @@ class LLMEngine:
         if self._wake.done():
             self._wake = cf.Future()  # consumed: the caller sees its new work before the next block
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence) -> None:
         seq.prefill_start = self.clock()
         if seq.guard is not None:
             seq.guard.start()  # the input check runs beside the prefill
-        token, score, ema, flags, tapped = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling,
-                                                               seq.key)
-        self._accept(seq, token, score, ema, flags, tapped)
+        self.prefilling.append(seq)
+
+    def _prefill(self) -> bool:
+        """Prefill admitted prompts in order, `prefill_chunk` tokens at most; a prompt whose
+        last tokens go in samples its first token. Returns whether one did."""
+        budget, completed = self.prefill_chunk or float("inf"), False
+        while self.prefilling and budget > 0:
+            seq = self.prefilling[0]
+            start, total = seq.prefilled, len(seq.prompt_ids)
+            if total - start > budget:
+                seq.prefilled = start + int(budget)
+                self.runner.prefill_part(seq.slot, seq.prompt_ids, start, seq.prefilled)
+                return completed
+            self.prefilling.popleft()
+            budget -= total - start
+            token, score, ema, flags, tapped = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling,
+                                                                   seq.key, start=start)
+            seq.prefilled = total
+            self._accept(seq, token, score, ema, flags, tapped)
+            completed = True
+        return completed
 
     def _read_oldest(self) -> None:
         handle, slots, taps = self.inflight.popleft()
@@ -195,6 +216,8 @@ class LLMEngine:
             self._finalize(seq)
 
     def _leave_slot(self, seq: Sequence) -> None:
+        if seq.prefilling:  # cancelled, or blocked by its input check, before its first token
+            self.prefilling.remove(seq)
         self.runner.release(seq.slot)
         self.scheduler.free(seq)
 

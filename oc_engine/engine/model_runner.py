@@ -95,19 +95,17 @@ class ModelRunner:
 
     # -- slots --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, prompt_ids: list[int], sampling: SamplingConfig, key: int):
-        """Run a prompt into `slot` and sample its first token.
+    def prefill(self, slot: int, prompt_ids: list[int], sampling: SamplingConfig, key: int, start: int = 0):
+        """Run a prompt into `slot` and sample its first token; `start`: its first tokens are in
+        the slot's cache already (`prefill_part`).
 
         Returns (token, score, ema, flags, tapped [L, H] | None); score/ema/flags are None
         without a probe. The slot then decodes (`advance` 1) until `set_decoding` stops it."""
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        prompt_pos = torch.arange(len(prompt_ids), device=self.device)[None]
-        span = len(prompt_ids) if self.runner.supports_span else None  # eager: any span, no graph
-        logits, tapped = self.runner(ids, prompt_pos, self.cache.rows(slot, slot + 1), self.taps, span)
+        logits, tapped, last = self._run_prompt(slot, prompt_ids, start, len(prompt_ids))
         self._next_pos[slot] = len(prompt_ids)
         self.keys[slot] = key
         self.sampling.set(slot, sampling, self.vocab)
-        first = sample_rows(logits, _row(self.sampling, slot), self.keys[slot:slot + 1], prompt_pos[:, -1])
+        first = sample_rows(logits, _row(self.sampling, slot), self.keys[slot:slot + 1], last)
         self.tokens[slot, 0] = first[0]
         self.pos[slot, 0] = len(prompt_ids)
         self.set_decoding(slot, True)
@@ -117,6 +115,23 @@ class ModelRunner:
             s, e, f = self.probe.score_row(tapped, slot)
             score, ema, flags = float(s[0]), float(e[0]), int(f[0])
         return int(first[0]), score, ema, flags, None if tapped is None else tapped[:, 0]
+
+    @torch.inference_mode()
+    def prefill_part(self, slot: int, prompt_ids: list[int], start: int, end: int) -> None:
+        """Run prompt tokens [start, end) into `slot`'s cache (those before `start` are there),
+        sampling nothing: one chunk of a long prompt, between decode steps. Those steps run over
+        every slot and write this (non-advancing) slot's K/V at its position, which is set to
+        `end`: the next chunk writes there first, so nothing prefilled is overwritten."""
+        self._run_prompt(slot, prompt_ids, start, end)
+        self.pos[slot, 0] = end
+
+    def _run_prompt(self, slot: int, prompt_ids: list[int], start: int, end: int):
+        """(logits [1, V], tapped, position [1] of the last token) for prompt tokens [start, end)."""
+        ids = torch.tensor([prompt_ids[start:end]], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device)[None]
+        span = end if self.runner.supports_span else None  # eager: any span, no graph
+        logits, tapped = self.runner(ids, pos, self.cache.rows(slot, slot + 1), self.taps, span)
+        return logits, tapped, pos[:, -1]
 
     def set_decoding(self, slot: int, decoding: bool) -> None:
         """A slot stops advancing (finished, freed, or waiting for a verdict) or resumes; a

@@ -44,6 +44,7 @@ class Sequence:
     keep_events: bool = True  # False: events are dropped (a caller that only wants the Completion)
     status: Status = WAITING
     slot: int | None = None
+    prefilled: int = 0  # prompt tokens in its cache slot (a long prompt goes in over several steps)
     token_ids: list[int] = field(default_factory=list)
     text_ends: list[int] = field(default_factory=list)  # len(text) after each token
     finish_reason: str | None = None  # eos, stop, length, guard or cancelled
@@ -64,6 +65,11 @@ class Sequence:
     def text(self) -> str:
         """The model's text that stop strings allow (what a guard releases is a prefix of it)."""
         return self.stream.released
+
+    @property
+    def prefilling(self) -> bool:
+        """It holds a slot, and its prompt is not all in it yet."""
+        return self.status == RUNNING and self.prefilled < len(self.prompt_ids)
 
     @property
     def decoding_done(self) -> bool:
