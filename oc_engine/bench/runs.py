@@ -103,7 +103,8 @@ def write_run(directory: str | Path, report: dict, table: str, *, what: str, res
 # -- what a bench's report says in one line -------------------------------------------------
 def headline(bench: str, report: dict) -> tuple[str, str]:
     """(what, result) for a bench's report: the row a run adds to the README's table."""
-    dtype = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(report.get("dtype"), report.get("dtype"))
+    given = report.get("dtype") or report.get("command_settings", {}).get("dtype")
+    dtype = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(given, given)
     if bench == "decode" and "results" in report:
         rows = {r["mode"]: r for r in report["results"]}
         parts = [f"{mode} {row['tokens_per_s']:.1f} tokens/s" + (f" ({row['ratio_to_hf']:.2f}x HF)"
@@ -134,6 +135,26 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
                 f"{report['wall_s'] / 60:.0f} min: {targets['broken']['value']} broken, "
                 f"{targets['audit_lines_lost']['value']} audit lines lost, RSS growth after warm-up "
                 f"{100 * rss.get('growth_after_warmup', 0):.1f}%, p99 {report['latency_s']['p99']} s")
+    if bench == "serve" and "cost_split" in report:
+        def rate(kind, concurrency):
+            runs = {r["concurrency"]: r for r in report["results"].get(kind, {}).get("runs", [])}
+            return runs[concurrency]["tokens_per_s"] if concurrency in runs else None
+
+        top = max(report["command_settings"]["concurrency"])
+        parts = []
+        for concurrency in sorted({1, top}):
+            cells = [f"{kind} {rate(kind, concurrency):.0f}" for kind in ("unguarded", "guarded", "transformers")
+                     if rate(kind, concurrency) is not None]
+            parts.append(f"{concurrency} client{'s' if concurrency > 1 else ''}: " + ", ".join(cells))
+        library = report.get("library_tokens_per_s")
+        return (f"serve as the openai client sees it, {dtype}",
+                "; ".join(parts) + " tokens/s" + (f"; library batch 1: {library:.0f}" if library else ""))
+    if bench == "join" and "results" in report:
+        rows = {r["prefill_chunk"]: r for r in report["results"]}
+        cells = [f"{'a prompt at once' if chunk is None else f'chunk {chunk}'} {r['gap_ms_during']['p99']:.0f} ms"
+                 for chunk, r in rows.items()]
+        return (f"a {report['prompt_tokens']}-token prompt joining {report['running']} streams, {dtype}",
+                "p99 gap between the streams' tokens: " + ", ".join(cells))
     if bench == "console" and "targets" in report:
         fcp, paced = report["first_paint_ms"], report["replay"][0]
         fastest = report["replay"][-1]["tokens_per_s"]

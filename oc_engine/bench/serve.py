@@ -1,25 +1,33 @@
-"""`oc-engine bench serve`: servers under a bounded load of streamed chat requests.
+"""`oc-engine bench serve`: servers under a bounded load of streamed chat requests, measured as
+a client sees them.
 
 Each server in turn is started as a subprocess on a free local port, waited for (`/health`),
 warmed up with one burst of short requests, and then, at each concurrency, sent a fixed number
 of requests by that many clients (each sends its next request when the last one ends), then
 stopped. The servers:
+- `guarded`: `oc-engine serve` with its shipped probe and classifier (run first: see below);
+- `probe-only`: the same with a pause threshold of 1 (the probe scores every token, no check
+  is ever asked): the probe's share of the guard's cost;
 - `unguarded`: `oc-engine serve --no-guard`;
-- `guarded`: `oc-engine serve` with its shipped probe and classifier;
 - `transformers`: `transformers serve --continuous-batching` on the same weights directory and
   dtype (the anchor a user would pick instead);
 - `vllm-unguarded`, `vllm-guarded`: the same two with `--backend vllm` (vLLM decodes, the
   guard runs in the server; needs the plugin's environment, `integrations/vllm`).
-Prompts are the JailbreakBench benign behaviours (mixed lengths), greedy, answers up to
-`max_tokens` (they end at EOS, so their lengths vary too). Per concurrency: output tokens/s
-(the servers' own usage counts over the wall time of the whole batch), the steady rate while
-every client is busy (see `_steady_rate`), answers ended by the guard (`content_filter`), time
-to first content (p50, p99), and the gap between content chunks (p50, p99): for an unguarded
-stream one chunk is one token, for a guarded one a chunk may carry the several tokens one
-verdict released. For oc-engine servers, what the guard did in the run (pauses, checks,
-blocks, classifier seconds) comes from their /metrics.
-"""
 
+The load is the `openai` client in a process of its own (`openai_load`): wall time from the
+first request to the last token, TTFT included, tokens counted as shown. The bench's own
+in-process client (`run_load`: httpx, counting the tokens the server generated, the method of
+the figures before 2026-12-07) runs after it at each concurrency, so that the two methods are
+compared on the same server in the same run.
+
+Prompts are the JailbreakBench benign behaviours (mixed lengths), greedy, answers up to
+`max_tokens`. With `allowed_only` (the default) they are first sent once to the guarded server,
+and only those it does not block are used for every server: a blocked answer ends early, which
+would shorten the guarded runs without making a step slower. For oc-engine servers, what the
+guard did in each run (pauses, checks, blocks, classifier seconds) and the server's event-loop
+lag come from their /metrics. `library` is the engine's own batch-1 decode rate
+(`bench decode --mode engine_compiled`) measured in the same run.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +48,7 @@ from oc_engine.bench.decode import package_version
 from oc_engine.errors import OcEngineError
 from oc_engine.jsonl import iter_jsonl
 
-SERVERS = ("unguarded", "guarded", "transformers")  # the default set
+SERVERS = ("guarded", "probe-only", "unguarded", "transformers")  # the default set, guarded first
 VLLM_SERVERS = ("vllm-unguarded", "vllm-guarded")
 
 
@@ -69,10 +77,59 @@ def server_command(kind: str, port: int, weights: str, dtype: str, slots: int) -
                 dtype, "--device", "cpu", "--port", str(port), "--host", "127.0.0.1", weights]
     # --guard-details: the finish chunk then says how many tokens were decoded, blocked or not.
     command = [sys.executable, "-m", "oc_engine.cli", "serve", "--port", str(port), "--dtype", dtype,
-               "--max-num-seqs", str(slots), "--log-level", "warning", "--guard-details"]
+               "--max-num-seqs", str(slots), "--log-level", "warning", "--guard-details", "--no-console"]
     if kind.startswith("vllm-"):
         command += ["--backend", "vllm"]
+    if kind == "probe-only":  # an EMA never reaches 1: every token scored, no check asked
+        command += ["--warn", "1", "--pause", "1"]
     return command + (["--no-guard"] if kind.endswith("unguarded") else [])
+
+
+def run_client_process(base: str, model: str, prompts: list[str], concurrency: int, requests: int,
+                       max_tokens: int) -> dict:
+    """The load as the `openai` client sees it, from a process of its own (`openai_load`)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"base": base, "model": model, "prompts": prompts, "concurrency": concurrency,
+                   "requests": requests, "max_tokens": max_tokens}, f)
+    try:
+        done = subprocess.run([sys.executable, "-m", "oc_engine.bench.openai_load", f.name], capture_output=True,
+                              text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise OcEngineError(f"the openai client failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def allowed_prompts(base: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[str]:
+    """The prompts whose answers the guarded server at `base` does not block (one pass each)."""
+    kept = []
+
+    async def one(client, prompt):
+        timing = await _one(client, f"{base}/v1/chat/completions", model, prompt, max_tokens)
+        if timing.finish != "content_filter":
+            kept.append(prompt)
+
+    async def all_of_them():
+        import httpx
+
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+            for i in range(0, len(prompts), concurrency):
+                await asyncio.gather(*(one(client, p) for p in prompts[i:i + concurrency]))
+
+    asyncio.run(all_of_them())
+    return [p for p in prompts if p in kept]  # in the original order
+
+
+def library_rate(dtype: str, max_tokens: int) -> float:
+    """The engine's batch-1 decode rate through `LLM` (compiled), in a process of its own."""
+    done = subprocess.run([sys.executable, "-m", "oc_engine.cli", "bench", "decode", "--mode", "engine_compiled",
+                           "--dtype", dtype, "--new-tokens", str(max_tokens), "--json"], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise OcEngineError(f"bench decode failed: {done.stderr.strip()[-500:]}")
+    report = json.loads(done.stdout)
+    return report["results"][0]["tokens_per_s"]
 
 
 async def sse_chunks(client, url: str, body: dict):
@@ -150,16 +207,22 @@ def _steady_rate(timings: list[RequestTiming], start: float, until: float) -> fl
 
 
 def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...], requests: tuple[int, ...],
-                    max_tokens: int, dtype: str, data_dir: Path, weights: str,
+                    max_tokens: int, dtype: str, data_dir: Path, weights: str, allowed_only: bool = True,
+                    own_client: bool = True, library: bool = True, slots: int | None = None,
                     progress: Callable[[str], None] = lambda s: None, log_dir: Path | None = None) -> dict:
     prompts = jbb_prompts(data_dir, "benign")
+    selection = {"benign": len(prompts), "allowed": None}
+    if allowed_only and "guarded" in servers:  # the selection pass runs on it, before any other server
+        servers = ("guarded",) + tuple(k for k in servers if k != "guarded")
     results = {}
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="oc-bench-serve-"))
+    top = max(concurrencies)
+    slots = slots or top
     for kind in servers:
         port = free_port()
         log = log_dir / f"{kind}.log"
         progress(f"{kind}: starting (log {log})")
-        proc = start_server(server_command(kind, port, weights, dtype, max(concurrencies)), log)
+        proc = start_server(server_command(kind, port, weights, dtype, slots), log)
         base = f"http://127.0.0.1:{port}"
         try:
             started = time.perf_counter()
@@ -170,18 +233,30 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
                 results[kind] = {"error": str(exc), "runs": []}
                 continue
             model = weights if kind == "transformers" else served_model(base)
-            asyncio.run(run_load(base, model, prompts, max(concurrencies), max(concurrencies), 8))  # warm-up
+            asyncio.run(run_load(base, model, prompts, top, top, 8))  # warm-up
             results[kind] = {"ready_s": round(time.perf_counter() - started, 1), "runs": []}
+            if allowed_only and kind == "guarded":
+                progress(f"guarded: choosing the prompts it allows ({len(prompts)} benign, one pass)")
+                kept = allowed_prompts(base, model, prompts, top, max_tokens)
+                selection["allowed"] = len(kept)
+                prompts = kept or prompts
             for concurrency, count in zip(concurrencies, requests):
-                progress(f"{kind}: {count} requests at concurrency {concurrency}")
-                before = guard_counters(base) if kind != "transformers" else None
-                run = asyncio.run(run_load(base, model, prompts, concurrency, count, max_tokens))
+                progress(f"{kind}: {count} requests at concurrency {concurrency} (openai client)")
+                before = server_counters(base) if kind != "transformers" else None
+                run = run_client_process(base, model, prompts, concurrency, count, max_tokens)
                 if before is not None:  # what the guard did during the run, from the server's /metrics
-                    after = guard_counters(base)
-                    run["guard"] = {name: round(after[name] - before[name], 3) for name in after}
+                    after = server_counters(base)
+                    run["server"] = {name: round(after[name] - before[name], 3) for name in after}
+                if own_client:
+                    progress(f"{kind}: the same with the bench's own client")
+                    run["own_client"] = asyncio.run(run_load(base, model, prompts, concurrency, count, max_tokens))
                 results[kind]["runs"].append(run)
         finally:
             stop_server(proc)
+    rate = None
+    if library:
+        progress("library: batch-1 decode rate (bench decode --mode engine_compiled)")
+        rate = library_rate(dtype, max_tokens)
     import torch
     import transformers
 
@@ -197,42 +272,84 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
     return {"bench": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command_settings": {"servers": list(servers), "concurrency": list(concurrencies),
                                  "requests": list(requests), "max_tokens": max_tokens, "dtype": dtype,
-                                 "prompts": "jbb_behaviors benign", "weights": weights},
-            "machine": versions,
-            "results": results, "targets": _targets(results, concurrencies)}
+                                 "max_num_seqs": slots,
+                                 "prompts": "jbb_behaviors benign" + (", those the guard allows" if allowed_only else ""),
+                                 "weights": weights, "client": "openai, in a process of its own"},
+            "machine": versions, "prompt_selection": selection, "library_tokens_per_s": rate,
+            "results": results, "cost_split": cost_split(results), "targets": _targets(results, concurrencies, rate)}
 
 
-GUARD_METRICS = {"pauses": "oc_engine_guard_pauses_total", "checks": "oc_engine_guard_checks_total",
-                 "blocks": "oc_engine_guard_blocks_total", "fail_closed": "oc_engine_guard_fail_closed_total",
-                 "classifier_s": "oc_engine_classifier_latency_seconds_sum"}
+SERVER_METRICS = {"pauses": "oc_engine_guard_pauses_total", "checks": "oc_engine_guard_checks_total",
+                  "blocks": "oc_engine_guard_blocks_total", "fail_closed": "oc_engine_guard_fail_closed_total",
+                  "classifier_s": "oc_engine_classifier_latency_seconds_sum",
+                  "loop_lag_s": "oc_engine_event_loop_lag_seconds_sum",
+                  "loop_lag_samples": "oc_engine_event_loop_lag_seconds_count"}
 
 
-def guard_counters(base: str) -> dict:
-    """The guard's counters from an oc-engine server's /metrics (summed over labels)."""
+def server_counters(base: str) -> dict:
+    """The guard's counters and the event loop's lag from an oc-engine server's /metrics (summed
+    over labels)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     samples = [s for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text)
                for s in family.samples]
-    return {key: sum(s.value for s in samples if s.name == name) for key, name in GUARD_METRICS.items()}
+    return {key: sum(s.value for s in samples if s.name == name) for key, name in SERVER_METRICS.items()}
 
 
-def _targets(results: dict, concurrencies: tuple[int, ...]) -> dict:
-    """The issue's targets, where the servers they compare were run."""
+def cost_split(results: dict) -> list[dict]:
+    """The guarded server's cost at each concurrency, in parts: the probe (probe-only against
+    unguarded), the classifier's checks (guarded against probe-only), the tokens generated and
+    never shown, and the event loop's lag; steady tokens/s as the client saw them."""
     def runs(kind):
         return {r["concurrency"]: r for r in results.get(kind, {}).get("runs", [])}
 
+    unguarded, probe, guarded = runs("unguarded"), runs("probe-only"), runs("guarded")
+    rows = []
+    for c in sorted(set(unguarded) & set(probe) & set(guarded)):
+        u, p, g = (unguarded[c]["steady_tokens_per_s"], probe[c]["steady_tokens_per_s"],
+                   guarded[c]["steady_tokens_per_s"])
+        if not (u and p and g):
+            continue
+        generated, shown = guarded[c].get("generated_tokens"), guarded[c]["shown_tokens"]
+        server = guarded[c].get("server", {})
+        rows.append({"concurrency": c, "unguarded": u, "probe_only": p, "guarded": g,
+                     "probe_cost": round(1 - p / u, 3), "checks_cost": round((p - g) / u, 3),
+                     "guarded_vs_unguarded": round(g / u, 3),
+                     "held_share": round(1 - shown / generated, 3) if generated else None,
+                     "pauses": server.get("pauses"), "checks": server.get("checks"),
+                     "blocks": guarded[c]["finish_reasons"].get("content_filter", 0),
+                     "classifier_s": server.get("classifier_s"),
+                     "loop_lag_ms": {kind: _lag_ms(r[c]) for kind, r in
+                                     (("unguarded", unguarded), ("probe-only", probe), ("guarded", guarded))}})
+    return rows
+
+
+def _lag_ms(run: dict) -> float | None:
+    server = run.get("server") or {}
+    samples = server.get("loop_lag_samples")
+    return round(1000 * server["loop_lag_s"] / samples, 2) if samples else None
+
+
+def _targets(results: dict, concurrencies: tuple[int, ...], library: float | None) -> dict:
+    """The issue's targets, where the servers they compare were run (tokens/s as the client saw them)."""
+    def runs(kind):
+        return {r["concurrency"]: r for r in results.get(kind, {}).get("runs", [])}
+
+    def target(value, goal, above=True):
+        return {"value": round(value, 3), "target": goal, "met": value >= goal if above else value <= goal}
+
     top, out = max(concurrencies), {}
     unguarded, guarded, anchor = runs("unguarded"), runs("guarded"), runs("transformers")
-    if top in unguarded and top in anchor:
-        ratio = unguarded[top]["tokens_per_s"] / anchor[top]["tokens_per_s"]
-        out["unguarded_vs_transformers_at_top"] = {"ratio": round(ratio, 2), "target": 2.0, "met": ratio >= 2.0}
-    if unguarded and guarded:
-        for rate in ("tokens_per_s", "steady_tokens_per_s"):
-            ratios = {c: round(guarded[c][rate] / unguarded[c][rate], 3) for c in guarded
-                      if c in unguarded and guarded[c][rate] and unguarded[c][rate]}
-            out[f"guarded_vs_unguarded_{rate}"] = {"ratios": ratios, "target": 0.9,
-                                                   "met": bool(ratios) and min(ratios.values()) >= 0.9}
+    if 1 in unguarded and library:
+        out["one_client_vs_library_batch1"] = target(unguarded[1]["tokens_per_s"] / library, 0.9)
+    for c in (1, top):
+        if c in unguarded and c in anchor:
+            out[f"unguarded_vs_transformers_at_{c}"] = target(unguarded[c]["tokens_per_s"]
+                                                             / anchor[c]["tokens_per_s"], 2.0)
+    if top in unguarded and top in guarded and unguarded[top]["steady_tokens_per_s"]:
+        out["guarded_vs_unguarded_steady_at_top"] = target(guarded[top]["steady_tokens_per_s"]
+                                                           / unguarded[top]["steady_tokens_per_s"], 0.9)
     vllm_unguarded, vllm_guarded = runs("vllm-unguarded"), runs("vllm-guarded")
     if vllm_unguarded and vllm_guarded:  # the guard's cost on vLLM: reported, no target set
         out["vllm_guarded_vs_unguarded_tokens_per_s"] = {
@@ -240,23 +357,47 @@ def _targets(results: dict, concurrencies: tuple[int, ...]) -> dict:
                        for c in vllm_guarded if c in vllm_unguarded and vllm_unguarded[c]["tokens_per_s"]}}
     if top in guarded:
         gap = guarded[top]["chunk_gap_ms"]
-        ratio = gap["p99"] / gap["p50"] if gap["p50"] else None
-        out["guarded_gap_p99_over_p50_at_top"] = {"ratio": round(ratio, 2) if ratio else None, "target": 3.0,
-                                                  "met": ratio is not None and ratio <= 3.0}
+        if gap["p50"]:
+            out["guarded_gap_p99_over_p50_at_top"] = target(gap["p99"] / gap["p50"], 3.0, above=False)
     return out
 
 
 def serve_markdown_table(report: dict) -> str:
-    lines = ["| server | clients | requests (blocked) | tokens/s | steady tokens/s | TTFT p50 / p99 (ms) "
-             "| chunk gap p50 / p99 (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    selection = report.get("prompt_selection") or {}
+    lines = []
+    if selection.get("allowed") is not None:
+        lines += [f"Prompts: the {selection['allowed']} of {selection['benign']} benign ones the guarded server "
+                  "allowed in a first pass.", ""]
+    if report.get("library_tokens_per_s"):
+        lines += [f"The library's batch-1 decode rate in this run: {report['library_tokens_per_s']:.1f} tokens/s.", ""]
+    lines += ["As the openai client saw it (own process; wall time from the first request to the last token), "
+              "and the bench's own client (in-process httpx, tokens generated) after it:", "",
+              "| server | clients | requests (blocked) | tokens/s | steady tokens/s | TTFT p50 / p99 (ms) "
+              "| chunk gap p50 / p99 (ms) | own client: tokens/s (steady) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind, result in report["results"].items():
         if result.get("error"):
-            lines.append(f"| {kind} | did not start: {result['error']} | | | | | |")
+            lines.append(f"| {kind} | did not start: {result['error']} | | | | | | |")
         for r in result["runs"]:
-            lines.append(f"| {kind} | {r['concurrency']} | {r['requests']} ({r['content_filter']}) | "
+            own = r.get("own_client")
+            own_cell = f"{own['tokens_per_s']} ({own['steady_tokens_per_s']})" if own else ""
+            lines.append(f"| {kind} | {r['concurrency']} | {r['requests']} "
+                         f"({r['finish_reasons'].get('content_filter', 0)}) | "
                          f"{r['tokens_per_s']} | {r['steady_tokens_per_s']} | "
                          f"{r['ttft_ms']['p50']} / {r['ttft_ms']['p99']} | "
-                         f"{r['chunk_gap_ms']['p50']} / {r['chunk_gap_ms']['p99']} |")
+                         f"{r['chunk_gap_ms']['p50']} / {r['chunk_gap_ms']['p99']} | {own_cell} |")
+    if report.get("cost_split"):
+        lines += ["", "The guarded server's cost, in parts (steady tokens/s; costs as shares of unguarded):", "",
+                  "| clients | unguarded | probe only | guarded | probe cost | checks cost | held, never shown "
+                  "| pauses / checks / blocks | classifier s | loop lag ms (unguarded / probe / guarded) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in report["cost_split"]:
+            lag = row["loop_lag_ms"]
+            lines.append(f"| {row['concurrency']} | {row['unguarded']} | {row['probe_only']} | {row['guarded']} | "
+                         f"{row['probe_cost']:.1%} | {row['checks_cost']:.1%} | "
+                         f"{'' if row['held_share'] is None else format(row['held_share'], '.1%')} | "
+                         f"{row['pauses']:.0f} / {row['checks']:.0f} / {row['blocks']} | {row['classifier_s']} | "
+                         f"{lag['unguarded']} / {lag['probe-only']} / {lag['guarded']} |")
     for name, target in report["targets"].items():
         lines.append(f"\n{name}: {json.dumps(target)}")
     return "\n".join(lines)

@@ -375,6 +375,44 @@ def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_c
     _report(report, continuous_markdown_table(report), out, as_json)
 
 
+@bench.command("join")
+@dtype_option
+@click.option("--slots", type=click.IntRange(min=2, max=256), default=16, show_default=True,
+              help="Cache slots: this many minus one answers stream when the long prompt joins.")
+@click.option("--prompt-tokens", type=click.IntRange(min=2, max=8000), default=1500, show_default=True,
+              help="Tokens of the joining prompt.")
+@click.option("--chunks", default="0,64,128,256,512", show_default=True,
+              help="Prefill chunk sizes to compare, comma-separated (0: a prompt at once).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Rounds per chunk size.")
+@jbb_data_option
+@bench_out_option
+@json_option("Print the JSON report instead of the table.")
+@user_errors
+def join(dtype, slots, prompt_tokens, chunks, repeats, data_dir, out, as_json):
+    """What one long prompt joining costs the answers already streaming: the gaps between their
+    tokens (p50, p99, max) while it is prefilled, at each prefill chunk size, and its time to
+    first token. The embedded model, compiled, unguarded; JailbreakBench benign prompts."""
+    from oc_engine.bench.join import join_markdown_table, run_join_bench
+    from oc_engine.bench.serve import jbb_prompts
+    from oc_engine.config import UNGUARDED, EngineConfig
+    from oc_engine.llm import LLM
+
+    _check_out(out)
+    try:
+        sizes = tuple(int(c) for c in chunks.split(","))
+    except ValueError:
+        raise OcEngineError(f"--chunks: a comma-separated list of integers, got {chunks!r}") from None
+    if not sizes or any(c < 0 for c in sizes):
+        raise OcEngineError(f"--chunks: integers of at least 0, got {chunks!r}")
+    prompts = jbb_prompts(Path(data_dir), "benign")
+    with LLM(None, EngineConfig(dtype=dtype, max_num_seqs=slots), UNGUARDED) as llm:
+        llm.warm_up()
+        report = run_join_bench(llm, prompts, chunks=sizes, prompt_tokens=prompt_tokens, repeats=repeats,
+                                progress=_progress("join"))
+    report["dtype"] = dtype
+    _report(report, join_markdown_table(report), out, as_json)
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -387,26 +425,41 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 @bench.command("serve")
 @click.option("--server", "servers", multiple=True,
-              type=click.Choice(["unguarded", "guarded", "transformers", "vllm-unguarded", "vllm-guarded"]),
-              help="Servers to run (repeatable). Default: unguarded, guarded, transformers. The vllm- ones run "
-                   "`oc-engine serve --backend vllm` and need the plugin's environment (uv run --project "
-                   "integrations/vllm oc-engine bench serve ...).")
+              type=click.Choice(["guarded", "probe-only", "unguarded", "transformers", "vllm-unguarded",
+                                 "vllm-guarded"]),
+              help="Servers to run (repeatable). Default: guarded, probe-only (the probe without checks), "
+                   "unguarded, transformers. The vllm- ones run `oc-engine serve --backend vllm` and need the "
+                   "plugin's environment (uv run --project integrations/vllm oc-engine bench serve ...).")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients, comma-separated.")
 @click.option("--requests", default="8,16,32", show_default=True,
               help="Requests sent at each concurrency, comma-separated (one per --concurrency value).")
 @click.option("--max-tokens", type=click.IntRange(1, 2048), default=128, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
+@click.option("--max-num-seqs", "slots", type=click.IntRange(min=1), default=None,
+              help="The oc-engine servers' cache slots [default: the largest --concurrency].")
+@click.option("--allowed-only/--all-prompts", default=True, show_default=True,
+              help="Use only the benign prompts the guarded server allows in a first pass (a block ends an "
+                   "answer early, which shortens a run without making a step slower).")
+@click.option("--own-client/--no-own-client", default=True, show_default=True,
+              help="Also run the bench's in-process client after the openai one (the method of the figures "
+                   "before 2026-12-07), to compare the two.")
+@click.option("--library/--no-library", default=True, show_default=True,
+              help="Also measure the library's batch-1 decode rate (bench decode --mode engine_compiled).")
 @jbb_data_option
 @bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
-def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_json):
-    """Serving under load: oc-engine serve unguarded and guarded, and `transformers serve
-    --continuous-batching`, on the embedded model's weights directory and the same prompts.
+def serve(servers, concurrency, requests, max_tokens, dtype, slots, allowed_only, own_client, library, data_dir, out,
+          as_json):
+    """Serving under load, as a client sees it: oc-engine serve guarded, with the probe only and
+    unguarded, and `transformers serve --continuous-batching`, on the embedded model's weights
+    directory and the same prompts.
 
-    A bounded load: at each concurrency, a fixed number of streamed chat requests, each client
-    sending its next when the last ends. Reports tokens/s, time to first content and the gap
-    between content chunks (p50, p99), and the issue's targets.
+    A bounded load from the openai client in a process of its own: at each concurrency, a fixed
+    number of streamed chat requests, each client sending its next when the last ends. Reports
+    tokens/s from the first request to the last token (TTFT included), the steady rate, time to
+    first content and the gap between content chunks (p50, p99), the guarded server's cost in
+    parts, and the issue's targets.
     """
     from pathlib import Path
 
@@ -425,7 +478,8 @@ def serve(servers, concurrency, requests, max_tokens, dtype, data_dir, out, as_j
         raise OcEngineError("--requests needs one count per --concurrency value")
     report = run_serve_bench(servers=tuple(servers) or SERVERS, concurrencies=concurrencies, requests=counts,
                              max_tokens=max_tokens, dtype=dtype, data_dir=Path(data_dir),
-                             weights=resolve_model_source(None), progress=_progress("serve"))
+                             weights=resolve_model_source(None), allowed_only=allowed_only, own_client=own_client,
+                             library=library, slots=slots, progress=_progress("serve"))
     _report(report, serve_markdown_table(report), out, as_json)
 
 

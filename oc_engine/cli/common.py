@@ -57,18 +57,28 @@ def device_option(fn):
                         help="auto, cpu, cuda or cuda:N.")(fn)
 
 
-def engine_options(fn):
+SLOTS_HELP = ("Requests decoded together (cache slots: continuous batching, one starts as another ends); each "
+              "costs compute every step.")
+
+
+def engine_options(fn=None, *, max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs, slots_help: str = SLOTS_HELP):
     """`EngineConfig`'s fields as options, shared by `generate` and `serve`; `engine_config`
-    reads them back."""
+    reads them back. `@engine_options`, or `@engine_options(max_num_seqs=N, slots_help=...)`
+    for a command whose own measurements chose another default slot count."""
+    if fn is None:
+        return lambda f: engine_options(f, max_num_seqs=max_num_seqs, slots_help=slots_help)
     options = [
         dtype_option, quantize_option, device_option,
         click.option("--no-compile", is_flag=True, help="Run the decode step eagerly (no torch.compile warm-up)."),
-        click.option("--max-num-seqs", type=click.IntRange(min=1), default=ENGINE_DEFAULTS.max_num_seqs,
-                     show_default=True, help="Requests decoded together (cache slots: continuous batching, one "
-                                             "starts as another ends); each costs compute every step."),
+        click.option("--max-num-seqs", type=click.IntRange(min=1), default=max_num_seqs, show_default=True,
+                     help=slots_help),
         click.option("--max-model-len", type=click.IntRange(min=2), default=None,
                      help=f"Prompt plus answer, in tokens [default: the model's context, at most "
                           f"{MAX_MODEL_LEN_CAP}; generate sizes it to its prompts]."),
+        click.option("--prefill-chunk", type=click.IntRange(min=0), default=ENGINE_DEFAULTS.prefill_chunk,
+                     show_default=True, help="Prompt tokens prefilled per step at most, between decode steps, so "
+                                             "that a long prompt joining does not stall the running answers "
+                                             "(0: a prompt at once)."),
         click.option("--no-chat-template", is_flag=True, help="Feed text prompts as raw text."),
         click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked)."),
     ]
@@ -81,7 +91,8 @@ def engine_config(fields: dict) -> EngineConfig:
     """The `EngineConfig` that `engine_options` asked for (their values are taken out of `fields`)."""
     values = dict(dtype=fields.pop("dtype"), quantize=fields.pop("quantize"), device=fields.pop("device"),
                   compile=not fields.pop("no_compile"), max_num_seqs=fields.pop("max_num_seqs"),
-                  max_model_len=fields.pop("max_model_len"), chat_template=not fields.pop("no_chat_template"),
+                  max_model_len=fields.pop("max_model_len"), prefill_chunk=fields.pop("prefill_chunk") or None,
+                  chat_template=not fields.pop("no_chat_template"),
                   trust_remote_code=fields.pop("trust_remote_code"))
     return EngineConfig(**values)
 

@@ -9,6 +9,14 @@ from oc_engine.cli.common import (check_output_file, engine_config, engine_optio
 from oc_engine.server.config import ServerConfig
 
 LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library's defaults
+# Chosen from the measured curve (bench/results/cpu-serve-as-a-client-sees-it-2026-12-07.md, item 5).
+SERVE_SLOTS = 16
+SERVE_SLOTS_HELP = (
+    "Requests decoded together (cache slots); more wait for a free one. Each costs compute every step. "
+    "16 by default, from the curve measured on a 2-core CPU in bf16: for 16 clients 16 slots gave 343 "
+    "tokens/s with a 0.6 s median time to first token, 8 slots 245 and 4.6 s (queued), at a cost to one "
+    "client of 17% (26 against 32 tokens/s). --dtype auto (bf16 where the CPU has it) was 1.3-1.8x fp32 "
+    "at every load.")
 # The options that map one to one onto `ServerConfig`'s fields.
 SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", "audit_max_bytes", "audit_backups",
                  "audit_required", "guard_details", "max_body_bytes", "max_messages", "max_message_chars",
@@ -25,7 +33,7 @@ SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", 
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None,
               help="The name clients send as 'model' [default: the model's name or path].")
-@engine_options
+@engine_options(max_num_seqs=SERVE_SLOTS, slots_help=SERVE_SLOTS_HELP)
 @guard_options
 @click.option("--api-key", envvar="OC_ENGINE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1 routes (or set OC_ENGINE_API_KEY).")

@@ -188,11 +188,12 @@ def build_app(config: ServerConfig, make_llm: Callable[[], Engine]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="oc-engine-load", daemon=True).start()
-        watcher = asyncio.ensure_future(state.watch_engine())
+        watchers = [asyncio.ensure_future(state.watch_engine()), asyncio.ensure_future(state.metrics.watch_loop())]
         try:
             yield
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             await asyncio.to_thread(state.close)
 
     # No /docs, /redoc or /openapi.json: an unauthenticated map of the API is no use to a client

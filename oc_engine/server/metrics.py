@@ -18,6 +18,7 @@ from oc_engine.server.responses import finish_reason
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+LOOP_PROBE_S = 0.1
 
 
 class ServerMetrics:
@@ -52,7 +53,21 @@ class ServerMetrics:
                                    "nothing they covered was shown", ("model_name", "reason"), registry=registry)
         self.classifier_latency = Histogram("oc_engine_classifier_latency_seconds", "Check submission to verdict",
                                             buckets=LATENCY_BUCKETS, registry=registry, **label)
+        self.loop_lag = Histogram("oc_engine_event_loop_lag_seconds", "How late the event loop woke a timer "
+                                  f"set every {LOOP_PROBE_S} s: time it spent on other work (streams, "
+                                  "parsing) before it could answer", buckets=LATENCY_BUCKETS,
+                                  registry=registry, **label)
         self._last_text: dict[str, float] = {}  # request id -> when its last text was shown
+
+    async def watch_loop(self) -> None:
+        """Sample the event loop's lag forever (a task of the server's lifespan)."""
+        import asyncio
+
+        loop, lag = asyncio.get_running_loop(), self.loop_lag.labels(self.model_name)
+        while True:
+            due = loop.time() + LOOP_PROBE_S
+            await asyncio.sleep(LOOP_PROBE_S)
+            lag.observe(max(0.0, loop.time() - due))
 
     def track(self, engine) -> None:
         """Read the running and waiting gauges from this `AsyncEngine` at scrape time."""
