@@ -59,7 +59,7 @@ class EngineConfig:
     max_num_seqs: cache slots, the requests decoded together; each costs compute every step.
     max_model_len: prompt plus answer, in tokens (None: the model's context, at most 2048).
     prefill_chunk: prompt tokens prefilled per step at most (None: a prompt at once); a long
-    prompt joining then costs the running requests one chunk per token, not the whole prompt.
+    prompt joining then costs the running requests one chunk per step, not the whole prompt.
     quantize: None, "int8" or "int4" weight-only quantization of the linear layers.
     chat_template: render text prompts as the user turn of the model's chat template.
     trust_remote_code: allow model code from the hub (off unless asked)."""

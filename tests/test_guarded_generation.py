@@ -277,3 +277,24 @@ def test_a_finished_answer_is_handed_back_before_a_step_blocks_on_another(tiny):
         rescue.cancel()
         llm.cancel(hanging.request_id)
         llm.step()
+
+
+def test_an_input_check_that_blocks_while_the_prompt_goes_in_chunk_by_chunk(tiny):
+    """The verdict on the prompt arrives before its last chunk: the request ends with the
+    refusal and no model token, its slot is free again, and the next request runs as usual."""
+    from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.policy import GuardConfig
+    from oc_engine.llm import LLM
+    from oc_engine.outputs import Refused, TextReleased
+
+    loaded = tiny("llama")
+    prompt = list(range(2, 40))  # 38 tokens, one per step
+    llm = LLM(loaded, EngineConfig(compile=False, max_num_seqs=1, max_model_len=128, prefill_chunk=1),
+              GuardSetup(probe=make_probe(loaded.model, bias=-20.0), classifier=FakeClassifier("block"),
+                         policy=GuardConfig(input_check=True, refusal=REFUSAL)))
+    events = list(llm.stream(prompt, CONFIG))
+    assert "".join(e.text for e in events if isinstance(e, (TextReleased, Refused))) == REFUSAL
+    done = events[-1].completion
+    assert done.generated_tokens == 0 and done.guard.status == "blocked" and done.guard.verdicts[0].input
+    assert not llm.engine.prefilling and llm.engine.scheduler.free_slots == 1
+    assert llm.generate(PROMPTS[0], CONFIG)[0].refusal == REFUSAL  # the next one runs (and is blocked too)

@@ -273,7 +273,8 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
             "command_settings": {"servers": list(servers), "concurrency": list(concurrencies),
                                  "requests": list(requests), "max_tokens": max_tokens, "dtype": dtype,
                                  "max_num_seqs": slots,
-                                 "prompts": "jbb_behaviors benign" + (", those the guard allows" if allowed_only else ""),
+                                 "prompts": "jbb_behaviors benign" + (", those the guard allows"
+                                                                      if selection["allowed"] else ""),
                                  "weights": weights, "client": "openai, in a process of its own"},
             "machine": versions, "prompt_selection": selection, "library_tokens_per_s": rate,
             "results": results, "cost_split": cost_split(results), "targets": _targets(results, concurrencies, rate)}

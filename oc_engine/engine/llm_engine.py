@@ -129,7 +129,7 @@ class LLMEngine:
             self._read_oldest()
         else:
             waiting = [s.guard for s in (*self.scheduler.running.values(), *self.draining) if s.guard is not None]
-            if waiting and idle:
+            if waiting and idle and not self.prefilling:  # a prompt still going in is work to do
                 self._wait(waiting)  # every live sequence waits for a verdict
                 self._poll_guards()
 

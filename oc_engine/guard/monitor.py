@@ -7,8 +7,8 @@ blocking decoding, and applies the deadline by arrival time: a verdict that arri
 `deadline_s` after its check was submitted counts as "timeout" (fail closed) whatever it says,
 and so does a malformed answer ("error"). What the user may see leaves only as events
 (`TextReleased`, `Paused`, `VerdictReceived`, `Refused`, and with `score_events` a
-`TokenScored` per token), taken with `take_events`. With `record_trace` it keeps a per-token trace; `trace_rows` leaves out the ids of tokens never
-shown unless asked. Nothing here knows about other sequences: a verdict, a wait at `max_held`
+`TokenScored` per token), taken with `take_events`. With `record_trace` it keeps a per-token
+trace; `trace_rows` leaves out the ids of tokens never shown unless asked. Nothing here knows about other sequences: a verdict, a wait at `max_held`
 or a block touches only this one.
 """
 
