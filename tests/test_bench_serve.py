@@ -72,8 +72,10 @@ def run_of(concurrency, steady, rate=None, gap=(10.0, 20.0), shown=100, generate
 def test_targets_compare_what_the_client_saw():
     results = {"unguarded": {"runs": [run_of(1, 30), run_of(16, 300)]},
                "guarded": {"runs": [run_of(16, 280, gap=(10.0, 40.0))]},
-               "transformers": {"runs": [run_of(1, 20), run_of(16, 100)]}}
+               "transformers": {"runs": [run_of(1, 20), run_of(16, 100)]},
+               "vllm-unguarded": {"runs": [run_of(16, 400)]}}
     targets = _targets(results, (1, 16), library=40.0)
+    assert targets["unguarded_vs_vllm_at_top"] == {"value": 0.75, "target": 1.0, "met": False}
     assert targets["one_client_vs_library_batch1"] == {"value": 0.75, "target": 0.9, "met": False}
     assert targets["unguarded_vs_transformers_at_1"] == {"value": 1.5, "target": 2.0, "met": False}
     assert targets["unguarded_vs_transformers_at_16"] == {"value": 3.0, "target": 2.0, "met": True}

@@ -143,7 +143,8 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
         top = max(report["command_settings"]["concurrency"])
         parts = []
         for concurrency in sorted({1, top}):
-            cells = [f"{kind} {rate(kind, concurrency):.0f}" for kind in ("unguarded", "guarded", "transformers")
+            cells = [f"{kind} {rate(kind, concurrency):.0f}" for kind in ("unguarded", "guarded", "transformers",
+                                                                          "vllm-unguarded", "vllm-guarded")
                      if rate(kind, concurrency) is not None]
             parts.append(f"{concurrency} client{'s' if concurrency > 1 else ''}: " + ", ".join(cells))
         library = report.get("library_tokens_per_s")

@@ -352,6 +352,9 @@ def _targets(results: dict, concurrencies: tuple[int, ...], library: float | Non
         out["guarded_vs_unguarded_steady_at_top"] = target(guarded[top]["steady_tokens_per_s"]
                                                            / unguarded[top]["steady_tokens_per_s"], 0.9)
     vllm_unguarded, vllm_guarded = runs("vllm-unguarded"), runs("vllm-guarded")
+    if top in unguarded and top in vllm_unguarded:
+        out["unguarded_vs_vllm_at_top"] = target(unguarded[top]["tokens_per_s"] / vllm_unguarded[top]["tokens_per_s"],
+                                                 1.0)
     if vllm_unguarded and vllm_guarded:  # the guard's cost on vLLM: reported, no target set
         out["vllm_guarded_vs_unguarded_tokens_per_s"] = {
             "ratios": {c: round(vllm_guarded[c]["tokens_per_s"] / vllm_unguarded[c]["tokens_per_s"], 3)
@@ -371,8 +374,9 @@ def serve_markdown_table(report: dict) -> str:
                   "allowed in a first pass.", ""]
     if report.get("library_tokens_per_s"):
         lines += [f"The library's batch-1 decode rate in this run: {report['library_tokens_per_s']:.1f} tokens/s.", ""]
-    lines += ["As the openai client saw it (own process; wall time from the first request to the last token), "
-              "and the bench's own client (in-process httpx, tokens generated) after it:", "",
+    own = any(r.get("own_client") for result in report["results"].values() for r in result.get("runs", []))
+    lines += ["As the openai client saw it (own process; wall time from the first request to the last token)"
+              + (", and the bench's own client (in-process httpx, tokens generated) after it:" if own else ":"), "",
               "| server | clients | requests (blocked) | tokens/s | steady tokens/s | TTFT p50 / p99 (ms) "
               "| chunk gap p50 / p99 (ms) | own client: tokens/s (steady) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]

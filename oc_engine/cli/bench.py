@@ -66,7 +66,12 @@ def _command_line(context: click.Context) -> str:
     """The command as given: the options set on the command line (not their defaults)."""
     from click.core import ParameterSource
 
-    words = ["uv", "run", "oc-engine", "bench", context.command.name]
+    import importlib.util
+
+    # Run from the vLLM plugin's environment, it is that environment's command.
+    plugin = importlib.util.find_spec("oc_engine_vllm") is not None
+    words = ["uv", "run", *(["--project", "integrations/vllm"] if plugin else []), "oc-engine", "bench",
+             context.command.name]
     for param in context.command.params:
         if context.get_parameter_source(param.name) != ParameterSource.COMMANDLINE or param.name == "out":
             continue
