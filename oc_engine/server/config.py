@@ -51,7 +51,6 @@ class ServerConfig:
     keep_alive_s: float = 5.0
     graceful_shutdown_s: float = 120.0
     console: bool = True
-    console: bool = True
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_stop_chars", "audit_max_bytes",
