@@ -294,7 +294,10 @@ async function send(prompt) {
     busy(false);
     if (!finished) answer.fail("the stream ended without a finish");
   }
-  state.history.push({ role: "user", content: prompt }, { role: "assistant", content: answer.shown });
+  // The conversation goes on from what the user saw; a request that failed is not part of it.
+  if (answer.root.dataset.finish !== "error") {
+    state.history.push({ role: "user", content: prompt }, { role: "assistant", content: answer.shown });
+  }
 }
 
 // One chunk of the stream into its answer; returns whether the answer ended.
