@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from oc_engine.bench.stats import quantile
+
 # In the page: replay `tokens` tokens at `rate` tokens/s (0: as fast as it takes them) through
 # its stream reader into a new answer, timing each token's arrival and the drawing that shows it.
 REPLAY_JS = """
@@ -133,20 +135,17 @@ def _replay_summary(result: dict, tokens: int, rate: float) -> dict:
     lags, wall_s = sorted(result["lags"]), result["wall_ms"] / 1000
     out = {"rate": rate or None, "tokens": tokens, "points": result["points"], "wall_s": round(wall_s, 3),
            "tokens_per_s": round(tokens / wall_s, 1), "draws": len(result["draw_ms"]),
-           "lag_ms": {"p50": _pct(lags, 50), "p99": _pct(lags, 99), "max": round(lags[-1], 1)},
+           "lag_ms": {"p50": round(quantile(lags, 0.5), 1), "p99": round(quantile(lags, 0.99), 1),
+                      "max": round(lags[-1], 1)},
            "draw_ms": _spread(result["draw_ms"])}
     if rate:  # on time: the last token drawn within 5% (or 100 ms) of when the stream sent it
         out["on_time"] = wall_s <= tokens / rate * 1.05 + 0.1
     return out
 
 
-def _pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(len(values) * p / 100))], 1)
-
-
 def _spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 1), "p99": _pct(values, 99), "max": round(max(values), 1)}
+    return {"median": round(statistics.median(values), 1), "p99": round(quantile(values, 0.99), 1),
+            "max": round(max(values), 1)}
 
 
 def console_markdown_table(report: dict) -> str:

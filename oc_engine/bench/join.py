@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Callable
 
+from oc_engine.bench.stats import ms, quantile
 from oc_engine.params import SamplingParams
 
 
@@ -76,21 +77,21 @@ def run_join_bench(llm, prompts: list[str], *, chunks: tuple[int, ...], prompt_t
             gaps[chunk]["ttft_s"].append(result["ttft_s"])
     rows = []
     for chunk in chunks:
-        during, before = sorted(gaps[chunk]["during"]), sorted(gaps[chunk]["before"])
+        during, before = gaps[chunk]["during"], gaps[chunk]["before"]
         rows.append({"prefill_chunk": chunk or None, "gaps": len(during),
-                     "gap_ms_before": {"p50": _pct(before, 50)},
-                     "gap_ms_during": {"p50": _pct(during, 50), "p99": _pct(during, 99), "max": _pct(during, 100)},
-                     "p99_over_p50_before": round(_pct(during, 99) / _pct(before, 50), 2),
+                     "gap_ms_before": {"p50": _ms_at(before, 0.5)},
+                     "gap_ms_during": {"p50": _ms_at(during, 0.5), "p99": _ms_at(during, 0.99),
+                                       "max": _ms_at(during, 1.0)},
+                     "p99_over_p50_before": round(_ms_at(during, 0.99) / _ms_at(before, 0.5), 2),
                      "joining_ttft_s": round(statistics.median(gaps[chunk]["ttft_s"]), 3)})
     return {"bench": "join", "date": time.strftime("%Y-%m-%d"), "slots": slots, "running": slots - 1,
             "prompt_tokens": prompt_tokens, "repeats": repeats, "warm_tokens": warm_tokens,
             "after_tokens": after_tokens, "results": rows}
 
 
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    return round(1000 * values[min(len(values) - 1, int(len(values) * p / 100))], 1)
+def _ms_at(values: list[float], q: float) -> float:
+    value = quantile(values, q)
+    return float("nan") if value is None else ms(value)
 
 
 def join_markdown_table(report: dict) -> str:

@@ -17,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from oc_engine.bench.stats import ms, quantile, steady_rate
+
 
 @dataclass
 class Seen:
@@ -85,30 +87,16 @@ def summarize(seen: list[Seen], start: float, last_token: float, first_client_do
     generated = [s.generated_tokens for s in seen if s.generated_tokens is not None]
     ttft = [s.first - s.start for s in seen if s.first is not None]
     gaps = [b - a for s in seen for a, b in zip(s.chunks, s.chunks[1:])]
-    # Steady: while every client had a request in flight, each request's tokens spread over its life.
-    window = first_client_done - start
-    steady = sum(s.shown_tokens * max(0.0, min(s.end, first_client_done) - s.start) / max(s.end - s.start, 1e-9)
-                 for s in seen) / window if window > 0 else None
+    steady = steady_rate([(s.shown_tokens, s.start, s.end) for s in seen], start, first_client_done)
     finishes: dict[str, int] = {}
     for s in seen:
         finishes[s.finish or "none"] = finishes.get(s.finish or "none", 0) + 1
     return {"concurrency": concurrency, "requests": requests, "wall_s": round(wall, 3), "shown_tokens": shown,
             "generated_tokens": sum(generated) if len(generated) == len(seen) else None,
-            "tokens_per_s": round(shown / wall, 2), "steady_tokens_per_s": round(steady, 2) if steady else None,
+            "tokens_per_s": round(shown / wall, 2), "steady_tokens_per_s": steady,
             "finish_reasons": finishes,
-            "ttft_ms": {"p50": _ms(_quantile(ttft, 0.5)), "p99": _ms(_quantile(ttft, 0.99))},
-            "chunk_gap_ms": {"p50": _ms(_quantile(gaps, 0.5)), "p99": _ms(_quantile(gaps, 0.99))}}
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 1)
+            "ttft_ms": {"p50": ms(quantile(ttft, 0.5)), "p99": ms(quantile(ttft, 0.99))},
+            "chunk_gap_ms": {"p50": ms(quantile(gaps, 0.5)), "p99": ms(quantile(gaps, 0.99))}}
 
 
 def main(argv: list[str]) -> None:

@@ -148,8 +148,10 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
                      if rate(kind, concurrency) is not None]
             parts.append(f"{concurrency} client{'s' if concurrency > 1 else ''}: " + ", ".join(cells))
         library = report.get("library_tokens_per_s")
-        return (f"serve as the openai client sees it, {dtype}",
-                "; ".join(parts) + " tokens/s" + (f"; library batch 1: {library:.0f}" if library else ""))
+        vllm = any(kind.startswith("vllm-") for kind in report["results"])
+        return (f"`{'serve --backend vllm' if vllm else 'oc-engine serve'}` under load, {dtype}",
+                "as the openai client sees it, TTFT included: " + "; ".join(parts) + " tokens/s"
+                + (f"; library batch 1: {library:.0f}" if library else ""))
     if bench == "join" and "results" in report:
         rows = {r["prefill_chunk"]: r for r in report["results"]}
         cells = [f"{'a prompt at once' if chunk is None else f'chunk {chunk}'} {r['gap_ms_during']['p99']:.0f} ms"

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from oc_engine.bench.decode import package_version
+from oc_engine.bench.stats import ms, quantile, steady_rate
 from oc_engine.errors import OcEngineError
 from oc_engine.jsonl import iter_jsonl
 
@@ -184,26 +185,14 @@ async def run_load(base: str, model: str, prompts: list[str], concurrency: int, 
     ttft = [t.first - t.start for t in timings if t.first is not None]
     gaps = [b - a for t in timings for a, b in zip(t.chunks, t.chunks[1:])]
     tokens = sum(t.tokens for t in timings)
-    steady = _steady_rate(timings, start, min(client_done))
+    steady = steady_rate([(t.tokens, t.start, t.end) for t in timings], start, min(client_done))
     return {"concurrency": concurrency, "requests": requests, "output_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "steady_tokens_per_s": steady,
             "requests_per_s": round(requests / wall, 3),
             "content_filter": sum(t.finish == "content_filter" for t in timings),
-            "ttft_ms": {"p50": _ms(_quantile(ttft, 0.5)), "p99": _ms(_quantile(ttft, 0.99))},
-            "chunk_gap_ms": {"p50": _ms(_quantile(gaps, 0.5)), "p99": _ms(_quantile(gaps, 0.99))},
+            "ttft_ms": {"p50": ms(quantile(ttft, 0.5)), "p99": ms(quantile(ttft, 0.99))},
+            "chunk_gap_ms": {"p50": ms(quantile(gaps, 0.5)), "p99": ms(quantile(gaps, 0.99))},
             "chunks_per_request": round(sum(len(t.chunks) for t in timings) / max(len(timings), 1), 1)}
-
-
-def _steady_rate(timings: list[RequestTiming], start: float, until: float) -> float | None:
-    """Tokens/s while every client had a request in flight (from the start until the first client
-    ran out of requests), each request's tokens spread evenly over its life. The whole run's
-    rate also counts the tail, when fewer clients are left; a guard that ends blocked answers
-    early makes that tail longer without making a step slower."""
-    window = until - start
-    if window <= 0:
-        return None
-    tokens = sum(t.tokens * max(0.0, min(t.end, until) - t.start) / max(t.end - t.start, 1e-9) for t in timings)
-    return round(tokens / window, 2)
 
 
 def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...], requests: tuple[int, ...],
@@ -451,13 +440,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 1)
