@@ -49,7 +49,8 @@ class LLM(PreparesRequests):
     def __init__(self, model=None, config: EngineConfig | None = None, guard: GuardSetup | None = None, *,
                  debug: DebugOptions | None = None, log: Callable[[str], None] | None = None):
         from oc_engine.engine.model_runner import ModelRunner
-        from oc_engine.guard.probe import Probe, load_probe
+        from oc_engine.guard.probe import ModelFingerprint, Probe, load_probe
+        from oc_engine.guard.state_reader import check_state_reader
         from oc_engine.models.defaults import resolve_classifier, resolve_probe_dir
         from oc_engine.models.loading import LoadedModel, load_model, resolve_device
 
@@ -80,7 +81,9 @@ class LLM(PreparesRequests):
             if classifier == DEFAULT or isinstance(classifier, (str, Path)):
                 target = None if classifier == DEFAULT else classifier
                 device_name = str(model.device) if isinstance(model, LoadedModel) else str(resolve_device(config.device))
-                self.classifier = resolve_classifier(target, device_name, log=self.log)
+                self.classifier = resolve_classifier(target, device_name, log=self.log,
+                                                     model_is_embedded=model is None,
+                                                     quantized=config.quantize is not None)
                 self._owns_classifier = self.classifier is not None
                 if self.classifier is None:
                     self.log("no classifier: a pause blocks the answer")
@@ -98,6 +101,8 @@ class LLM(PreparesRequests):
             self.runner = ModelRunner(self.loaded, num_slots=config.max_num_seqs, max_model_len=self.max_model_len,
                                       compile=config.compile, probe=probe, tap=debug.tap,
                                       prefer_fused=debug.prefer_fused, output_lag=debug.output_lag)
+            check_state_reader(self.classifier, ModelFingerprint.of(self.loaded.model), self.runner.taps,
+                               self.guard_config)
         except BaseException:
             self.close()
             raise

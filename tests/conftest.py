@@ -19,11 +19,13 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def no_default_classifier(monkeypatch):
-    """Tests run without the shipped default classifier unless they ask for it: building it
-    (merge and ONNX export) takes half a minute, and most tests want a pause to block."""
+    """Tests run without the shipped second stages (the embedded model's state reader, the
+    encoder delta) unless they ask for them: building the encoder (merge and ONNX export) takes
+    half a minute, and most tests want a pause to block."""
     import oc_engine.models.defaults as defaults
 
     monkeypatch.setattr(defaults, "default_classifier_delta", lambda: None)
+    monkeypatch.setattr(defaults, "default_reader", lambda: None)
 
 
 @pytest.fixture(scope="session")

@@ -35,17 +35,40 @@ def inputs(tiny_model_dir, tiny_classifier, tmp_path_factory):
     (root / "exchanges.jsonl").write_text("".join(
         json.dumps({"prompt": f"w{20 + i} w9", "response": f"w{100 + i} w101", "label": 2 * (i % 2)}) + "\n"
         for i in range(12)))
+    _reader(root / "model", (2,), root / "reader")  # the probe taps hidden state 2 (-2 of 3 layers)
+    _reader(root / "model", (1,), root / "reader-layer1")
     (root / "trace.jsonl").write_text(json.dumps({"sequence": 0, "index": 0, "token": 5, "score": 0.1, "ema": 0.1,
                                                   "flags": 0, "warn": 0.5, "pause": 0.8, "events": []}) + "\n")
     return root
 
 
+def _reader(model_dir, layers, out):
+    """A state reader with random weights for the tiny model saved in `model_dir`."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from oc_engine.guard.probe import ModelFingerprint
+    from oc_engine.guard.state_reader import ReaderConfig, save_reader
+
+    fingerprint = ModelFingerprint.of(AutoModelForCausalLM.from_pretrained(model_dir))
+    config = ReaderConfig(model=fingerprint, layers=layers, hidden_size=fingerprint.hidden_size,
+                          labels=("safe_compliance", "safe_refusal", "unsafe_compliance"), unsafe_label=2,
+                          allow_threshold=0.9, block_threshold=0.9)
+    size = config.feature_size
+    save_reader(config, {"mean": np.zeros(size, np.float32), "scale": np.ones(size, np.float32),
+                         "w1": np.full((4, size), 0.01, np.float32), "b1": np.zeros(4, np.float32),
+                         "w2": np.ones((3, 4), np.float32), "b2": np.zeros(3, np.float32)}, out)
+
+
+CONFIG_FILES = {"probe": "probe_config.json", "classifier": "classifier_config.json", "reader": "reader_config.json"}
+
+
 def _spoil(inputs, tmp_path, name, edit):
-    """A copy of the probe or classifier directory with its config edited."""
+    """A copy of the probe, classifier or state reader directory with its config edited."""
     target = tmp_path / f"bad-{name}"
     shutil.rmtree(target, ignore_errors=True)  # hypothesis reuses tmp_path across examples
     shutil.copytree(inputs / name, target)
-    file = target / ("probe_config.json" if name == "probe" else "classifier_config.json")
+    file = target / CONFIG_FILES[name]
     config = json.loads(file.read_text())
     edit(config)
     file.write_text(json.dumps(config))
@@ -113,6 +136,26 @@ CASES = {
     "classifier unsafe label out of range": (GENERATE + " --prompt w5 --classifier {bad_classifier_unsafe}", 1,
                                              "unsafe_label 7 is not one of the 3 labels"),
     "classifier dir without config": (GENERATE + " --prompt w5 --classifier {tmp}", 1, "is not a classifier export"),
+    # generate: state reader directories
+    "reader for another layer set": (GENERATE + " --prompt w5 --classifier {in}/reader-layer1", 1,
+                                     "the state reader reads layers [1] and the probe taps [2]"),
+    "reader for another model": ("generate --prompt w5 --no-compile --max-new-tokens 3 --classifier {in}/reader", 1,
+                                 "the state reader was trained for another model"),
+    "reader with the input check": (GENERATE + " --prompt w5 --classifier {in}/reader --input-check", 1,
+                                    "the input check judges the prompt as text"),
+    "reader threshold a string": (GENERATE + " --prompt w5 --classifier {bad_reader_threshold}", 1,
+                                  "'block_threshold' must be"),
+    "reader weights missing": (GENERATE + " --prompt w5 --classifier {bad_reader_weights}", 1,
+                               "state reader file is missing"),
+    # train-reader
+    "train-reader without data": ("train-reader --model {in}/model --probe {in}/probe --out {tmp}/r", 1,
+                                  "give --data FILE"),
+    "train-reader default with a model": ("train-reader --default --model {in}/model", 1,
+                                          "--default builds the shipped reader for the embedded model"),
+    "train-reader out under a file": ("train-reader --model {in}/model --probe {in}/probe --data "
+                                      "{in}/exchanges.jsonl --out {file}/r", 1, "cannot write in"),
+    "train-reader without a probe": ("train-reader --model {in}/model --data {in}/exchanges.jsonl --out {tmp}/r", 1,
+                                     "give --probe DIR"),
     # plot-trace
     "plot unknown file type": ("plot-trace {in}/trace.jsonl -o {tmp}/risk.xyz", 1, "unknown file type '.xyz'"),
     "plot under a file": ("plot-trace {in}/trace.jsonl -o {file}/risk.png", 1, "cannot write in"),
@@ -256,6 +299,7 @@ SPOILED_DIRS = {
     "old_classifier_format": ("classifier", lambda c: c.update(format="oc-engine-classifier/1")),
     "bad_classifier_length": ("classifier", lambda c: c.update(max_length=128.5)),
     "bad_classifier_unsafe": ("classifier", lambda c: c.update(unsafe_label=7)),
+    "bad_reader_threshold": ("reader", lambda c: c.update(block_threshold="high")),
 }
 
 
@@ -286,6 +330,9 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch,
     for key, (kind, edit) in SPOILED_DIRS.items():
         if "{" + key + "}" in command:
             values[key] = str(_spoil(inputs, tmp_path, kind, edit))
+    if "{bad_reader_weights}" in command:
+        values["bad_reader_weights"] = str(_spoil(inputs, tmp_path, "reader", lambda c: None))
+        (tmp_path / "bad-reader" / "reader.safetensors").unlink()
     import shlex
 
     args = [part.format(**values) for part in shlex.split(command)]
@@ -362,6 +409,30 @@ def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, t
     assert 0 <= loaded.allow_threshold <= loaded.block_threshold <= 1
     assert loaded.input_format == INPUT_FORMAT
     assert loaded.source_model is None or isinstance(loaded.source_model, str)
+
+
+READER_FIELDS = ["model", "layers", "hidden_size", "labels", "unsafe_label", "allow_threshold", "block_threshold",
+                 "recent", "metrics"]
+
+
+@SLOW_OK
+@given(field=st.sampled_from(READER_FIELDS + ["model.weights_hash", "model.quantization"]), value=json_values,
+       drop=st.booleans())
+def test_any_value_in_a_reader_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
+    from oc_engine.guard.state_reader import load_reader
+
+    def edit(config):
+        parent, _, key = field.rpartition(".")
+        target = config[parent] if parent else config
+        target.pop(key) if drop else target.__setitem__(key, value)
+
+    reader = _loaded_or_one_line_error(load_reader, _spoil(inputs, tmp_path, "reader", edit))
+    if reader is None:
+        return
+    c = reader.config
+    assert all(type(x) is int for x in c.layers) and type(c.hidden_size) is int and type(c.recent) is int
+    assert 0 <= c.allow_threshold <= c.block_threshold <= 1 and type(c.unsafe_label) is int
+    assert isinstance(c.metrics, dict) and isinstance(c.model.weights_hash, str)
 
 
 @SLOW_OK

@@ -50,19 +50,46 @@ def test_the_embedded_model_is_guarded_by_its_shipped_probe():
     assert row["status"] == "blocked" and row["pause_points"] == [0] and probe.config.layers
 
 
-def test_the_embedded_model_is_guarded_by_both_shipped_stages(monkeypatch):
-    """No build step: the shipped classifier delta is merged and exported on first use (into
-    the user cache, like the converted model), and a non-streaming answer gets its final check."""
+@pytest.mark.parametrize("second_stage", ["default", "embedded:encoder"])
+def test_the_embedded_model_is_guarded_by_both_shipped_stages(monkeypatch, second_stage):
+    """No build step: the embedded model's state reader ships ready; the encoder delta is merged
+    and exported on first use (into the user cache, like the converted model). A non-streaming
+    answer gets its final check."""
     import oc_engine.models.defaults as defaults
     from oc_engine.models.embedded import default_classifier_delta_dir
 
-    monkeypatch.setattr(defaults, "default_classifier_delta", default_classifier_delta_dir)
+    monkeypatch.undo()  # the shipped stages, as a user gets them
+    assert defaults.default_classifier_delta() == default_classifier_delta_dir()
+    extra = [] if second_stage == "default" else ["--classifier", second_stage]
+    # A pause every 4 tokens: checks at tokens 4 and 8, then the final check of all 10.
     result = CliRunner().invoke(main, ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
-                                       "8", "--no-compile", "--json"])
+                                       "10", "--ignore-eos", "--no-compile", "--json", "--pause", "0.0", "--warn", "0.0",
+                                       "--every", "4", *extra])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
     assert row["status"] == "completed" and row["verdicts"][-1]["final"] and row["verdicts"][-1]["verdict"] == "allow"
+    assert [v["covers"] for v in row["verdicts"]] == [4, 8, 10]  # the pauses were judged too, and allowed
     assert "Paris" in row["text"] and row["first_text_ms"] >= row["ttft_ms"]
+
+
+def test_the_default_second_stage_follows_the_model(monkeypatch):
+    """The state reader for the unquantized embedded model; the model-agnostic encoder for any
+    other model (or a quantized one) until a reader is trained for it."""
+    from oc_engine.guard.state_reader import StateReader
+    from oc_engine.models import defaults
+    from oc_engine.models.embedded import default_reader_dir
+
+    monkeypatch.undo()
+    monkeypatch.setattr(defaults, "default_classifier_delta", lambda: None)  # no encoder: see what is chosen
+
+    reader = defaults.resolve_classifier(None, "cpu", model_is_embedded=True)
+    assert isinstance(reader, StateReader) and reader.path == default_reader_dir()
+    assert reader.config.layers == (17, 19)
+    named = defaults.resolve_classifier(defaults.EMBEDDED_READER, "cpu")
+    assert isinstance(named, StateReader)
+    # without the encoder the other cases have no second stage
+    assert defaults.resolve_classifier(None, "cpu", model_is_embedded=False) is None
+    assert defaults.resolve_classifier(None, "cpu", model_is_embedded=True, quantized=True) is None
 
 
 @pytest.mark.parametrize("args,message", [

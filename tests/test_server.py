@@ -1,7 +1,7 @@
 """`oc-engine serve` as users run it: a subprocess on a free port, driven by the official
 `openai` client (and raw HTTP where a client would refuse to send the request).
 
-The embedded model with its shipped guard (probe and classifier), fp32 and eager so that its
+The embedded model with its shipped guard (probe and state reader), fp32 and eager so that its
 greedy tokens equal an in-process `LLM` built the same way. A second, unguarded server with
 one slot and one waiting place tests the queue (429), disconnects and SIGTERM."""
 
@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from oc_engine.models.embedded import default_classifier_delta_dir
+from oc_engine.models.embedded import default_reader_dir
 from oc_engine.params import SamplingParams
 from server_helpers import ServerProcess, metric, sse_events
 
@@ -51,7 +51,7 @@ def reference():
     from oc_engine.llm import LLM
 
     with LLM(None, EngineConfig(dtype="float32", compile=False),
-             GuardSetup(classifier=default_classifier_delta_dir(), record_trace=True)) as llm:
+             GuardSetup(classifier=default_reader_dir(), record_trace=True)) as llm:
         yield llm
 
 
@@ -151,9 +151,12 @@ def test_a_blocked_stream_ends_with_the_refusal_and_shows_no_held_token(guarded,
 
 
 def test_a_request_may_tighten_the_guard_but_not_weaken_it(client):
-    _, _, report, _ = _chat(client, BENIGN[6], stream=False, max_tokens=4,
-                            extra_body={"oc_engine": {"input_check": True}})
-    assert report["verdicts"][0]["input"] is True
+    _, _, report, _ = _chat(client, BENIGN[6], stream=True, max_tokens=4,
+                            extra_body={"oc_engine": {"final_check": True, "uncertain": "block", "max_held": 8}})
+    assert report["status"] == "completed"
+    # The shipped second stage reads states, not text: the input check is refused, before any work.
+    with pytest.raises(openai.BadRequestError, match="the input check judges the prompt as text"):
+        _chat(client, BENIGN[6], stream=False, max_tokens=4, extra_body={"oc_engine": {"input_check": True}})
     for weaker in ({"guard": False}, {"every": 64}, {"final_check": False}):
         with pytest.raises(openai.PermissionDeniedError, match="--allow-guard-override"):
             _chat(client, BENIGN[6], stream=False, max_tokens=4, extra_body={"oc_engine": weaker})

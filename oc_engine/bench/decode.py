@@ -80,14 +80,14 @@ def _engine(loaded: LoadedModel, prompt: list[int], new_tokens: int, compile: bo
     return run
 
 
-def quiet_probe(loaded: LoadedModel):
-    """A random probe on layer -4 that never pauses: the probe's cost without the guard's."""
+def quiet_probe(loaded: LoadedModel, layers: tuple[int, ...] = (-4,)):
+    """A random probe on `layers` that never pauses: the probe's cost without the guard's."""
     from oc_engine.guard.probe import ModelFingerprint, Probe, ProbeConfig
 
     fingerprint = ModelFingerprint.of(loaded.model)
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(1, fingerprint.hidden_size, generator=generator) * 0.01
-    config = ProbeConfig(model=fingerprint, layers=(-4,), hidden_size=fingerprint.hidden_size)
+    weight = torch.randn(len(layers), fingerprint.hidden_size, generator=generator) * 0.01
+    config = ProbeConfig(model=fingerprint, layers=tuple(layers), hidden_size=fingerprint.hidden_size)
     return Probe(config=config, weight=weight, bias=torch.tensor([-20.0]))
 
 

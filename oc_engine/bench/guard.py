@@ -51,11 +51,14 @@ class TimedClassifier:
 
     def __init__(self, inner, blocking: bool, clock: Callable[[], float] = time.perf_counter):
         self.inner, self.blocking, self.clock = inner, blocking, clock
+        self.reads_states = getattr(inner, "reads_states", False)  # a state reader gets the states it reads
         self.intervals: list[tuple[float, float]] = []
 
-    def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0) -> cf.Future:
+    def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0,
+               **states) -> cf.Future:
         start = self.clock()
-        future = self.inner.submit(prompt, response, urgent=urgent or self.blocking, judged_chars=judged_chars)
+        future = self.inner.submit(prompt, response, urgent=urgent or self.blocking, judged_chars=judged_chars,
+                                   **states)
         future.add_done_callback(lambda _: self.intervals.append((start, self.clock())))
         if self.blocking:
             self.drain()  # an inline classifier answers when asked
@@ -79,11 +82,12 @@ def gap_stats(arrivals: list[float], checks: list[tuple[float, float]]) -> dict:
             "gaps_during_checks": len(during)}
 
 
-def escalating_probe(loaded: LoadedModel, llm, prompt: list[int], new_tokens: int, quantile: float):
+def escalating_probe(loaded: LoadedModel, llm, prompt: list[int], new_tokens: int, quantile: float,
+                     layers: tuple[int, ...] = (-4,)):
     """The quiet probe with bias 0 and its pause threshold at `quantile` of this answer's EMA."""
     from oc_engine.guard.probe import Probe
 
-    base = quiet_probe(loaded)
+    base = quiet_probe(loaded, layers)
     scoring = Probe(config=dataclasses.replace(base.config, warn=1.0, pause=1.0), weight=base.weight,
                     bias=torch.zeros(1))
     llm.set_probe(scoring)
@@ -96,14 +100,16 @@ def escalating_probe(loaded: LoadedModel, llm, prompt: list[int], new_tokens: in
 def run_guard_bench(loaded: LoadedModel, classifier, *, new_tokens: int = 128, repeats: int = 3,
                     quantile: float = 0.9, max_held: int = GuardConfig.max_held,
                     progress: Callable[[str], None] | None = None) -> dict:
-    """Benchmark the modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier."""
+    """Benchmark the modes; returns a JSON-ready report. `classifier`: an ExchangeClassifier or a
+    StateReader (the probe then taps the layers it reads)."""
     prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
     check_bench_length(loaded, len(prompt), new_tokens)
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    quiet = quiet_probe(loaded)
+    layers = classifier.config.layers if getattr(classifier, "reads_states", False) else (-4,)
+    quiet = quiet_probe(loaded, layers)
     plain = bench_llm(loaded, prompt, new_tokens)
     probed = bench_llm(loaded, prompt, new_tokens, probe=quiet, guard=GuardConfig(max_held=max_held))
-    escalating = escalating_probe(loaded, probed, prompt, new_tokens, quantile)
+    escalating = escalating_probe(loaded, probed, prompt, new_tokens, quantile, layers)
     forced = dataclasses.replace(classifier.config, allow_threshold=1.0, block_threshold=1.0)
     classifier.config = forced  # every verdict is allow: the answer runs to its end
 

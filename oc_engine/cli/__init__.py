@@ -32,10 +32,11 @@ def _register() -> None:
     from oc_engine.cli.plot import plot_trace
     from oc_engine.cli.probe import (collect, eval_command, headroom_command, revalidate_probe, sweep_layers,
                                          train_probe)
+    from oc_engine.cli.reader import train_reader
     from oc_engine.cli.serve import serve
 
     for command in (generate, serve, bench, plot_trace, export_classifier, train_classifier, calibrate_classifier,
-                    collect, train_probe, revalidate_probe, sweep_layers, calibrate_guard, eval_command,
+                    collect, train_probe, train_reader, revalidate_probe, sweep_layers, calibrate_guard, eval_command,
                     headroom_command):
         main.add_command(command)
 

@@ -162,7 +162,8 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 
     _check_out(out)
     loaded = _load(model, device, dtype)
-    classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True)
+    classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True,
+                                    model_is_embedded=model is None)
     try:
         report = run_guard_bench(loaded, classifier, new_tokens=new_tokens, repeats=repeats,
                                  quantile=pause_quantile, progress=_progress("guard"))
@@ -181,12 +182,21 @@ def guard(model, dtype, device, new_tokens, repeats, classifier_dir, pause_quant
 @user_errors
 def classifier(classifier_dir, repeats, lengths, out, as_json):
     """The classifier's latency per call (one window): ONNX Runtime fp32/int8 vs PyTorch, at
-    each --length (default 128 and 512 tokens)."""
+    each --length (default 128 and 512 tokens). For a state reader: its check (pooling the
+    answer's states, then its MLP) beside the served model itself run as a sequence classifier."""
     from oc_engine.bench.classifier import classifier_markdown_table, run_classifier_bench
+    from oc_engine.guard.state_reader import is_reader_dir
     from oc_engine.models.defaults import resolve_classifier_dir
 
     _check_out(out)
     directory = resolve_classifier_dir(classifier_dir, required=True)
+    if is_reader_dir(directory):
+        from oc_engine.bench.reader import reader_markdown_table, run_reader_bench
+
+        report = run_reader_bench(directory, lengths=tuple(sorted(set(lengths))) or (128, 512), repeats=repeats,
+                                  progress=_progress("classifier"))
+        _report(report, reader_markdown_table(report), out, as_json)
+        return
     report = run_classifier_bench(directory, lengths=tuple(sorted(set(lengths))) or (128, 512), repeats=repeats,
                                   progress=_progress("classifier"))
     _report(report, classifier_markdown_table(report), out, as_json)

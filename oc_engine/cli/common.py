@@ -101,8 +101,10 @@ def probe_option(help: str = "Probe directory (default: the shipped probe, with 
     return click.option("--probe", "probe_dir", default=None, type=click.Path(file_okay=False), help=help)
 
 
-def classifier_option(help: str = "Exchange classifier: an ONNX export or a delta directory (built into the "
-                                  "cache on first use). Default: the classifier shipped in the package."):
+def classifier_option(help: str = "Second stage: a state reader directory (`train-reader`), an exchange "
+                                  "classifier export, or a delta directory (built into the cache on first use); "
+                                  "embedded:reader and embedded:encoder name the shipped ones. Default: with the "
+                                  "embedded model its state reader, else the shipped encoder (all-MiniLM-L6-v2)."):
     return click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False), help=help)
 
 

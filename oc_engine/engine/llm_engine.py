@@ -121,7 +121,8 @@ class LLMEngine:
                 decoding.append(seq)
         if decoding:
             sampled = any(not s.params.greedy for s in decoding)
-            handle, taps = self.runner.launch(sampled, keep_taps=any(s.collect_taps for s in decoding))
+            handle, taps = self.runner.launch(sampled, keep_taps=any(s.collect_taps or s.reads_states
+                                                                     for s in decoding))
             self.inflight.append((handle, {s.slot: s for s in decoding}, taps))
             if len(self.inflight) > self.runner.output_lag:
                 self._read_oldest()
@@ -170,6 +171,7 @@ class LLMEngine:
         handle, slots, taps = self.inflight.popleft()
         host = self.runner.read(handle)
         probed = len(host) > 1
+        taps = None if taps is None else taps.float().cpu()  # one copy per step, not one per sequence
         for slot, seq in slots.items():
             if seq.status != RUNNING or seq.decoding_done:
                 continue  # it ended (or was cancelled) after this step was launched
@@ -181,7 +183,9 @@ class LLMEngine:
             self._read_oldest()
 
     def _accept(self, seq: Sequence, token: int, score, ema, flags, tapped) -> None:
-        events = seq.accept(token, token in self.eos_ids, score, ema, flags, self.clock())
+        """tapped: [L, H], the states that produced `token` (kept when a sequence asks for them)."""
+        events = seq.accept(token, token in self.eos_ids, score, ema, flags, self.clock(),
+                            tapped if seq.reads_states else None)
         if seq.collect_taps and tapped is not None:
             seq.taps.append((tapped[0] if tapped.shape[0] == 1 else tapped).float().cpu().clone())
         self._emit(seq, events)

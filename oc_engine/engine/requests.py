@@ -63,6 +63,10 @@ class PreparesRequests:
         if policy is not None and (self.probe is None or not isinstance(policy, GuardConfig)):
             raise OcEngineError("a guard policy needs an LLM built with a probe" if self.probe is None
                                 else f"guard must be a GuardConfig, None or 'default', got {guard!r}")
+        if policy is not None and policy.input_check and getattr(self.classifier, "reads_states", False):
+            from oc_engine.guard.state_reader import INPUT_CHECK_NEEDS_TEXT
+
+            raise OcEngineError(INPUT_CHECK_NEEDS_TEXT)
         if trace and policy is None:
             raise OcEngineError("a trace of the probe's scores needs a guard (this request has none)")
         # Each prompt samples from its own random stream, keyed by its seed and its index here:

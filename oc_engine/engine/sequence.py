@@ -75,11 +75,17 @@ class Sequence:
     def decoding_done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def reads_states(self) -> bool:
+        """Its guard's second stage reads the tapped hidden states of each token (a state reader)."""
+        return self.guard is not None and self.guard.states is not None
+
     def accept(self, token: int, is_eos: bool, score: float | None, ema: float | None, flags: int,
-               now: float) -> list:
-        """One decoded token (with its probe score, EMA and flags, None without a probe) reached
-        the host at `now`: append it, show it to the guard; returns the events it makes. Every
-        engine (the native loop, the vLLM driver) hands tokens over here."""
+               now: float, state=None) -> list:
+        """One decoded token (with its probe score, EMA and flags, None without a probe; `state`
+        the tapped hidden states [L, H] that produced it, for a state reader) reached the host
+        at `now`: append it, show it to the guard; returns the events it makes. Every engine
+        (the native loop, the vLLM driver) hands tokens over here."""
         self.token_times.append(now)
         if self.first_token_at is None:
             self.first_token_at = now
@@ -89,7 +95,7 @@ class Sequence:
             self.emas.append(ema)
         if self.guard is None:
             return [TextReleased(self.request_id, piece)] if piece else []
-        self.guard.on_token(token, score, ema, flags)
+        self.guard.on_token(token, score, ema, flags, state)
         if self.decoding_done:
             self.guard.on_finish()
         self.end_if_guard_stopped()

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Protocol
 
 from oc_engine.config_fields import is_number
 from oc_engine.engine.sequence import Sequence
+from oc_engine.guard.pooled_states import AnswerStates
 from oc_engine.guard.policy import VERDICTS, Check, GuardConfig, Refuse, Release, SequenceGuard, token_flags
 from oc_engine.outputs import GuardReport, Paused, Refused, TextReleased, TokenScored, Verdict, VerdictReceived
 
@@ -34,7 +35,9 @@ OVERDUE_SHARE = 0.25
 
 class Classifier(Protocol):
     """An optional `drain()` is called by the decode loop between steps and before it waits
-    for a verdict: an inline classifier runs its queued checks then (see `check_batcher`)."""
+    for a verdict: an inline classifier runs its queued checks then (see `check_batcher`).
+    One with `reads_states = True` (a `StateReader`) is also passed `states=` (the sequence's
+    `AnswerStates`) and `covers=` (the answer tokens the check covers) by keyword."""
 
     def submit(self, prompt: str, response: str, urgent: bool = False, judged_chars: int = 0) -> cf.Future:
         """A future of a dict with at least 'verdict' (allow, block, uncertain) and 'p_unsafe'.
@@ -78,6 +81,8 @@ class SequenceMonitor:
         self._events: list = []
         self._traced_events = 0  # guard events already written to the trace
         self._pauses_seen = 0
+        # A state reader judges the model's own tapped states: each token's row is kept here.
+        self.states = AnswerStates() if getattr(classifier, "reads_states", False) else None
 
     # -- the engine's hooks -------------------------------------------------------------
     def start(self) -> None:
@@ -89,8 +94,11 @@ class SequenceMonitor:
         """The released text."""
         return self.seq.stream.text[:self.released_chars]
 
-    def on_token(self, token: int, score: float | None, ema: float | None, flags: int) -> None:
-        """`token`, the sequence's last (already appended), was scored `score`, `ema`, `flags`."""
+    def on_token(self, token: int, score: float | None, ema: float | None, flags: int, state=None) -> None:
+        """`token`, the sequence's last (already appended), was scored `score`, `ema`, `flags`;
+        state: the tapped hidden states [L, H] that produced it (kept only for a state reader)."""
+        if self.states is not None:
+            self.states.add(state)
         flags = token_flags(flags, score, ema)
         if self.score_events:  # before the pause it may cause
             self._events.append(TokenScored(self.request_id, len(self.seq.token_ids) - 1, _finite_or_none(score),
@@ -207,7 +215,11 @@ class SequenceMonitor:
         try:
             # urgent: this sequence's decoding waits for the verdict (held at max_held, or ended).
             urgent = self.policy.must_wait or self.policy.finished
-            future = self.classifier.submit(prompt, response, urgent=urgent, judged_chars=judged_chars)
+            if self.states is not None:  # a state reader: the states of the tokens the check covers
+                future = self.classifier.submit(prompt, response, urgent=urgent, judged_chars=judged_chars,
+                                                states=self.states, covers=check.covers)
+            else:
+                future = self.classifier.submit(prompt, response, urgent=urgent, judged_chars=judged_chars)
             if not isinstance(future, cf.Future):
                 raise TypeError(f"submit returned {type(future).__name__}, not a future")
         except Exception as exc:  # noqa: BLE001 - any failure to submit fails closed

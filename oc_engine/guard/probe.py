@@ -149,15 +149,24 @@ def save_probe(probe: Probe, out_dir: str | Path) -> Path:
     """Write the probe directory atomically (a temporary directory renamed into place)."""
     from safetensors.torch import save_file
 
+    def write(tmp: Path) -> None:
+        save_file({"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)},
+                  str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(probe.config.to_json(), indent=2) + "\n")
+
+    return write_directory(out_dir, write)
+
+
+def write_directory(out_dir: str | Path, write) -> Path:
+    """`write(tmp)` fills a temporary directory beside `out_dir` (a new or empty directory),
+    which is then renamed into place, readable by all: a reader never sees half a directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OcEngineError(f"{out_dir} exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        save_file({"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)},
-                  str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(probe.config.to_json(), indent=2) + "\n")
+        write(tmp)
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)
@@ -188,13 +197,7 @@ def probe_config_from_json(raw: dict, where: str) -> ProbeConfig:
     from oc_engine.config_fields import Fields
 
     fields = Fields(raw, where)
-    model = fields.child("model")
-    quantization = model.string("quantization", None)
-    if quantization is not None and quantization not in ("int8", "int4"):
-        raise OcEngineError(f"{where}: model 'quantization' must be int8, int4 or null, got {quantization!r}")
-    fingerprint = ModelFingerprint(architecture=model.string("architecture"), hidden_size=model.integer("hidden_size"),
-                                   num_layers=model.integer("num_layers"), weights_hash=model.string("weights_hash"),
-                                   quantization=quantization)
+    fingerprint = fingerprint_from_fields(fields.child("model"), where)
     hidden_size = fields.integer("hidden_size")
     if hidden_size < 1:
         raise OcEngineError(f"{where}: 'hidden_size' must be >= 1, got {hidden_size}")
@@ -202,6 +205,16 @@ def probe_config_from_json(raw: dict, where: str) -> ProbeConfig:
                        alpha=fields.number("alpha"), warn=fields.number("warn"), pause=fields.number("pause"),
                        every=fields.integer("every"), chat_template=fields.boolean("chat_template", True),
                        metrics=fields.mapping("metrics", {}))
+
+
+def fingerprint_from_fields(model, where: str) -> ModelFingerprint:
+    """A ModelFingerprint from the `model` object of a probe's or a state reader's config."""
+    quantization = model.string("quantization", None)
+    if quantization is not None and quantization not in ("int8", "int4"):
+        raise OcEngineError(f"{where}: model 'quantization' must be int8, int4 or null, got {quantization!r}")
+    return ModelFingerprint(architecture=model.string("architecture"), hidden_size=model.integer("hidden_size"),
+                            num_layers=model.integer("num_layers"), weights_hash=model.string("weights_hash"),
+                            quantization=quantization)
 
 
 def load_probe(path: str | Path) -> Probe:

@@ -55,6 +55,12 @@ def default_classifier_delta_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "assets" / "default_classifier"
 
 
+def default_reader_dir() -> Path:
+    """The default second stage for the embedded model: a state reader over its own hidden states
+    (`oc-engine train-reader --default`; see `guard.state_reader`)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "default_reader"
+
+
 def default_classifier_checkpoint_dir() -> Path:
     """The full Hugging Face checkpoint of the last `train-classifier --default` (for `headroom`)."""
     return cache_root() / "classifier-checkpoint"

@@ -11,6 +11,7 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
              max_response_tokens, batch_size, plot, seed, progress, log, final_check=None, input_check=None,
              quantize: str | None = None) -> dict:
     from oc_engine.models.defaults import require_probe, resolve_classifier
+    from oc_engine.guard.policy import GuardConfig
     from oc_engine.models.loading import load_model
 
     from oc_engine.training.probe_pipeline import read_specs
@@ -22,12 +23,21 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
     live_rows = _live_rows(live_specs, limit, seed) if live_specs else []
     loaded = load_model(model, progress=False, quantize=quantize)
     _, probe = require_probe(loaded, probe_dir, model is None, log)
-    classifier = None if no_classifier else resolve_classifier(classifier_dir, str(loaded.device), log=log)
+    classifier = None if no_classifier else resolve_classifier(classifier_dir, str(loaded.device), log=log,
+                                                                    model_is_embedded=model is None,
+                                                                    quantized=loaded.quantization is not None)
+    if classifier is not None:
+        from oc_engine.engine.model_runner import normalize_taps
+        from oc_engine.guard.probe import ModelFingerprint
+        from oc_engine.guard.state_reader import check_state_reader
+
+        check_state_reader(classifier, ModelFingerprint.of(loaded.model),
+                           normalize_taps(probe.config.layers, loaded.model.config.get_text_config().num_hidden_layers),
+                           None if input_check is None else GuardConfig(input_check=input_check))
     report = {"model": loaded.source, "quantization": loaded.quantization, "probe": probe_dir or "default",
               "classifier": str(classifier.path) if classifier else None,
               "probe_settings": {"layers": list(probe.config.layers), "alpha": probe.config.alpha,
                                  "warn": probe.config.warn, "pause": probe.config.pause}}
-    from oc_engine.guard.policy import GuardConfig
 
     # What `generate` does for answers that do not stream: the final check on (with a classifier).
     guard = GuardConfig(every=probe.config.every, final_check=final_check,

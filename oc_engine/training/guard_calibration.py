@@ -108,6 +108,34 @@ class CachedJudge:
         return self.cache[i, covers]
 
 
+class StateJudge:
+    """CachedJudge's interface for a state reader: p_unsafe of the teacher-forced states of each
+    exchange's prompt and first `covers` answer tokens (`acts`: the replay's `Activations`)."""
+
+    def __init__(self, reader, acts, response_ids: list[list[int]]):
+        self.reader, self.acts, self.response_ids = reader, acts, response_ids
+        self.cache: dict[tuple[int, int], float] = {}
+
+    def prefetch(self, keys, batch_size: int = 512, progress: bool = False) -> None:
+        import torch
+
+        from oc_engine.guard.pooled_states import pool_batch
+
+        todo = sorted({k for k in keys if k not in self.cache})
+        unsafe, recent = self.reader.config.unsafe_label, self.reader.config.recent
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            rows = torch.tensor([i for i, _ in chunk])
+            lengths = torch.tensor([max(c, 1) for _, c in chunk])
+            features = pool_batch(self.acts.features[rows], lengths, recent).numpy()
+            self.cache.update(zip(chunk, self.reader.probabilities(features)[:, unsafe].tolist()))
+
+    def p(self, i: int, covers: int) -> float:
+        if (i, covers) not in self.cache:
+            self.prefetch([(i, covers)])
+        return self.cache[i, covers]
+
+
 def calibrate_guard(traces: dict, judge: CachedJudge, labels: np.ndarray, dangerous: np.ndarray,
                     budgets: Budgets, *, pause_rates=PAUSE_RATES, everies=EVERY, blocks=BLOCK_THRESHOLDS,
                     progress: bool = True) -> dict:

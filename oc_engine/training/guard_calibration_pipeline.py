@@ -19,7 +19,7 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
 
     from oc_engine.models.defaults import require_probe, resolve_classifier
     from oc_engine.models.loading import load_model
-    from oc_engine.training.guard_calibration import CachedJudge, calibrate_guard, sounds_dangerous
+    from oc_engine.training.guard_calibration import CachedJudge, StateJudge, calibrate_guard, sounds_dangerous
     from oc_engine.training.guard_eval import replay_traces
     from oc_engine.training.probe_calibration import ALPHAS
 
@@ -31,13 +31,22 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
 
     exchanges = with_contexts(exchanges, context_share, SEED)  # the probe's states attend to the context
     probe_path, probe = require_probe(loaded, probe_dir, model is None, log)
-    classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True, log=log)
+    classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True, log=log,
+                                    model_is_embedded=model is None)
+    reads_states = getattr(classifier, "reads_states", False)
     try:
+        if reads_states:
+            from oc_engine.engine.model_runner import normalize_taps
+            from oc_engine.guard.probe import ModelFingerprint
+
+            classifier.check_fingerprint(ModelFingerprint.of(loaded.model), normalize_taps(
+                probe.config.layers, loaded.model.config.get_text_config().num_hidden_layers))
         log(f"replaying {len(exchanges)} validation exchanges through the probe")
-        traces, response_ids = replay_traces(loaded, probe, exchanges, alphas=ALPHAS,
-                                             max_response_tokens=max_response_tokens, batch_size=batch_size,
-                                             progress=progress)
-        judge = CachedJudge(classifier, loaded.tokenizer, exchanges, response_ids)
+        traces, response_ids, *acts = replay_traces(loaded, probe, exchanges, alphas=ALPHAS,
+                                                    max_response_tokens=max_response_tokens, batch_size=batch_size,
+                                                    progress=progress, keep_states=reads_states)
+        judge = StateJudge(classifier, acts[0], response_ids) if reads_states else \
+            CachedJudge(classifier, loaded.tokenizer, exchanges, response_ids)
         labels = np.array([e.label for e in exchanges])
         dangerous = np.array([sounds_dangerous(e.source) for e in exchanges])
         report = calibrate_guard(traces, judge, labels, dangerous, budgets, progress=progress)
@@ -51,7 +60,10 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
         plot_curve(report, plot)
         report["plot"] = str(plot)
     if write:
-        report["written"] = write_choice(report, probe_path, classifier_dir)
+        from oc_engine.models.defaults import EMBEDDED_ENCODER
+
+        named = None if classifier_dir == EMBEDDED_ENCODER else classifier_dir  # the shipped delta
+        report["written"] = write_choice(report, probe_path, classifier.path if reads_states else named)
     return report
 
 
@@ -87,8 +99,10 @@ def validation_exchanges(data_specs, limit, loaded, log, progress, split: bool =
 def write_choice(report: dict, probe_path: Path, classifier_dir) -> dict:
     """The chosen point (without the input check: streaming is the case the stages must cover)
     into the probe's config (alpha, pause, cadence; warn kept at or below pause) and the
-    classifier's (block threshold): the delta's config for a delta, else the export's."""
+    classifier's (block threshold): the delta's config for a delta, the reader's for a state
+    reader, else the export's."""
     from oc_engine.guard.classifier_delta import DELTA_CONFIG, is_delta_dir
+    from oc_engine.guard.state_reader import CONFIG_FILE as READER_CONFIG, is_reader_dir
     from oc_engine.models.defaults import default_classifier_delta
 
     point = report["chosen"]["without_input_check"]
@@ -101,7 +115,8 @@ def write_choice(report: dict, probe_path: Path, classifier_dir) -> dict:
                         warn=min(trained_warn, point["pause"]))
     probe_config.setdefault("metrics", {})["guard_calibration"] = point
     target = Path(classifier_dir) if classifier_dir else default_classifier_delta()
-    classifier_file = target / (DELTA_CONFIG if is_delta_dir(target) else "classifier_config.json")
+    classifier_file = target / (DELTA_CONFIG if is_delta_dir(target) else READER_CONFIG if is_reader_dir(target)
+                                else "classifier_config.json")
     classifier_config = json.loads(classifier_file.read_text())
     classifier_config.update(block_threshold=point["block"], allow_threshold=point["block"])
     classifier_config["guard_calibration"] = point

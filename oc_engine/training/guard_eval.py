@@ -23,9 +23,10 @@ from oc_engine.training.onpolicy import is_refusal
 
 
 def replay_traces(loaded, probe, exchanges: list[Exchange], *, alphas=None, max_response_tokens: int = 64,
-                  batch_size: int = 8, progress: bool = True) -> tuple[dict, list[list[int]]]:
+                  batch_size: int = 8, progress: bool = True, keep_states: bool = False):
     """({alpha: [E] arrays of each response's EMA per token}, each response's token ids): the
-    teacher-forced probe scores with the kernel's maths, at the generation positions."""
+    teacher-forced probe scores with the kernel's maths, at the generation positions; with
+    `keep_states`, the tapped states too (`Activations`, what a state reader reads)."""
     from oc_engine.training.activations import CollectSpec, collect, exchange_ids
     from oc_engine.training.probe_training import ema_traces, probe_logits
 
@@ -45,21 +46,28 @@ def replay_traces(loaded, probe, exchanges: list[Exchange], *, alphas=None, max_
     for exchange in exchanges:
         ids, prompt_len = exchange_ids(tokenizer, exchange, spec)
         response_ids.append(ids[prompt_len:])
-    return traces, response_ids
+    return (traces, response_ids, acts) if keep_states else (traces, response_ids)
 
 
 def replay(loaded, probe, exchanges: list[Exchange], classifier=None, *, guard_config: GuardConfig | None = None,
            max_response_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
-    """(summary, one outcome per exchange: status, paused, first_pause, peak_ema)."""
-    traces, response_ids = replay_traces(loaded, probe, exchanges, max_response_tokens=max_response_tokens,
-                                         batch_size=batch_size, progress=progress)
+    """(summary, one outcome per exchange: status, paused, first_pause, peak_ema). A state
+    reader judges each check from the teacher-forced states of the tokens it covers."""
+    reads_states = getattr(classifier, "reads_states", False)
+    traces, response_ids, *acts = replay_traces(loaded, probe, exchanges, max_response_tokens=max_response_tokens,
+                                                batch_size=batch_size, progress=progress, keep_states=reads_states)
     config = guard_config or GuardConfig(every=probe.config.every)
     tokenizer = loaded.tokenizer
     outcomes = []
-    for exchange, trace, ids in zip(exchanges, traces[probe.config.alpha], response_ids):
-        def judge(covers, exchange=exchange, ids=ids):
+    for row, (exchange, trace, ids) in enumerate(zip(exchanges, traces[probe.config.alpha], response_ids)):
+        def judge(covers, exchange=exchange, ids=ids, row=row):
             if classifier is None:
                 return None
+            if reads_states:
+                from oc_engine.guard.pooled_states import pool
+
+                return classifier.judge_features(pool(acts[0].features[row, :max(covers, 1)].float().numpy(),
+                                                      classifier.config.recent))["verdict"]
             partial = tokenizer.decode(ids[:covers], skip_special_tokens=True)
             return classifier.judge(exchange.prompt, partial)["verdict"]
 

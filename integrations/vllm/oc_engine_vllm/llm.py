@@ -63,6 +63,9 @@ class RowPool:
         asyncio.get_running_loop().create_task(notify())
 
 
+VLLM_NO_READER = ("a state reader reads the native engine's tapped states; --backend vllm takes an exchange "
+                  "classifier (an export or delta directory, or embedded:encoder)")
+
 class VllmLLM(PreparesRequests):
     """model: a local Hugging Face directory, a .gguf file, or None for the embedded model.
     config, guard: as `oc_engine.LLM` (`EngineConfig`, `GuardSetup`). vLLM takes the engine's
@@ -77,6 +80,7 @@ class VllmLLM(PreparesRequests):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         from oc_engine.guard.classifier import ExchangeClassifier
+        from oc_engine.guard.state_reader import is_reader_dir
         from oc_engine.guard.probe import Probe, load_probe
         from oc_engine.models.defaults import resolve_classifier_dir, resolve_probe_dir
         from oc_engine.models.loading import resolve_model_source
@@ -128,11 +132,17 @@ class VllmLLM(PreparesRequests):
             if self.probe is not None:
                 classifier = setup.classifier
                 if classifier == DEFAULT or isinstance(classifier, (str, Path)):
+                    # The default is the model-agnostic encoder: the embedded model's state reader needs
+                    # the native engine's taps, which vLLM's scoring path does not hand over.
                     directory = resolve_classifier_dir(None if classifier == DEFAULT else classifier, log=self.log)
+                    if directory is not None and is_reader_dir(directory):
+                        raise OcEngineError(VLLM_NO_READER)
                     # A worker thread: vLLM's loop runs in other processes and never drains an inline queue.
                     self.classifier = None if directory is None else ExchangeClassifier(directory, inline=False)
                     self._owns_classifier = self.classifier is not None
                 else:
+                    if getattr(classifier, "reads_states", False):
+                        raise OcEngineError(VLLM_NO_READER)
                     self.classifier = classifier
                 self.table = ScoreTable.create(engine.max_num_seqs * ROWS_PER_SLOT, self.max_model_len)
             self.loop = asyncio.new_event_loop()

@@ -75,6 +75,18 @@ def test_a_probe_for_another_model_is_refused_before_vllm_starts(tmp_path):
         VllmLLM(None, None, GuardSetup(probe=probe, classifier=None))
 
 
+@pytest.mark.parametrize("named", [True, False])
+def test_a_state_reader_is_refused_before_vllm_starts(named):
+    """The reader reads the native engine's taps; vLLM's scoring path does not pass them."""
+    from oc_engine.guard.state_reader import load_reader
+    from oc_engine.models.embedded import default_reader_dir
+    from oc_engine_vllm import VllmLLM
+
+    reader = "embedded:reader" if named else load_reader(default_reader_dir())
+    with pytest.raises(OcEngineError, match="a state reader reads the native engine's tapped states"):
+        VllmLLM(None, None, GuardSetup(classifier=reader))
+
+
 def test_the_vllm_backend_is_an_engine(llm):
     from oc_engine.engine.interface import AsyncEngine, Engine
     from oc_engine_vllm import VllmLLM
