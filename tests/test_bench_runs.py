@@ -70,7 +70,12 @@ def test_headlines_read_the_committed_reports():
 
     assert headline("guard", report("cpu-guard-escalation-bfloat16-2026-12-07.json")) == (
         "guard cost, bf16, batch 1",
-        "probe_only 0.940x, escalating 0.895x, blocking 0.900x; worst gap during a check 2.32x the median")
+        "second stage: exchange classifier; probe_only 0.940x, escalating 0.895x, blocking 0.900x; worst gap during "
+        "a check 2.32x the median")
+    what, result = headline("guard", report("runs/2026-12-07-guard-cost-state-reader/report.json"))
+    assert result.startswith("second stage: state reader; probe_only 0.972x, escalating 0.970x")
+    what, result = headline("classifier", report("runs/2026-12-07-second-stage-latency/report.json"))
+    assert what == "second stage, latency per check" and result.startswith("state reader 0.13 / 0.15 / 0.19 ms at 128")
     assert headline("continuous", report("cpu-continuous-bfloat16.json")) == (
         "continuous batching", "32 requests, 8 slots, bf16: 265.0 vs 167.4 tokens/s for static batches, 0 recompiles")
     what, result = headline("decode", report("cpu-decode-bfloat16-llm.json"))

@@ -115,8 +115,18 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
         rows = {r["mode"]: r for r in report["results"]}
         parts = [f"{mode} {row['ratio_to_unguarded']:.3f}x" for mode, row in rows.items() if mode != "unguarded"]
         worst = rows.get("escalating", {}).get("max_check_gap_over_median")
-        return (f"guard cost, {dtype}, batch 1", ", ".join(parts)
+        stage = "state reader" if report.get("classifier_backend") == "states" else "exchange classifier"
+        return (f"guard cost, {dtype}, batch 1", f"second stage: {stage}; " + ", ".join(parts)
                 + (f"; worst gap during a check {worst:.2f}x the median" if worst else ""))
+    if bench == "classifier" and "reader" in report:
+        rows = report["results"]
+        reader = [r for r in rows if r["reader"].startswith("state reader")]
+        served = [r for r in rows if not r["reader"].startswith("state reader") and r["threads"] == 1]
+        return ("second stage, latency per check", "state reader " + " / ".join(f"{r['median_ms']:.2f}" for r in reader)
+                + " ms at " + " / ".join(str(r["tokens"]) for r in reader) + " tokens"
+                + ("; the served model run as a classifier (1 thread) " + " / ".join(f"{r['median_ms']:.0f}"
+                                                                                      for r in served) + " ms"
+                   if served else ""))
     if bench == "continuous" and "median_round" in report:
         static, continuous = report["median_round"]["static"], report["median_round"]["continuous"]
         return ("continuous batching", f"{report['requests']} requests, {report['slots']} slots, {dtype}: "
