@@ -74,12 +74,14 @@ def test_the_engine_pools_any_prefix_as_training_does(count, covers, seed):
 
 
 # -- in the engine ---------------------------------------------------------------------------
-def test_each_verdict_reads_the_states_hugging_face_computes(tiny):
+@pytest.mark.parametrize("compile,output_lag", [(False, 0), (False, 1), (True, 0)])  # lag 1: CUDA's default
+def test_each_verdict_reads_the_states_hugging_face_computes(tiny, compile, output_lag):
     loaded = tiny("llama")
     taps = tuple(sorted(t % (loaded.model.config.num_hidden_layers + 1) for t in (-2, 1)))
     probe = make_probe(loaded.model, bias=20.0, layers=taps, pause=0.8, warn=0.5)  # pauses at every token
     reader = random_reader(loaded.model, taps)
-    seqs, _ = guarded_run(loaded, probe, reader, ["w5 w6 w7", "w9 w8"], fixed(7))
+    seqs, _ = guarded_run(loaded, probe, reader, ["w5 w6 w7", "w9 w8"], fixed(7), compile=compile,
+                          output_lag=output_lag)
     for seq in seqs:
         verdicts = seq.completion.guard.verdicts
         assert verdicts and all(v.verdict == "allow" for v in verdicts)

@@ -37,13 +37,20 @@ def build_default_probe(job, train_config, *, force: bool, log, progress: bool) 
     specs = shared + embedded_onpolicy_specs(log, progress, loaded)
     job = dataclasses.replace(job, layers=job.layers or DEFAULT_LAYERS,
                               max_exchanges=job.max_exchanges or MAX_EXCHANGES)
+    return replace_shipped(target, lambda out: train_probe(loaded, specs, out, job, train_config, log=log,
+                                                           progress=progress))
+
+
+def replace_shipped(target: Path, build) -> dict:
+    """`build(out)` writes a new directory and returns its report; it then replaces `target`
+    (a shipped asset), which a failed build leaves as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".default_probe-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        report = train_probe(loaded, specs, staging / "probe", job, train_config, log=log, progress=progress)
+        report = build(staging / target.name)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staging / "probe", target)
+        os.replace(staging / target.name, target)
         report["out"] = str(target)
         return report
     finally:

@@ -10,9 +10,6 @@ most `target_safe_block_rate` of safe answers (judged whole) are blocked.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +146,7 @@ def build_default_reader(job, config: ReaderTrainConfig, *, force: bool, log, pr
     from oc_engine.models.loading import load_model
     from oc_engine.training.classifier_pipeline import default_data_specs
     from oc_engine.training.onpolicy_default import embedded_onpolicy_specs
-    from oc_engine.training.probe_default import MAX_EXCHANGES
+    from oc_engine.training.probe_default import MAX_EXCHANGES, replace_shipped
 
     target = default_reader_dir()
     if target.exists() and not force:
@@ -161,14 +158,5 @@ def build_default_reader(job, config: ReaderTrainConfig, *, force: bool, log, pr
     recorded = probe.config.metrics.get("split", {})  # the probe's own split: its activations are cached
     job = dataclasses.replace(job, max_exchanges=job.max_exchanges or recorded.get("max_exchanges", MAX_EXCHANGES),
                               context_share=recorded.get("context_share", job.context_share))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".default_reader-", dir=target.parent))
-    try:
-        report = train_reader(loaded, probe, specs, staging / "reader", job, config, log=log, progress=progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "reader", target)
-        report["out"] = str(target)
-        return report
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return replace_shipped(target, lambda out: train_reader(loaded, probe, specs, out, job, config, log=log,
+                                                            progress=progress))
