@@ -114,7 +114,9 @@ def final_check_option(help: str = "The classifier judges the whole answer befor
 
 
 def input_check_option(help: str = "The classifier judges the prompt alone while it is prefilled; no token is "
-                                   "shown before that verdict, and a block shows only the refusal [default: off]."):
+                                   "shown before that verdict, and a block shows only the refusal [default: off]. "
+                                   "It judges text: it needs an exchange classifier (--classifier "
+                                   "embedded:encoder with the embedded model), not a state reader."):
     return click.option("--input-check/--no-input-check", default=None, help=help)
 
 
