@@ -14,7 +14,8 @@ error and the next one runs. Sections:
    EMA steps, a strided input) and its time;
 2. fp32, TF32 off, a small model: Hugging Face `generate`, the eager engine and the compiled
    engine with output lag 0, 1 and 2 make the same greedy tokens; a batch equals each request
-   alone; the probe's EMAs match eager; cudagraph skips and recompiles after warm-up;
+   alone; the probe's EMAs match eager; a state reader's checks in the compiled engine match
+   the reader applied to Hugging Face's hidden states; cudagraph skips and recompiles after warm-up;
 3. bf16 speed at batch 1 for SmolLM2-135M, Llama-3.2-1B and Qwen3-1.7B shapes: Hugging Face
    `generate`, engine eager, compiled, compiled with the probe; ms/token and achieved GB/s
    (weights and K/V read per token) against the H200's 4.8 TB/s;
@@ -213,11 +214,55 @@ def correctness(device: torch.device, tiny: bool) -> dict:
     probe = quiet_probe(loaded)
     emas = [engine(c, probe=probe).run([prompt], fixed(new))[0].emas for c in (False, True)]
     out["probe_ema_max_diff"] = max(abs(a - b) for a, b in zip(*emas))
+    out["state_reader_max_diff"] = state_reader_parity(loaded, prompt, new, probe)
     out["cudagraph_skips"] = dict(counters["inductor"]).get("cudagraph_skips", 0)
-    out["ok"] = bool(out["eager_equals_hf"] and out["probe_ema_max_diff"] < 1e-4 and all(
+    out["ok"] = bool(out["eager_equals_hf"] and out["probe_ema_max_diff"] < 1e-4
+                     and out["state_reader_max_diff"] < 1e-3 and all(
         v["equals_hf"] and v["batch_equals_alone"] and v["recompiles_after_warmup"] == 0
         for k, v in out.items() if k.startswith("compiled_lag")) and not out["cudagraph_skips"])
     return out
+
+
+def state_reader_parity(loaded, prompt: list[int], new: int, quiet) -> float:
+    """The largest |p_unsafe| difference between each check of a state reader (random weights, a
+    probe that pauses at every token) in the compiled engine with the output lag of this device,
+    and the same reader applied to Hugging Face's own hidden states of the tokens it covered."""
+    import dataclasses
+
+    import numpy as np
+
+    from oc_engine.config import EngineConfig, GuardSetup
+    from oc_engine.guard.pooled_states import pool
+    from oc_engine.guard.probe import ModelFingerprint, Probe
+    from oc_engine.guard.state_reader import ReaderConfig, StateReader
+    from oc_engine.llm import LLM
+
+    fingerprint = ModelFingerprint.of(loaded.model)
+    taps = tuple(t % (fingerprint.num_layers + 1) for t in quiet.config.layers)
+    pausing = Probe(config=dataclasses.replace(quiet.config, layers=taps, warn=0.0, pause=0.0), weight=quiet.weight,
+                    bias=torch.ones(1))
+    config = ReaderConfig(model=fingerprint, layers=taps, hidden_size=fingerprint.hidden_size,
+                          labels=("safe_compliance", "safe_refusal", "unsafe_compliance"), unsafe_label=2,
+                          allow_threshold=1.0, block_threshold=1.0)
+    rng = np.random.default_rng(0)
+    size, width = config.feature_size, 16
+    reader = StateReader(".", config, {"mean": np.zeros(size, np.float32), "scale": np.ones(size, np.float32),
+                                       "w1": rng.normal(0, 0.05, (width, size)).astype(np.float32),
+                                       "b1": np.zeros(width, np.float32),
+                                       "w2": rng.normal(0, 1, (3, width)).astype(np.float32),
+                                       "b2": np.zeros(3, np.float32)})
+    llm = LLM(loaded, EngineConfig(compile=True, max_num_seqs=2, max_model_len=128),
+              GuardSetup(probe=pausing, classifier=reader))
+    seq = llm.run([prompt], fixed(new))[0]
+    ids = torch.tensor([seq.prompt_ids + seq.token_ids], device=loaded.device)
+    with torch.no_grad():
+        hidden = loaded.model(ids, output_hidden_states=True).hidden_states
+    start = len(seq.prompt_ids) - 1  # row j: the state that produced answer token j
+    rows = torch.stack([hidden[t][0, start:start + len(seq.token_ids)] for t in taps], 1).float().cpu().numpy()
+    verdicts = seq.completion.guard.verdicts
+    if not verdicts:
+        raise RuntimeError("the pausing probe asked the state reader nothing")
+    return max(abs(v.p_unsafe - reader.judge_features(pool(rows[:v.covers]))["p_unsafe"]) for v in verdicts)
 
 
 def speed(device: torch.device, tiny: bool) -> dict:
