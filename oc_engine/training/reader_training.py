@@ -26,7 +26,7 @@ from oc_engine.guard.pooled_states import RECENT, pool_batch
 class ReaderTrainConfig:
     hidden: int = 256  # MLP width
     epochs: int = 30
-    prefixes: int = 3  # random answer prefixes per exchange and epoch set, beside the whole answer
+    prefixes: int = 3  # random prefixes of each answer trained on, beside the whole answer
     learning_rate: float = 1e-3
     weight_decay: float = 1e-3
     dropout: float = 0.2
