@@ -49,7 +49,7 @@ class LLM(PreparesRequests):
     def __init__(self, model=None, config: EngineConfig | None = None, guard: GuardSetup | None = None, *,
                  debug: DebugOptions | None = None, log: Callable[[str], None] | None = None):
         from oc_engine.engine.model_runner import ModelRunner
-        from oc_engine.guard.probe import ModelFingerprint, Probe, load_probe
+        from oc_engine.guard.probe import Probe, load_probe
         from oc_engine.guard.state_reader import check_state_reader
         from oc_engine.models.defaults import resolve_classifier, resolve_probe_dir
         from oc_engine.models.loading import LoadedModel, load_model, resolve_device
@@ -101,8 +101,7 @@ class LLM(PreparesRequests):
             self.runner = ModelRunner(self.loaded, num_slots=config.max_num_seqs, max_model_len=self.max_model_len,
                                       compile=config.compile, probe=probe, tap=debug.tap,
                                       prefer_fused=debug.prefer_fused, output_lag=debug.output_lag)
-            check_state_reader(self.classifier, ModelFingerprint.of(self.loaded.model), self.runner.taps,
-                               self.guard_config)
+            check_state_reader(self.classifier, self.loaded.model, self.runner.taps, self.guard_config)
         except BaseException:
             self.close()
             raise

@@ -62,6 +62,16 @@ def test_a_run_folder_records_what_how_where_and_with_what(tiny_model_dir, tmp_p
     assert manifest["commit"][:10] in (tmp_path / "bench" / "results" / "runs" / "README.md").read_text()
 
 
+def test_a_superseded_row_leaves_the_table_and_stays_in_the_index():
+    from oc_engine.bench.runs import index_page, load_runs, numbers_table
+
+    runs = load_runs(ROOT)
+    old = [record for _, record in runs if record.get("superseded_by")]
+    table, index = numbers_table(ROOT, runs), index_page(ROOT, runs)
+    assert old and all(f"| {r['what']} |" not in table and r["what"] in index for r in old)
+    assert all(f"| {r['superseded_by']} |" in table for r in old)
+
+
 def test_headlines_read_the_committed_reports():
     from oc_engine.bench.runs import headline
 

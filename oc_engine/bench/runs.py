@@ -194,10 +194,14 @@ def load_runs(root: Path) -> list[tuple[Path, dict]]:
 
 
 def numbers_table(root: Path, runs: list[tuple[Path, dict]]) -> str:
-    """The README's table: the newest run of each `what`, in the order each `what` first appeared."""
+    """The README's table: the newest run of each `what`, in the order each `what` first appeared.
+    A row whose newest run names another row that measures it now (`superseded_by`, a `what`)
+    leaves the table once that row exists; its runs stay in the index."""
     newest: dict[str, tuple[Path, dict]] = {}
     for folder, record in runs:
         newest[record["what"]] = (folder, record)  # oldest first: the last one wins
+    for what in [w for w, (_, record) in newest.items() if record.get("superseded_by") in newest]:
+        del newest[what]
     first = {}
     for folder, record in sorted(runs, key=lambda run: (run[1].get("rank", 10 ** 6), run[1]["date"])):
         first.setdefault(record["what"], len(first))

@@ -127,8 +127,10 @@ class StateReader:
 
     # -- the model it belongs to ----------------------------------------------------------
     def check_fingerprint(self, actual: ModelFingerprint, layers: tuple[int, ...]) -> None:
-        """Raise unless this reader was trained on this model (quantization included) with these taps."""
+        """Raise unless this reader was trained on this model (quantization included) with these taps
+        (hidden-state indices, negative from the end)."""
         expected = self.config.model
+        layers = tuple(layer % (actual.num_layers + 1) for layer in layers)
         if replace(actual, quantization=None) != replace(expected, quantization=None):
             raise OcEngineError(f"{self.path / CONFIG_FILE}: the state reader was trained for another model "
                                 f"({expected.describe()}); this model is {actual.describe()}")
@@ -146,13 +148,13 @@ INPUT_CHECK_NEEDS_TEXT = ("the input check judges the prompt as text: it needs a
                           "(--classifier embedded:encoder, or an export or delta directory), not a state reader")
 
 
-def check_state_reader(classifier, fingerprint: ModelFingerprint, taps: tuple[int, ...], policy) -> None:
-    """A state reader must belong to this model and read the states the step taps; it judges
-    answers, so the input check (the prompt alone, as text) needs an exchange classifier.
-    Anything else passes."""
+def check_state_reader(classifier, model, taps: tuple[int, ...], policy=None) -> None:
+    """A state reader must belong to `model` and read the states the probe taps (`taps`); it
+    judges answers, so the input check (the prompt alone, as text) needs an exchange
+    classifier. Anything else passes."""
     if not getattr(classifier, "reads_states", False):
         return
-    classifier.check_fingerprint(fingerprint, taps)
+    classifier.check_fingerprint(ModelFingerprint.of(model), taps)
     if policy is not None and policy.input_check:
         raise OcEngineError(INPUT_CHECK_NEEDS_TEXT)
 

@@ -27,12 +27,9 @@ def run_eval(*, model, probe_dir, classifier_dir, no_classifier, replay_specs, l
                                                                     model_is_embedded=model is None,
                                                                     quantized=loaded.quantization is not None)
     if classifier is not None:
-        from oc_engine.engine.model_runner import normalize_taps
-        from oc_engine.guard.probe import ModelFingerprint
         from oc_engine.guard.state_reader import check_state_reader
 
-        check_state_reader(classifier, ModelFingerprint.of(loaded.model),
-                           normalize_taps(probe.config.layers, loaded.model.config.get_text_config().num_hidden_layers),
+        check_state_reader(classifier, loaded.model, probe.config.layers,
                            None if input_check is None else GuardConfig(input_check=input_check))
     report = {"model": loaded.source, "quantization": loaded.quantization, "probe": probe_dir or "default",
               "classifier": str(classifier.path) if classifier else None,

@@ -35,12 +35,9 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
                                     model_is_embedded=model is None)
     reads_states = getattr(classifier, "reads_states", False)
     try:
-        if reads_states:
-            from oc_engine.engine.model_runner import normalize_taps
-            from oc_engine.guard.probe import ModelFingerprint
+        from oc_engine.guard.state_reader import check_state_reader
 
-            classifier.check_fingerprint(ModelFingerprint.of(loaded.model), normalize_taps(
-                probe.config.layers, loaded.model.config.get_text_config().num_hidden_layers))
+        check_state_reader(classifier, loaded.model, probe.config.layers)
         log(f"replaying {len(exchanges)} validation exchanges through the probe")
         traces, response_ids, *acts = replay_traces(loaded, probe, exchanges, alphas=ALPHAS,
                                                     max_response_tokens=max_response_tokens, batch_size=batch_size,
