@@ -66,6 +66,8 @@ class LLM(PreparesRequests):
         probe = setup.probe
         if probe == DEFAULT:
             probe = resolve_probe_dir(None, model is None, self.log)
+            if probe is None:  # said, never silent (the CLI refuses to start unguarded unless asked)
+                self.log("no probe ships for this model: generation is UNGUARDED (give GuardSetup(probe=DIR))")
         if probe is not None and not isinstance(probe, Probe):
             probe = load_probe(probe)
         self.probe = probe

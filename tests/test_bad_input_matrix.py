@@ -157,11 +157,11 @@ CASES = {
     "train-reader without a probe": ("train-reader --model {in}/model --data {in}/exchanges.jsonl --out {tmp}/r", 1,
                                      "give --probe DIR"),
     # plot-trace
-    "plot unknown file type": ("plot-trace {in}/trace.jsonl -o {tmp}/risk.xyz", 1, "unknown file type '.xyz'"),
-    "plot under a file": ("plot-trace {in}/trace.jsonl -o {file}/risk.png", 1, "cannot write in"),
-    "trace not UTF-8": ("plot-trace {bad_trace_bytes} -o {tmp}/risk.png", 1, ":1: not UTF-8 text"),
-    "trace score a string": ("plot-trace {bad_trace_score} -o {tmp}/risk.png", 1, "'score' must be a number"),
-    "trace events not a list": ("plot-trace {bad_trace_events} -o {tmp}/risk.png", 1, "'events' must be a list"),
+    "plot unknown file type": ("plot-trace {in}/trace.jsonl --out {tmp}/risk.xyz", 1, "unknown file type '.xyz'"),
+    "plot under a file": ("plot-trace {in}/trace.jsonl --out {file}/risk.png", 1, "cannot write in"),
+    "trace not UTF-8": ("plot-trace {bad_trace_bytes} --out {tmp}/risk.png", 1, ":1: not UTF-8 text"),
+    "trace score a string": ("plot-trace {bad_trace_score} --out {tmp}/risk.png", 1, "'score' must be a number"),
+    "trace events not a list": ("plot-trace {bad_trace_events} --out {tmp}/risk.png", 1, "'events' must be a list"),
     # collect
     "collect prompts not UTF-8": ("collect --prompts {bad_prompts_jsonl} --out {tmp}/out.jsonl --model {in}/model", 1,
                                   ":1: not UTF-8 text"),
@@ -206,24 +206,30 @@ CASES = {
                                            2, "'--epochs'"),
     "train-probe steps beyond 100000": ("train-probe --data {in}/exchanges.jsonl --out {tmp}/p --steps 1000000000", 2,
                                         "'--steps'"),
-    "export max length beyond positions": ("export-classifier {in}/hf-classifier {tmp}/onnx --max-length 100000", 1,
+    "export max length beyond positions": ("export-classifier {in}/hf-classifier --out {tmp}/onnx "
+                                           "--max-length 100000", 1,
                                            "max length 100000 is longer than the model's 512 positions"),
     "train-classifier out under a file": ("train-classifier --data {in}/exchanges.jsonl --out {file}/c", 1,
                                           "cannot write in"),
     "calibrate a bad config": ("calibrate-classifier {bad_classifier_labels} --data {in}/exchanges.jsonl", 1,
                                "'labels' must be a list of strings"),
-    "export out under a file": ("export-classifier {in}/classifier {file}/onnx", 1, "cannot write in"),
-    "export tolerance nan": ("export-classifier {in}/classifier {tmp}/onnx --tolerance nan", 2,
+    "export out under a file": ("export-classifier {in}/classifier --out {file}/onnx", 1, "cannot write in"),
+    "export tolerance nan": ("export-classifier {in}/classifier --out {tmp}/onnx --tolerance nan", 2,
                              "nan is not a finite number"),
     # bench
     "bench out under a file": ("bench decode --model {in}/model --out {file}/b.json", 1, "cannot write in"),
-    "bench beyond the context": ("bench decode --model {in}/model --new-tokens 100000 --mode engine_eager "
+    "bench beyond the context": ("bench decode --model {in}/model --max-new-tokens 100000 --mode engine_eager "
                                  "--repeats 1", 1, "exceed the model's context of 256 tokens"),
     "bench classifier not an export": ("bench classifier --classifier {in}/probe", 1,
                                        "is not a classifier export"),
     # the guard as shipped
     "input check without a probe": ("generate --model {in}/model --no-guard --prompt w5 --input-check", 1,
-                                    "--input-check and --trace need --probe"),
+                                    "--input-check and --trace need the guard: drop --no-guard"),
+    "a model with no probe is never silently unguarded": ("generate --model {in}/model --prompt w5", 1,
+                                                          "no probe for {in}/model: a probe ships only for the "
+                                                          "embedded model. Give --probe DIR"),
+    "a classifier with no probe": ("generate --model {in}/model --prompt w5 --classifier {in}/probe", 1,
+                                   "no probe for {in}/model"),
     "classifier delta missing a file": (GENERATE + " --prompt w5 --classifier {bad_delta}", 1,
                                         "classifier delta file is missing"),
     "default build with an export": ("train-classifier --default --export {tmp}/x", 1,
@@ -232,6 +238,9 @@ CASES = {
                                        "--benign-block-budget 1.5", 2, "'--benign-block-budget'"),
     "calibrate-guard plot unknown type": ("calibrate-guard --model {in}/model --probe {in}/probe --plot {tmp}/c.xyz",
                                           1, "unknown file type '.xyz'"),
+    "calibrate-guard would write into the shipped classifier": ("calibrate-guard --model {in}/model --probe "
+                                                                "{in}/probe --write", 1,
+                                                                "--write would change the shipped classifier"),
     "calibrate-guard writes only from held-out data": ("calibrate-guard --model {in}/model --probe {in}/probe "
                                                         "--data {in}/exchanges.jsonl --no-split --write", 1,
                                                         "drop --no-split"),
@@ -248,7 +257,8 @@ CASES = {
                                          "the model could not be loaded: "),
     "serve a port in use": ("serve --model {in}/model --no-guard --no-compile --port {busy_port}", 1,
                             "cannot listen on 127.0.0.1:{busy_port}"),
-    "serve vllm backend not installed": ("serve --model {in}/model --backend vllm --port {port}", 1,
+    "serve a model with no probe": ("serve --model {in}/model --port {port}", 1, "or --no-guard for plain"),
+    "serve vllm backend not installed": ("serve --model {in}/model --no-guard --backend vllm --port {port}", 1,
                                          "uv run --project integrations/vllm"),
     "serve unknown backend": ("serve --backend tgi", 2, "'--backend'"),
     "bench serve vllm servers not installed": ("bench serve --server vllm-guarded", 1,
@@ -270,6 +280,25 @@ CASES = {
                                    1, "cannot read the perplexity text"),
     "bench decode llama.cpp binary missing": ("bench decode --quantize int8 --llama-cpp {tmp}/llama-server", 1,
                                               "no llama-server binary at"),
+    # --config: checked whole, before anything loads; one line naming the file, section and key
+    "config missing": ("generate --config {tmp}/none.toml --prompt w5", 1, "--config {tmp}/none.toml: no such file"),
+    "config not TOML": ("serve --config {config_not_toml}", 1, "not valid TOML"),
+    "config unknown section": ("eval --config {config_unknown_section}", 1, "unknown section or key 'engin'"),
+    "config misspelt key": ("generate --config {config_misspelt} --prompt w5", 1,
+                            "[engine] has no setting 'max_num_seq' (did you mean max_num_seqs?)"),
+    "config bad dtype": ("generate --config {config_bad_dtype} --prompt w5", 1, "[engine] dtype must be one of"),
+    "config bool as text": ("serve --config {config_bool_text}", 1, "[guard] enabled must be true or false, got 'no'"),
+    "config deadline negative": ("generate --config {config_bad_deadline} --prompt w5", 1,
+                                 "[policy] classifier deadline must be in (0, 3600] s"),
+    "config pause above 1": ("generate --config {config_bad_pause} --prompt w5", 1,
+                             "[guard] pause must be a number in [0, 1], got 1.5"),
+    "config temperature negative": ("generate --config {config_bad_temperature} --prompt w5", 1,
+                                    "[sampling] temperature must be a finite number >= 0"),
+    "config server port": ("serve --config {config_bad_port}", 1, "[server] port must be an integer in [1, 65535]"),
+    "config server limit": ("serve --config {config_bad_limit}", 1, "[server] max_tokens_limit must be an integer"),
+    "config model not text": ("generate --config {config_model_number} --prompt w5", 1, "model must be text"),
+    "config no probe for its model": ("generate --config {config_other_model} --prompt w5", 1,
+                                      "no probe for"),
 }
 
 SPOILED_FILES = {
@@ -287,6 +316,17 @@ SPOILED_FILES = {
     "label_fraction": ("e.jsonl", '{"prompt": "p", "response": "r", "label": 2.5}\n'),
     "response_list": ("e.jsonl", '{"prompt": "p", "response": ["r"], "label": 2}\n'),
     "bad_delta": ("delta/classifier_delta.json", '{"format": "oc-engine-classifier-delta/0"}\n'),
+    "config_not_toml": ("c.toml", "[engine\n"),
+    "config_unknown_section": ("c.toml", "[engin]\ndtype = 'float32'\n"),
+    "config_misspelt": ("c.toml", "[engine]\nmax_num_seq = 4\n"),
+    "config_bad_dtype": ("c.toml", "[engine]\ndtype = 'int3'\n"),
+    "config_bool_text": ("c.toml", "[guard]\nenabled = 'no'\n"),
+    "config_bad_deadline": ("c.toml", "[policy]\ndeadline_s = -1\n"),
+    "config_bad_pause": ("c.toml", "[guard]\npause = 1.5\n"),
+    "config_bad_temperature": ("c.toml", "[sampling]\ntemperature = -0.5\n"),
+    "config_bad_port": ("c.toml", "[server]\nport = 0\n"),
+    "config_bad_limit": ("c.toml", "[server]\nmax_tokens_limit = 0\n"),
+    "config_model_number": ("c.toml", "model = 5\n"),
 }
 SPOILED_DIRS = {
     "bad_probe_layers": ("probe", lambda c: c.update(layers="-2")),
@@ -330,6 +370,8 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, monkeypatch,
     for key, (kind, edit) in SPOILED_DIRS.items():
         if "{" + key + "}" in command:
             values[key] = str(_spoil(inputs, tmp_path, kind, edit))
+    if "{config_other_model}" in command:  # a model that has no shipped probe, named by the file
+        values["config_other_model"] = str(_file(tmp_path, "other.toml", f"model = '{inputs / 'model'}'\n"))
     if "{bad_reader_weights}" in command:
         values["bad_reader_weights"] = str(_spoil(inputs, tmp_path, "reader", lambda c: None))
         (tmp_path / "bad-reader" / "reader.safetensors").unlink()

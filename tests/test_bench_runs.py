@@ -43,11 +43,11 @@ def test_a_run_folder_records_what_how_where_and_with_what(tiny_model_dir, tmp_p
     run = tmp_path / "bench" / "results" / "runs" / "2026-12-07-decode-tiny"
     model = tiny_model_dir(0.0) / "model"
     result = CliRunner().invoke(main, ["bench", "decode", "--model", str(model), "--mode", "engine_eager",
-                                       "--new-tokens", "4", "--repeats", "1", "--out", str(run)])
+                                       "--max-new-tokens", "4", "--repeats", "1", "--out", str(run)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((run / "manifest.json").read_text())
     report = json.loads((run / "report.json").read_text())
-    assert manifest["command"] == (f"uv run oc-engine bench decode --model {model} --new-tokens 4 --repeats 1 "
+    assert manifest["command"] == (f"uv run oc-engine bench decode --model {model} --max-new-tokens 4 --repeats 1 "
                                    "--mode engine_eager")
     assert manifest["what"].startswith("decode, ") and "engine_eager" in manifest["result"]
     assert manifest["commit"] == head and manifest["dirty"] is False

@@ -112,10 +112,10 @@ def test_cli_prints_a_summary(tiny_classifier, tmp_path):
 
     from oc_engine.cli import main
 
-    result = CliRunner().invoke(main, ["export-classifier", str(tiny_classifier[0]), str(tmp_path / "out")])
+    result = CliRunner().invoke(main, ["export-classifier", str(tiny_classifier[0]), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "| parity exchanges |" in result.output and "| label flips | 0" in result.output
-    again = CliRunner().invoke(main, ["export-classifier", str(tiny_classifier[0]), str(tmp_path / "out")])
+    again = CliRunner().invoke(main, ["export-classifier", str(tiny_classifier[0]), "--out", str(tmp_path / "out")])
     assert again.exit_code == 1 and "already exists" in again.output and again.output.count("\n") == 1
 
 

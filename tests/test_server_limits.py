@@ -10,7 +10,7 @@ import pytest
 from oc_engine.server import ServerConfig
 from server_helpers import thread_server
 
-LIMITS = dict(max_body_bytes=4096, max_messages=3, max_message_chars=200, max_stop_chars=8, max_tokens=6)
+LIMITS = dict(max_body_bytes=4096, max_messages=3, max_message_chars=200, max_stop_chars=8, max_tokens_limit=6)
 
 
 @pytest.fixture(scope="module")
@@ -134,5 +134,5 @@ def test_a_request_without_max_tokens_gets_the_operators_limit(server):
     response = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
         "model": "tiny", "messages": [{"role": "user", "content": "w5"}], "ignore_eos": True})
     assert response.status_code == 200
-    assert response.json()["usage"]["completion_tokens"] == LIMITS["max_tokens"]
+    assert response.json()["usage"]["completion_tokens"] == LIMITS["max_tokens_limit"]
     assert response.json()["choices"][0]["finish_reason"] == "length"

@@ -125,7 +125,7 @@ def allowed_prompts(base: str, model: str, prompts: list[str], concurrency: int,
 def library_rate(dtype: str, max_tokens: int) -> float:
     """The engine's batch-1 decode rate through `LLM` (compiled), in a process of its own."""
     done = subprocess.run([sys.executable, "-m", "oc_engine.cli", "bench", "decode", "--mode", "engine_compiled",
-                           "--dtype", dtype, "--new-tokens", str(max_tokens), "--json"], capture_output=True,
+                           "--dtype", dtype, "--max-new-tokens", str(max_tokens), "--json"], capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise OcEngineError(f"bench decode failed: {done.stderr.strip()[-500:]}")

@@ -3,8 +3,6 @@ which only parses options, calls the library and prints."""
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 
@@ -19,9 +17,9 @@ def main():
       oc-engine generate --prompts-file prompts.jsonl --json
       oc-engine serve                    # OpenAI-compatible server on 127.0.0.1:8000
       oc-engine bench decode
+    Every command takes --verbose: the libraries' own output (load reports, warnings) too.
     """
-    # torch warns once per process that this CPU machine has no CUDA runtime: not news here.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # Only oc-engine's own lines reach stderr; each command's --verbose lets the libraries talk.
 
 
 def _register() -> None:
@@ -30,6 +28,7 @@ def _register() -> None:
     from oc_engine.cli.generate import generate
     from oc_engine.cli.guard import calibrate_guard
     from oc_engine.cli.plot import plot_trace
+    from oc_engine.cli.quiet import add_verbose_option
     from oc_engine.cli.probe import (collect, eval_command, headroom_command, revalidate_probe, sweep_layers,
                                          train_probe)
     from oc_engine.cli.reader import train_reader
@@ -39,6 +38,7 @@ def _register() -> None:
                     collect, train_probe, train_reader, revalidate_probe, sweep_layers, calibrate_guard, eval_command,
                     headroom_command):
         main.add_command(command)
+    add_verbose_option(main)
 
 
 _register()

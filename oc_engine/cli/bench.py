@@ -24,7 +24,7 @@ def bench():
     Examples:
       oc-engine bench decode --dtype bfloat16 --out bench/results/cpu-decode-bf16.json
       oc-engine bench guard --repeats 5
-      oc-engine bench continuous --requests 32 --slots 8
+      oc-engine bench continuous --requests 32 --max-num-seqs 8
       oc-engine bench serve --out bench/results/runs/2026-12-07-serve     # a run folder, with its manifest
       oc-engine bench results                                             # the README's table, from the runs
     """
@@ -96,7 +96,7 @@ def _load(model, device, dtype):
 @model_option
 @dtype_option
 @device_option
-@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--max-new-tokens", "new_tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Median of this many runs.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["hf_generate", "no_kv_cache", "engine_eager",
                                                                    "engine_compiled", "engine_compiled_probe"]),
@@ -146,7 +146,7 @@ def decode(model, dtype, device, new_tokens, repeats, modes, quantizations, llam
 @model_option
 @dtype_option
 @device_option
-@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--max-new-tokens", "new_tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Rounds (round-robin).")
 @classifier_option()
 @click.option("--pause-quantile", type=FiniteFloat(0.5, 0.99), default=0.9, show_default=True,
@@ -208,7 +208,7 @@ def classifier(classifier_dir, repeats, lengths, out, as_json):
 @device_option
 @classifier_option()
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-new-tokens", "new_tokens", type=click.IntRange(min=1), default=8, show_default=True)
 @bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
@@ -324,7 +324,7 @@ def console(loads, tokens, rate, out, as_json):
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
               help="JSONL with a 'prompt' per line [default: ../shared/data/dev/jbb_behaviors.jsonl].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many prompts (sampled).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--max-new-tokens", "max_tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Greedy tokens per answer.")
 @click.option("--text", default="/usr/share/common-licenses/GPL-3", show_default=True,
               type=click.Path(dir_okay=False), help="Fixed text for perplexity.")
@@ -368,7 +368,7 @@ def quality(model, dtype, device, quantizations, prompts_file, limit, max_tokens
 @dtype_option
 @device_option
 @click.option("--requests", type=click.IntRange(min=2, max=10_000), default=32, show_default=True)
-@click.option("--slots", type=click.IntRange(min=1, max=256), default=8, show_default=True,
+@click.option("--max-num-seqs", "slots", type=click.IntRange(min=1, max=256), default=8, show_default=True,
               help="Cache slots (requests decoded together), the static batch size too.")
 @click.option("--arrival-gap", type=FiniteFloat(0, 60, min_open=True), default=0.25, show_default=True,
               help="Mean seconds between arrivals (exponential gaps).")
@@ -392,7 +392,7 @@ def continuous(model, dtype, device, requests, slots, arrival_gap, repeats, no_c
 
 @bench.command("join")
 @dtype_option
-@click.option("--slots", type=click.IntRange(min=2, max=256), default=16, show_default=True,
+@click.option("--max-num-seqs", "slots", type=click.IntRange(min=2, max=256), default=16, show_default=True,
               help="Cache slots: this many minus one answers stream when the long prompt joins.")
 @click.option("--prompt-tokens", type=click.IntRange(min=2, max=8000), default=1500, show_default=True,
               help="Tokens of the joining prompt.")
@@ -448,7 +448,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients, comma-separated.")
 @click.option("--requests", default="8,16,32", show_default=True,
               help="Requests sent at each concurrency, comma-separated (one per --concurrency value).")
-@click.option("--max-tokens", type=click.IntRange(1, 2048), default=128, show_default=True)
+@click.option("--max-new-tokens", "max_tokens", type=click.IntRange(1, 2048), default=128, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
 @click.option("--max-num-seqs", "slots", type=click.IntRange(min=1), default=None,
               help="The oc-engine servers' cache slots [default: the largest --concurrency].")
@@ -505,7 +505,7 @@ def serve(servers, concurrency, requests, max_tokens, dtype, slots, allowed_only
 @click.option("--contexts", "contexts_file", type=click.Path(dir_okay=False, exists=True),
               default="bench/data/long_context_contexts.json", show_default=True,
               help="System prompts and a chat history to put before each request.")
-@click.option("--max-tokens", type=click.IntRange(1, 2048), default=96, show_default=True)
+@click.option("--max-new-tokens", "max_tokens", type=click.IntRange(1, 2048), default=96, show_default=True)
 @click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
 @click.option("--stream/--no-stream", default=False, show_default=True,

@@ -32,7 +32,8 @@ def export_summary(config: dict, out: Path) -> str:
 
 @click.command("export-classifier")
 @click.argument("src")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="ONNX directory to write (classifier_config.json beside the model); it must not exist.")
 @click.option("--fp16", "precision", flag_value="fp16", help="Convert to fp16 (for the CUDA provider).")
 @click.option("--int8", "precision", flag_value="int8", help="Dynamic int8 quantization (for the CPU provider).")
 @click.option("--no-optimize", is_flag=True, help="Skip ONNX Runtime's graph optimizer.")
@@ -47,7 +48,7 @@ def export_summary(config: dict, out: Path) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print classifier_config.json instead of the table.")
 @user_errors
 def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label, tolerance, max_flip_rate, as_json):
-    """Export a Hugging Face sequence classifier (SRC: directory or hub id) to an ONNX directory OUT.
+    """Export a Hugging Face sequence classifier (SRC: directory or hub id) to an ONNX directory.
 
     \b
     ModernBERT, BERT/MiniLM, DeBERTa-v2/v3 and RoBERTa. torch.onnx (dynamo) with sdpa
@@ -55,13 +56,13 @@ def export_classifier(src, out, precision, no_optimize, max_length, unsafe_label
     parity check against PyTorch on real exchanges (../shared/data when present) plus one
     as long as --max-length. Nothing is written unless it passes.
     Examples:
-      oc-engine export-classifier ./my-classifier ./my-classifier-onnx
-      oc-engine export-classifier ./my-classifier ./my-classifier-int8 --int8
+      oc-engine export-classifier ./my-classifier --out ./my-classifier-onnx
+      oc-engine export-classifier ./my-classifier --out ./my-classifier-int8 --int8
     """
     from oc_engine.export.onnx_export import ExportOptions
     from oc_engine.export.onnx_export import export_classifier as export
 
-    check_output_dir(out, "OUT")
+    check_output_dir(out, "--out")
     label = int(unsafe_label) if unsafe_label is not None and unsafe_label.isdigit() else unsafe_label
     options = ExportOptions(precision=precision or "fp32", optimize=not no_optimize, max_length=max_length,
                             tolerance=tolerance, max_flip_rate=max_flip_rate, unsafe_label=label)

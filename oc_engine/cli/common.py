@@ -108,8 +108,9 @@ def classifier_option(help: str = "Second stage: a state reader directory (`trai
     return click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False), help=help)
 
 
-def final_check_option(help: str = "The classifier judges the whole answer before its end is shown [default: "
-                                   "on when nothing streams (--json, --prompts-file), off for a streamed answer]."):
+def final_check_option(help: str = "The second stage judges the whole answer before its end is shown [default: "
+                                   "on for an answer that is not streamed (generate --json or --prompts-file, an "
+                                   "API request without stream), off for a streamed one]."):
     return click.option("--final-check/--no-final-check", default=None, help=help)
 
 
@@ -128,9 +129,10 @@ def guard_options(fn):
     policy = GuardConfig()  # the CLI's defaults are the library's
     options = [
         click.option("--probe", "probe_dir", type=click.Path(file_okay=False), default=None,
-                     help="Guard with this probe directory (probe.safetensors + probe_config.json). Default with "
-                          "the embedded model: the probe shipped for it."),
-        click.option("--no-guard", is_flag=True, help="Plain generation: no probe, no classifier."),
+                     help="Guard with this probe directory (probe.safetensors + probe_config.json; train one for "
+                          "your model: docs/own-model.md). Default: the probe shipped for the embedded model; "
+                          "another model without --probe is refused unless --no-guard."),
+        click.option("--no-guard", is_flag=True, help="Plain, unguarded generation: no probe, no second stage."),
         classifier_option(), final_check_option(), input_check_option(),
         click.option("--warn", type=FiniteFloat(0, 1), default=None, help="Override the probe's warn threshold."),
         click.option("--pause", type=FiniteFloat(0, 1), default=None, help="Override the probe's pause threshold."),
@@ -155,13 +157,16 @@ def guard_options(fn):
     return fn
 
 
-NEEDS_PROBE = "--classifier, --final-check, --input-check and --trace need --probe"
+NEEDS_PROBE = "--final-check, --input-check and --trace need the guard: drop --no-guard"
+NO_PROBE = ("no probe for {model}: a probe ships only for the embedded model. Give --probe DIR (train one: "
+            "docs/own-model.md), or --no-guard for plain, unguarded generation")
 
 
 def guard_setup(model, fields: dict, log, *, record_trace: bool = False) -> GuardSetup:
     """The `GuardSetup` that `guard_options` asked for (their values are taken out of `fields`):
     the probe with --warn/--pause/--every/--alpha applied, the classifier and the policy
-    (`GuardConfig`'s fields by name); `UNGUARDED` for --no-guard or no probe."""
+    (`GuardConfig`'s fields by name); `UNGUARDED` for --no-guard. A model with no probe (given,
+    or shipped for the embedded model) is an error, never silently unguarded."""
     import dataclasses
 
     from oc_engine.config import DEFAULT, UNGUARDED
@@ -172,13 +177,27 @@ def guard_setup(model, fields: dict, log, *, record_trace: bool = False) -> Guar
     no_guard, probe_dir, classifier_dir = fields.pop("no_guard"), fields.pop("probe_dir"), fields.pop("classifier_dir")
     thresholds = {name: fields.pop(name) for name in ("warn", "pause", "every", "alpha")}
     guard_fields = {k: v for k, v in pick_fields(fields, GuardConfig).items() if v is not None}  # None: default
-    if no_guard and (probe_dir or classifier_dir):
-        raise OcEngineError("--no-guard excludes --probe and --classifier")
-    probe_path = None if no_guard else resolve_probe_dir(probe_dir, model is None, log)
-    if probe_path is None:
-        if classifier_dir or guard_fields.get("final_check") or guard_fields.get("input_check") or record_trace:
+    if no_guard and (probe_dir or classifier_dir):  # a flag overrides the --config file's opposite
+        from oc_engine.cli.config_file import from_the_file
+
+        if from_the_file("no_guard"):
+            no_guard = False
+        elif all(from_the_file(name) for name, value in (("probe_dir", probe_dir), ("classifier_dir", classifier_dir))
+                 if value):
+            probe_dir = classifier_dir = None
+        else:
+            raise OcEngineError("--no-guard excludes --probe and --classifier")
+    if no_guard:
+        if guard_fields.get("final_check") or guard_fields.get("input_check") or record_trace:
             raise OcEngineError(NEEDS_PROBE)
         return UNGUARDED
+    probe_path = resolve_probe_dir(probe_dir, model is None, log)
+    if probe_path is None:  # never silently unguarded
+        from oc_engine.models.loading import check_model_source
+
+        if model is not None:
+            check_model_source(model)  # a model that does not exist is said first
+        raise OcEngineError(NO_PROBE.format(model=model))
     probe = load_probe(probe_path)
     probe = dataclasses.replace(probe, config=probe.config.with_overrides(**thresholds))
     return GuardSetup(probe=probe, classifier=classifier_dir or DEFAULT,
@@ -192,6 +211,13 @@ def pick_fields(fields: dict, cls) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     return {name: (tuple(value) if isinstance(value, list) else value) for name, value in fields.items()
             if name in names}
+
+
+def batch_size_option(fn):
+    """Training commands' forward passes over recorded exchanges (decoding's concurrency is
+    --max-num-seqs: another setting, so another name)."""
+    return click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                        help="Exchanges per forward pass while reading the model's states.")(fn)
 
 
 def seed_option(default: int | None = 0, help: str | None = None):

@@ -11,10 +11,12 @@ import click
 from oc_engine.cli.common import (FiniteFloat, check_output_file, engine_config, engine_options, guard_options,
                                        guard_setup, json_option, model_option, pick_fields, seed_option, user_errors,
                                        write_text_file)
+from oc_engine.cli.config_file import config_option
 from oc_engine.errors import OcEngineError
 
 
 @click.command()
+@config_option
 @model_option
 @click.option("--prompt", default=None, help="One prompt (the user turn of the chat template).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), default=None,

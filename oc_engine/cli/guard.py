@@ -6,7 +6,7 @@ import json
 
 import click
 
-from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, check_output_file, classifier_option,
+from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, batch_size_option, check_output_file, classifier_option,
                                        json_option, model_option, out_option, probe_option, progress_log,
                                        user_errors, write_json)
 from oc_engine.training.classifier_pipeline import parse_data_spec
@@ -33,7 +33,7 @@ from oc_engine.training.classifier_pipeline import parse_data_spec
 @click.option("--context-share", type=FiniteFloat(0, 1), default=0.3, show_default=True,
               help="Share of exchanges (by prompt) replayed behind a system prompt or a chat history, as real "
                    "traffic has them (the probe's states attend to them).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@batch_size_option
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write the curve (PNG or SVG).")
 @click.option("--no-split", is_flag=True,
               help="Use every exchange of --data, not only the held-out prompts: to measure the curve on a dev "

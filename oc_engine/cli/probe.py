@@ -7,11 +7,12 @@ import json
 
 import click
 
-from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, check_output_dir, check_output_file,
+from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, batch_size_option, check_output_dir, check_output_file,
                                        classifier_option, dtype_option, final_check_option, input_check_option,
                                        json_option, model_option, out_option, probe_option, progress_log,
                                        quantize_option,
                                        seed_option, user_errors, write_json)
+from oc_engine.cli.config_file import config_option
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
@@ -44,7 +45,7 @@ def common_probe_options(fn):
                      show_default=True, help="Share of prompts held out (split grouped by prompt)."),
         click.option("--target-benign-pause-rate", "target", type=FiniteFloat(0, 1), default=0.02,
                      show_default=True, help="Calibration: most safe_compliance answers that may pause."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        batch_size_option,
         click.option("--max-exchanges", type=click.IntRange(min=1), default=None,
                      help="Sample at most this many exchanges per data file (time budget)."),
         click.option("--context-share", type=FiniteFloat(0, 1), default=0.3, show_default=True,
@@ -67,7 +68,8 @@ def common_probe_options(fn):
 @model_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Sample at most this many prompts per file.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-num-seqs", "batch_size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts decoded together (cache slots).")
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(file_okay=False),
               help="Relabel harmful answers that don't refuse by this classifier's verdict.")
 @seed_option(0)
@@ -196,6 +198,7 @@ def sweep_layers(model, dtype, quantize, data_specs, mode, max_response_tokens, 
 
 
 @click.command("eval")
+@config_option
 @model_option
 @quantize_option
 @probe_option()
@@ -209,7 +212,9 @@ def sweep_layers(model, dtype, quantize, data_specs, mode, max_response_tokens, 
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
 @click.option("--max-response-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Replay: response tokens per exchange.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-num-seqs", "batch_size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Live prompts decoded together (cache slots); replayed exchanges go through the model in "
+                   "batches of half as many.")
 @out_option()
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Replay: write the distributions of per-exchange max EMA by label (PNG).")
@@ -309,7 +314,7 @@ def headroom_command(data_specs, model, probe_dir, classifier_dir, checkpoint, n
               help="Held-out share, as in training [default: as recorded, else 0.2].")
 @click.option("--max-response-tokens", type=click.IntRange(min=1), default=None,
               help="Response tokens per exchange, as in training [default: as recorded, else 64].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@batch_size_option
 @click.option("--tolerance", type=FiniteFloat(0, 1), default=0.02, show_default=True,
               help="AUROC points the quantized model may lose against the probe's own model.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from oc_engine.cli.common import (FiniteFloat, check_output_dir, dtype_option, json_option, markdown_rows,
-                                  model_option, probe_option, progress_log, quantize_option, seed_option,
+from oc_engine.cli.common import (FiniteFloat, batch_size_option, check_output_dir, dtype_option, json_option,
+                                  markdown_rows, model_option, probe_option, progress_log, quantize_option, seed_option,
                                   user_errors)
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
@@ -27,8 +27,7 @@ from oc_engine.training.classifier_pipeline import parse_data_spec
               help="Sample at most this many exchanges per data file (time budget).")
 @click.option("--context-share", type=FiniteFloat(0, 1), default=0.3, show_default=True,
               help="Share of exchanges (by prompt) put behind a system prompt or a chat history.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Exchanges per forward pass while collecting states.")
+@batch_size_option
 @click.option("--hidden", type=click.IntRange(min=1, max=65536), default=256, show_default=True,
               help="Width of the reader's MLP.")
 @click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=30, show_default=True)

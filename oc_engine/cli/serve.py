@@ -6,6 +6,7 @@ import click
 
 from oc_engine.cli.common import (check_output_file, engine_config, engine_options, guard_options, guard_setup,
                                   model_option, progress_log, user_errors)
+from oc_engine.cli.config_file import config_option
 from oc_engine.server.config import ServerConfig
 
 LIMITS = ServerConfig(model_name="defaults")  # the CLI's limits are the library's defaults
@@ -20,11 +21,12 @@ SERVE_SLOTS_HELP = (
 # The options that map one to one onto `ServerConfig`'s fields.
 SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", "audit_max_bytes", "audit_backups",
                  "audit_required", "guard_details", "max_body_bytes", "max_messages", "max_message_chars",
-                 "max_stop_chars", "max_tokens", "metrics_public", "limit_concurrency", "keep_alive_s",
+                 "max_stop_chars", "max_tokens_limit", "metrics_public", "limit_concurrency", "keep_alive_s",
                  "graceful_shutdown_s", "console")
 
 
 @click.command()
+@config_option
 @model_option
 @click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
               help="vllm: decode with vLLM (its scheduler, paged cache and parallelism) and guard here; needs the "
@@ -50,7 +52,7 @@ SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", 
               show_default=True, help="Characters per message or prompt (400 past it, before tokenization).")
 @click.option("--max-stop-chars", type=click.IntRange(min=1), default=LIMITS.max_stop_chars, show_default=True,
               help="Characters per stop sequence (at most 4 of them, as OpenAI's API).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=None,
               help="The most tokens a request may ask for (400 past it), and what one that asks for none gets "
                    "[default: the rest of the model's context].")
 @click.option("--metrics-public", is_flag=True,

@@ -10,6 +10,7 @@ Sources, in the order they are tried:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,21 +116,31 @@ def resolve_model_source(source: str | None, *, progress: bool = True) -> str:
     if source is None or source in ("", "embedded", EMBEDDED_MODEL_NAME):
         gguf = embedded_gguf_path()
         return str(ensure_converted_gguf(gguf, cache_root() / "models" / EMBEDDED_MODEL_NAME, progress=progress))
+    check_model_source(source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        return str(ensure_converted_gguf(path, cache_root() / "models" / f"{path.stem}-{key}", progress=progress))
+    return str(path.resolve()) if path.is_dir() else source
+
+
+def check_model_source(source: str) -> None:
+    """A one-line error unless `source` names a .gguf file, a model directory or a hub id: the
+    cheap checks, made before anything else about the model (whether a probe ships for it)."""
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise OcEngineError(f"GGUF file not found: {source}")
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        return str(ensure_converted_gguf(path, cache_root() / "models" / f"{path.stem}-{key}", progress=progress))
+        return
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise OcEngineError(f"{source} is not a Hugging Face model directory (no config.json)")
-        return str(path.resolve())
+        return
     looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source
-    if looks_like_hub_id:
-        return source
-    raise OcEngineError(f"model not found: {source!r} is neither a directory, a .gguf file nor a hub id (org/name)")
+    if not looks_like_hub_id:
+        raise OcEngineError(f"model not found: {source!r} is neither a directory, a .gguf file nor a hub id "
+                            f"(org/name)")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -158,6 +169,29 @@ def offline_kwargs(source) -> dict:
     return {"local_files_only": True} if Path(str(source)).is_dir() or not hub_reachable() else {}
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers draws its GGUF dequantization bar with plain tqdm, past its own progress-bar
+    switch (`transformers.utils.logging.disable_progress_bar`, HF_HUB_DISABLE_PROGRESS_BARS):
+    while the switch is off, that bar is off too."""
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    drawn = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = drawn
+
+
 def ensure_converted_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> Path:
     """Convert `gguf` once to a plain safetensors directory at `out_dir` and return it.
 
@@ -179,8 +213,9 @@ def ensure_converted_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            with _gguf_bar_follows_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:  # gguf parsing raises many types
             raise OcEngineError(f"cannot read GGUF file {gguf}: {exc}") from exc
         save_file(_dedup_tied(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})

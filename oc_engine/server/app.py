@@ -294,7 +294,7 @@ async def _serve(state: ServerState, request: Request, body, chat: bool):
         prompt = body.conversation() if chat else _completion_prompt(llm, body.single_prompt())
         guard = request_guard(llm.guard_config, body.oc_engine, stream=body.stream,
                               has_classifier=llm.classifier is not None, allow_override=config.allow_guard_override)
-        params = body.sampling_params(asked if asked is not None else config.max_tokens or llm.max_model_len)
+        params = body.sampling_params(asked if asked is not None else config.max_tokens_limit or llm.max_model_len)
         return llm.prepare_request(prompt, params, request_id=rid, stream=body.stream, guard=guard, trace=trace)
 
     asked = body.requested_tokens()
@@ -365,8 +365,8 @@ def _check_limits(config: ServerConfig, body, chat: bool) -> None:
                             f"{config.max_message_chars}", param="messages" if chat else "prompt",
                        code="message_too_long")
     asked = body.requested_tokens()
-    if config.max_tokens is not None and asked is not None and asked > config.max_tokens:
-        raise APIError(400, f"max_tokens: at most {config.max_tokens} on this server, got {asked}",
+    if config.max_tokens_limit is not None and asked is not None and asked > config.max_tokens_limit:
+        raise APIError(400, f"max_tokens: at most {config.max_tokens_limit} on this server, got {asked}",
                        param="max_tokens", code="max_tokens_too_large")
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(len(stop) > config.max_stop_chars for stop in stops):

@@ -22,7 +22,7 @@ class ServerConfig:
     guard_details: send clients the guard's details (see `responses`); off, a response depends
     only on what was shown and on whether the guard ended it.
     max_body_bytes, max_messages, max_message_chars, max_stop_chars: refused (413, 400) before
-    any templating or tokenization; max_tokens: the most a request may ask for (400 past it),
+    any templating or tokenization; max_tokens_limit: the most `max_tokens` a request may ask for (400 past it),
     and what one that asks for none gets (None: the rest of the model's context).
     metrics_public: /metrics answers without the API key (it tells request counts, blocks and
     fail-closed events: the key guards it by default).
@@ -45,7 +45,7 @@ class ServerConfig:
     max_messages: int = 512
     max_message_chars: int = 256 * 2 ** 10
     max_stop_chars: int = 256
-    max_tokens: int | None = None
+    max_tokens_limit: int | None = None
     metrics_public: bool = False
     limit_concurrency: int = 512
     keep_alive_s: float = 5.0
@@ -57,8 +57,8 @@ class ServerConfig:
                      "limit_concurrency"):
             check_int(name, getattr(self, name), 1)
         check_int("max_waiting", self.max_waiting, 0)
-        if self.max_tokens is not None:
-            check_int("max_tokens", self.max_tokens, 1)
+        if self.max_tokens_limit is not None:
+            check_int("max_tokens_limit", self.max_tokens_limit, 1)
         check_int("audit_backups", self.audit_backups, 0)
         for name in ("keep_alive_s", "graceful_shutdown_s"):
             value = getattr(self, name)

@@ -47,7 +47,7 @@ def add_console(app: FastAPI, state) -> None:
         config, llm = state.config, state.llm
         body = {"model": config.model_name, "guarded": llm.guard_config is not None,
                 "guard_details": config.guard_details, "metrics_public": config.metrics_public,
-                "max_tokens": config.max_tokens, "max_model_len": llm.max_model_len}
+                "max_tokens": config.max_tokens_limit, "max_model_len": llm.max_model_len}
         probe = llm.probe
         if config.guard_details and probe is not None:  # the thresholds are a guard detail too
             body["thresholds"] = {"warn": probe.config.warn, "pause": probe.config.pause}
