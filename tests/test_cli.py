@@ -194,13 +194,17 @@ def test_probe_for_another_model_is_a_one_line_error(guarded_setup):
 
 def test_collect_and_eval_commands(guarded_setup, tmp_path):
     """collect writes labelled on-policy answers; eval replays them and runs live, failing closed."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
     root, _ = guarded_setup
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"w{5 + i} w6 w7", "prompt_label": label}) + "\n"
                                for i, label in enumerate(["harmful", "benign", "harmful"])))
     answers = tmp_path / "answers.jsonl"
     result = CliRunner().invoke(main, ["collect", "--prompts", str(prompts), "--out", str(answers), "--model",
-                                       str(root / "model"), "--batch-size", "2", "--max-new-tokens", "4"])
+                                       str(root / "model"), "--max-num-seqs", "2", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["label"] for r in rows] == [2, 0, 2]  # the tiny model never says "I'm sorry"
@@ -208,13 +212,27 @@ def test_collect_and_eval_commands(guarded_setup, tmp_path):
     again = CliRunner().invoke(main, ["collect", "--prompts", str(prompts), "--out", str(answers), "--model",
                                       str(root / "model")])
     assert again.exit_code == 1 and "already exists" in again.output
-    result = CliRunner().invoke(main, ["eval", "--model", str(root / "model"), "--probe", str(root / "probe"),
+    chat_model = tmp_path / "chat-model"  # the tiny model, given a chat template to answer conversations
+    shutil.copytree(root / "model", chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(chat_model)
+    chats = tmp_path / "chats.jsonl"  # a live row may be a conversation (a request split over turns)
+    chats.write_text(json.dumps({"prompt": "w5 w6", "prompt_label": "harmful", "source": "split", "messages": [
+        {"role": "user", "content": "w5"}, {"role": "assistant", "content": "w9"},
+        {"role": "user", "content": "w6"}]}) + "\n")
+    result = CliRunner().invoke(main, ["eval", "--model", str(chat_model), "--probe", str(root / "probe"),
                                        "--no-classifier", "--replay", str(answers), "--live", str(prompts),
-                                       "--batch-size", "2", "--max-new-tokens", "4", "--json"])
+                                       "--live", str(chats), "--max-num-seqs", "2", "--max-new-tokens", "4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["replay"]["per_label"]["unsafe_compliance"]["block_rate"] == 1.0  # always pauses, no classifier
     assert all(g["block_rate"] == 1.0 for g in report["live"]["groups"].values())
+    assert report["live"]["groups"]["split (harmful)"]["prompts"] == 1
+    chats.write_text(json.dumps({"prompt": "w5", "prompt_label": "harmful", "messages": [{"role": "bot"}]}) + "\n")
+    bad = CliRunner().invoke(main, ["eval", "--model", str(root / "model"), "--probe", str(root / "probe"),
+                                    "--no-classifier", "--live", str(chats)])
+    assert bad.exit_code == 1 and f"{chats}:1: messages[0].role must be one of" in bad.output
 
 
 def test_headroom_command(guarded_setup, tmp_path):

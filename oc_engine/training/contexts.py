@@ -69,6 +69,16 @@ SYSTEM_PROMPTS = (
 )
 
 
+def renderable_share(tokenizer, share: float, log=lambda message: None) -> float:
+    """`share`, or 0 for a model whose tokenizer has no chat template (a base model): a system
+    prompt or a chat history cannot be rendered for it, which serves raw text only (the server
+    refuses chat requests for it), so no exchange is put behind one."""
+    if share > 0 and not getattr(tokenizer, "chat_template", None):
+        log("this model's tokenizer has no chat template: no exchange is put behind a system prompt or a chat")
+        return 0.0
+    return share
+
+
 def with_contexts(exchanges: list[Exchange], share: float = CONTEXT_SHARE, seed: int = 0) -> list[Exchange]:
     """The exchanges with `share` of them (by prompt) put behind a system prompt or a chat
     (see the module doc); the rest unchanged, in the same order."""

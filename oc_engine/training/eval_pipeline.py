@@ -78,7 +78,7 @@ def _live(loaded, probe, classifier, guard, rows, max_new_tokens, batch_size, pr
     # The same LLM and guard defaults as `generate` (non-streaming: the final check is on by default).
     llm = LLM(loaded, EngineConfig(max_num_seqs=max(1, min(batch_size, len(rows)))),
               GuardSetup(probe=probe, classifier=classifier, policy=guard))
-    llm.fit([r.prompt for r in rows], SamplingParams(max_tokens=max_new_tokens))
+    llm.fit([r.request for r in rows], SamplingParams(max_tokens=max_new_tokens))
     return live(llm, rows, max_new_tokens=max_new_tokens, progress=progress)
 
 

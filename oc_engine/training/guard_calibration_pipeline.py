@@ -25,11 +25,18 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
 
     if write and not split:
         raise OcEngineError("--write chooses the defaults from held-out data only: drop --no-split")
+    if write and model is not None and classifier_dir is None:
+        from oc_engine.models.defaults import default_classifier_delta
+
+        raise OcEngineError(f"--write would change the shipped classifier, which guards the embedded model: copy it "
+                            f"and name the copy (cp -r {default_classifier_delta()} ./my-classifier, then "
+                            f"--classifier ./my-classifier)")
     loaded = load_model(model, progress=False)
     exchanges, files = validation_exchanges(data_specs, limit, loaded, log, progress, split)
-    from oc_engine.training.contexts import with_contexts
+    from oc_engine.training.contexts import renderable_share, with_contexts
 
-    exchanges = with_contexts(exchanges, context_share, SEED)  # the probe's states attend to the context
+    # The probe's states attend to the context (none for a model without a chat template).
+    exchanges = with_contexts(exchanges, renderable_share(loaded.tokenizer, context_share, log), SEED)
     probe_path, probe = require_probe(loaded, probe_dir, model is None, log)
     classifier = resolve_classifier(classifier_dir, str(loaded.device), required=True, log=log,
                                     model_is_embedded=model is None)

@@ -135,7 +135,7 @@ def live(llm, rows, *, max_new_tokens: int = 96, progress: bool = True) -> dict:
 
     params = SamplingParams(max_tokens=max_new_tokens)
     with tqdm(total=len(rows), desc="eval live", unit="prompt", disable=not progress) as bar:
-        completions = llm.generate([r.prompt for r in rows], params, progress=lambda _c: bar.update(1))
+        completions = llm.generate([r.request for r in rows], params, progress=lambda _c: bar.update(1))
     answers = []
     for row, c in zip(rows, completions):
         refused = c.guard.status != "blocked" and is_refusal(c.text)

@@ -45,10 +45,18 @@ class PromptRow:
     prompt_label: str  # "harmful" or "benign"
     source: str
     category: str | None = None
+    messages: tuple | None = None  # a conversation to answer instead of `prompt` (eval --live)
+
+    @property
+    def request(self):
+        """What the model answers: the conversation when the row has one, else the prompt."""
+        return list(self.messages) if self.messages else self.prompt
 
 
 def read_labelled_prompts(path: str | Path, *, source_filter: str | None = None) -> list[PromptRow]:
-    """Prompt rows with a prompt_label (harmful/benign); rows without one are an error with the line."""
+    """Prompt rows with a prompt_label (harmful/benign); rows without one are an error with the line.
+    A row may carry `messages` (OpenAI's chat format: a system prompt, earlier turns); `eval
+    --live` answers the conversation, and `prompt` names the request in reports."""
     rows = []
     for line, row in iter_jsonl(path, required=("prompt", "prompt_label")):
         if source_filter is not None and source_filter not in str(row.get("source", "")):
@@ -57,8 +65,16 @@ def read_labelled_prompts(path: str | Path, *, source_filter: str | None = None)
             raise OcEngineError(f"{path}:{line}: prompt_label must be 'harmful' or 'benign', got {row['prompt_label']!r}")
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise OcEngineError(f"{path}:{line}: 'prompt' must be a non-empty string")
+        messages = row.get("messages")
+        if messages is not None:
+            from oc_engine.engine.prompts import check_messages
+
+            try:
+                messages = tuple(check_messages(messages))
+            except OcEngineError as exc:
+                raise OcEngineError(f"{path}:{line}: {exc}") from None
         rows.append(PromptRow(row["prompt"], row["prompt_label"], str(row.get("source") or Path(path).stem),
-                              row.get("category")))
+                              row.get("category"), messages))
     if not rows:
         kept = f" with a source containing {source_filter!r}" if source_filter is not None else ""
         raise OcEngineError(f"{path} has no prompts{kept}")

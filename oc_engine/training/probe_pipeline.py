@@ -57,11 +57,12 @@ def split_exchanges(rows: list[Exchange], validation: float, seed: int,
 def collect_split(loaded, specs, job: ProbeJob, layers, *, progress: bool, log):
     """(layers normalised, train activations, validation activations) for the data in `specs`."""
     from oc_engine.training.activations import CollectSpec, collect, normalize_layers
+    from oc_engine.training.contexts import renderable_share
 
     layers = normalize_layers(layers, loaded.model.config.get_text_config().num_hidden_layers)
     spec = CollectSpec(layers=layers, mode=job.mode, max_response_tokens=job.max_response_tokens)
     train, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed,
-                                  job.context_share)
+                                  renderable_share(loaded.tokenizer, job.context_share, log))
     log(f"{len(train)} training and {len(held)} validation exchanges (split by prompt; "
         f"{sum(bool(e.context) for e in train + held)} behind a system prompt or a chat); layers {list(layers)}, "
         f"mode {job.mode}")

@@ -24,12 +24,13 @@ def revalidate(probe: Probe, reference, quantized, specs, job, *, tolerance: flo
     """reference, quantized: LoadedModels (the probe's own model, and the one to accept it on).
     specs, job: the data and split the probe was trained with (its held-out part is replayed)."""
     from oc_engine.training.activations import CollectSpec, collect
+    from oc_engine.training.contexts import renderable_share
     from oc_engine.training.probe_pipeline import read_specs, split_exchanges
 
     started = time.perf_counter()
     probe.check_model(reference.model)
     _, held = split_exchanges(read_specs(specs, job.max_exchanges, job.seed), job.validation, job.seed,
-                              job.context_share)
+                              renderable_share(reference.tokenizer, job.context_share))
     expected = probe.config.metrics.get("validation_exchanges")
     if expected is not None and expected != len(held):
         log(f"warning: {len(held)} held-out exchanges, the probe's training held {expected} out: "
