@@ -13,7 +13,8 @@ from oc_engine.training.splits import prompt_key
 DATA = Path(__file__).resolve().parents[1] / "bench" / "data"
 # Our dev sets, written apart and never trained on: (file, the prompt label of every row).
 DEV_SETS = (("overblocking_dev.jsonl", "benign"), ("overblocking_hard_dev.jsonl", "benign"),
-            ("plain_compliance_dev.jsonl", "harmful"))
+            ("plain_compliance_dev.jsonl", "harmful"), ("other_language_dev.jsonl", "harmful"),
+            ("multi_turn_split_dev.jsonl", "harmful"))
 
 
 def _dev_keys(name: str, label: str) -> set[str]:
