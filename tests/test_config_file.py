@@ -59,3 +59,17 @@ def test_a_guard_flag_overrides_the_files_opposite(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, ["generate", "--model", str(root / "model"), "--prompt", "w5", "--no-guard",
                                        "--probe", str(root / "probe")])
     assert result.exit_code == 1 and "--no-guard excludes --probe" in result.output  # both flags: still an error
+
+
+def test_a_command_takes_only_its_sections_but_the_file_is_checked_whole(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[sampling]\nseed = 3\nmax_tokens = 5\n[server]\nport = 8100\n")
+    assert read_config_file(config, ("engine", "guard", "policy")) == {}  # eval's --seed samples rows: not this
+    assert read_config_file(config)["seed"] == 3
+    config.write_text("[sampling]\nseed = 3\n[server]\nport = 0\n")
+    import pytest
+
+    from oc_engine.errors import OcEngineError
+
+    with pytest.raises(OcEngineError, match=r"\[server\] port must be"):
+        read_config_file(config, ("sampling",))

@@ -17,8 +17,9 @@ The keys are the library's field names, so the file means what `LLM(model, Engin
 GuardSetup(...))` means. It is checked whole before anything loads: each section is built into
 its dataclass, which validates it, so a bad value is one line naming the file, section and key.
 A flag given on the command line overrides the file (the file becomes the options' defaults,
-through click's `default_map`); a setting a command does not take is left to the commands that
-do. Relative paths in the file are relative to the file.
+through click's `default_map`). `generate` takes [sampling], `serve` [server], all three the
+model, [engine], [guard] and [policy] (what of them each has an option for); one file serves
+them all. Relative paths in the file are relative to the file.
 """
 
 from __future__ import annotations
@@ -41,19 +42,25 @@ INVERTED = {("engine", "compile"): "no_compile", ("engine", "chat_template"): "n
 RENAMED = {("guard", "probe"): "probe_dir", ("guard", "classifier"): "classifier_dir"}
 
 
-def config_option(fn):
-    """`--config FILE`, read before every other option: the file's settings become their defaults."""
+ALL_SECTIONS = ("engine", "guard", "policy", "sampling", "server")
+
+
+def config_option(fn=None, *, sections: tuple[str, ...] = ALL_SECTIONS):
+    """`--config FILE`, read before every other option: the file's settings (of `sections`, which
+    this command takes; the file is checked whole) become the options' defaults."""
+    if fn is None:
+        return lambda f: config_option(f, sections=sections)
     return click.option("--config", type=click.Path(dir_okay=False), default=None, is_eager=True,
-                        expose_value=False, callback=_apply,
+                        expose_value=False, callback=lambda ctx, param, path: _apply(ctx, path, sections),
                         help="A TOML file of settings ([engine], [guard], [policy], [sampling], [server]: the "
                              "library's field names; docs/own-model.md). Flags given here override it.")(fn)
 
 
-def _apply(ctx: click.Context, param, path: str | None) -> None:
+def _apply(ctx: click.Context, path: str | None, sections: tuple[str, ...]) -> None:
     if path is None:
         return
     try:
-        settings = read_config_file(path)
+        settings = read_config_file(path, sections)
     except OcEngineError as exc:
         raise click.ClickException(str(exc)) from None
     names = {p.name for p in ctx.command.params}
@@ -67,9 +74,9 @@ def from_the_file(name: str) -> bool:
     return ctx is not None and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT_MAP
 
 
-def read_config_file(path: str | Path) -> dict:
-    """The file's settings as option values by option name, each section validated by building
-    its dataclass. One `OcEngineError` line for the first problem."""
+def read_config_file(path: str | Path, sections: tuple[str, ...] = ALL_SECTIONS) -> dict:
+    """The settings of `sections` (and the model) as option values by option name; every section
+    is validated, by building its dataclass. One `OcEngineError` line for the first problem."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -79,18 +86,18 @@ def read_config_file(path: str | Path) -> dict:
         raise OcEngineError(f"--config {path}: cannot read it ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise OcEngineError(f"--config {path}: not valid TOML ({exc})") from None
-    sections = _sections()
-    unknown = [key for key in data if key != "model" and key not in sections]
+    checks = _sections()
+    unknown = [key for key in data if key != "model" and key not in checks]
     if unknown:
         raise OcEngineError(f"--config {path}: unknown section or key {unknown[0]!r}; the file has model = ... and "
-                            f"the sections {', '.join(f'[{s}]' for s in sections)}")
+                            f"the sections {', '.join(f'[{s}]' for s in checks)}")
     options = {}
     if "model" in data:
         model = data["model"]
         if not isinstance(model, str) or not model:
             raise OcEngineError(f"--config {path}: model must be text (a hub id, directory or .gguf), got {model!r}")
         options["model"] = str(path.parent / model) if (path.parent / model).exists() else model
-    for section, (keys, check) in sections.items():
+    for section, (keys, check) in checks.items():
         values = data.get(section, {})
         if not isinstance(values, dict):
             raise OcEngineError(f"--config {path}: {section} must be a section ([{section}]), got {values!r}")
@@ -104,6 +111,8 @@ def read_config_file(path: str | Path) -> dict:
             check(values)
         except OcEngineError as exc:
             raise OcEngineError(f"--config {path}: [{section}] {exc}") from None
+        if section not in sections:
+            continue
         for key, value in values.items():
             if (section, key) in INVERTED:
                 options[INVERTED[section, key]] = not value

@@ -16,7 +16,7 @@ from oc_engine.errors import OcEngineError
 
 
 @click.command()
-@config_option
+@config_option(sections=("engine", "guard", "policy", "sampling"))
 @model_option
 @click.option("--prompt", default=None, help="One prompt (the user turn of the chat template).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), default=None,

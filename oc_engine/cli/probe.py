@@ -198,7 +198,7 @@ def sweep_layers(model, dtype, quantize, data_specs, mode, max_response_tokens, 
 
 
 @click.command("eval")
-@config_option
+@config_option(sections=("engine", "guard", "policy"))  # eval: the model, its quantization and its guard
 @model_option
 @quantize_option
 @probe_option()

@@ -26,7 +26,7 @@ SERVER_FIELDS = ("api_key", "max_waiting", "allow_guard_override", "audit_log", 
 
 
 @click.command()
-@config_option
+@config_option(sections=("engine", "guard", "policy", "server"))
 @model_option
 @click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
               help="vllm: decode with vLLM (its scheduler, paged cache and parallelism) and guard here; needs the "

@@ -11,6 +11,7 @@ import numpy as np
 
 from oc_engine.data import UNSAFE, Exchange, read_exchanges
 from oc_engine.errors import OcEngineError
+from oc_engine.training.contexts import renderable_share
 from oc_engine.training.splits import grouped_split
 
 
@@ -57,7 +58,6 @@ def split_exchanges(rows: list[Exchange], validation: float, seed: int,
 def collect_split(loaded, specs, job: ProbeJob, layers, *, progress: bool, log):
     """(layers normalised, train activations, validation activations) for the data in `specs`."""
     from oc_engine.training.activations import CollectSpec, collect, normalize_layers
-    from oc_engine.training.contexts import renderable_share
 
     layers = normalize_layers(layers, loaded.model.config.get_text_config().num_hidden_layers)
     spec = CollectSpec(layers=layers, mode=job.mode, max_response_tokens=job.max_response_tokens)
@@ -93,7 +93,8 @@ def train_probe(loaded, specs: list[tuple[str, str | None]], out: str | Path | N
                "train_exchanges": len(acts_train.labels), "validation_exchanges": len(acts_val.labels),
                "data": [p + (f"@{s}" if s else "") for p, s in specs],
                "split": {"max_exchanges": job.max_exchanges, "validation": job.validation, "seed": job.seed,
-                         "max_response_tokens": job.max_response_tokens, "context_share": job.context_share}, "objective": "ema" if job.mode == "tokens"
+                         "max_response_tokens": job.max_response_tokens,
+                         "context_share": renderable_share(loaded.tokenizer, job.context_share)}, "objective": "ema" if job.mode == "tokens"
                else "logistic", "dtype": str(loaded.dtype).removeprefix("torch."),
                "seconds": round(time.perf_counter() - started, 1)}
     fingerprint = ModelFingerprint.of(loaded.model)

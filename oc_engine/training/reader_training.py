@@ -20,6 +20,7 @@ import torch
 from oc_engine.data import LABELS, UNSAFE
 from oc_engine.errors import OcEngineError
 from oc_engine.guard.pooled_states import RECENT, pool_batch
+from oc_engine.training.contexts import renderable_share
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def train_reader(loaded, probe, specs, out: str | Path | None, job, config: Read
                "train_exchanges": len(acts_train.labels), "validation_exchanges": len(labels),
                "data": [p + (f"@{s}" if s else "") for p, s in specs],
                "split": {"max_exchanges": job.max_exchanges, "validation": job.validation, "seed": job.seed,
-                         "max_response_tokens": job.max_response_tokens, "context_share": job.context_share},
+                         "max_response_tokens": job.max_response_tokens,
+                         "context_share": renderable_share(loaded.tokenizer, job.context_share)},
                "training": dataclasses.asdict(config), "dtype": str(loaded.dtype).removeprefix("torch."),
                "seconds": round(time.perf_counter() - started, 1)}
     threshold = calibration["block_threshold"]
