@@ -82,10 +82,26 @@ def test_the_journey_on_a_random_gemma3(gemma3_dir, tiny_classifier, tmp_path):
     assert report["validation_auroc"] > 0.5 and (tmp_path / "probe" / "probe.safetensors").is_file()
     # 5. both stages calibrated together, written into a classifier the user owns
     shutil.copytree(tiny_classifier[1], tmp_path / "classifier")
-    calibration = json.loads(_run("calibrate-guard", "--model", model, "--probe", tmp_path / "probe",
-                                  "--classifier", tmp_path / "classifier", "--data", tmp_path / "exchanges.jsonl",
-                                  "--max-response-tokens", 8, "--write", "--json"))
-    assert "written" in calibration
+    probe_config = (tmp_path / "probe" / "probe_config.json").read_text()
+    calibrate = ["calibrate-guard", "--model", model, "--probe", tmp_path / "probe", "--classifier",
+                 tmp_path / "classifier", "--data", tmp_path / "exchanges.jsonl", "--max-response-tokens", 8]
+    import oc_engine.training.guard_calibration as calibration_module
+
+    real = calibration_module.calibrate_guard
+
+    def nothing_fits(*args, **kwargs):  # as when every point breaks a budget
+        report = real(*args, **kwargs)
+        report["chosen"] = {name: None for name in report["chosen"]}
+        return report
+
+    with pytest.MonkeyPatch.context() as patch:  # the curve is reported and kept, and nothing is written
+        patch.setattr(calibration_module, "calibrate_guard", nothing_fits)
+        strict = CliRunner().invoke(main, [str(a) for a in calibrate] + ["--write", "--out", str(tmp_path / "c.json")])
+    assert strict.exit_code == 1 and "no point of the curve fits the budgets: nothing written" in strict.output
+    assert json.loads((tmp_path / "c.json").read_text())["written"] is None
+    assert (tmp_path / "probe" / "probe_config.json").read_text() == probe_config
+    calibration = json.loads(_run(*calibrate, "--write", "--json"))
+    assert calibration["written"]
     assert "guard_calibration" in json.loads((tmp_path / "classifier" / "classifier_config.json").read_text())
     # 6. one config file for generate, eval and serve (paths relative to it)
     config = tmp_path / "mine.toml"

@@ -9,6 +9,7 @@ import click
 from oc_engine.cli.common import (PLOT_SUFFIXES, FiniteFloat, batch_size_option, check_output_file, classifier_option,
                                        json_option, model_option, out_option, probe_option, progress_log,
                                        user_errors, write_json)
+from oc_engine.errors import OcEngineError
 from oc_engine.training.classifier_pipeline import parse_data_spec
 
 
@@ -73,6 +74,9 @@ def calibrate_guard(model, probe_dir, classifier_dir, data_specs, benign_block_b
                                  log=progress_log("oc-engine calibrate-guard", quiet=as_json))
     write_json(out, report)
     click.echo(json.dumps(report, indent=2) if as_json else calibration_markdown(report))
+    if write and report["written"] is None:
+        raise OcEngineError("no point of the curve fits the budgets: nothing written (raise a budget; --out and "
+                            "--plot show the curve)")
 
 
 def calibration_markdown(report: dict) -> str:
@@ -95,6 +99,6 @@ def calibration_markdown(report: dict) -> str:
                      f"{p['refusals_blocked_final']:.1%} |")
     if "plot" in report:
         lines += ["", f"curve: {report['plot']}"]
-    if "written" in report:
+    if report.get("written"):
         lines += ["", f"written: {report['written']['probe']}, {report['written']['classifier']}"]
     return "\n".join(lines)

@@ -63,7 +63,9 @@ def run_calibrate_guard(*, model, probe_dir, classifier_dir, data_specs, limit, 
     if plot:
         plot_curve(report, plot)
         report["plot"] = str(plot)
-    if write:
+    if write and report["chosen"]["without_input_check"] is None:
+        report["written"] = None  # the caller says so, after the curve that shows which budget binds
+    elif write:
         from oc_engine.models.defaults import EMBEDDED_ENCODER
 
         named = None if classifier_dir == EMBEDDED_ENCODER else classifier_dir  # the shipped delta
