@@ -414,18 +414,23 @@ CLASSIFIER_FIELDS = ["labels", "unsafe_label", "allow_threshold", "block_thresho
 SLOW_OK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def _set_or_drop(field: str, value, drop: bool):
+    """An edit of a config's JSON: `field` (dotted for a nested key) dropped, or set to `value`."""
+    def edit(config):
+        parent, _, key = field.rpartition(".")
+        target = config[parent] if parent else config
+        target.pop(key) if drop else target.__setitem__(key, value)
+    return edit
+
+
 @SLOW_OK
 @given(field=st.sampled_from(PROBE_FIELDS + ["model.hidden_size", "model.weights_hash", "model.architecture"]),
        value=json_values, drop=st.booleans())
 def test_any_value_in_a_probe_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
     from oc_engine.guard.probe import load_probe
 
-    def edit(config):
-        parent, _, key = field.rpartition(".")
-        target = config[parent] if parent else config
-        target.pop(key) if drop else target.__setitem__(key, value)
-
-    probe = _loaded_or_one_line_error(load_probe, _spoil(inputs, tmp_path, "probe", edit))
+    spoiled = _spoil(inputs, tmp_path, "probe", _set_or_drop(field, value, drop))
+    probe = _loaded_or_one_line_error(load_probe, spoiled)
     if probe is None:
         return
     c = probe.config
@@ -440,10 +445,8 @@ def test_any_value_in_a_classifier_config_field_loads_or_fails_cleanly(inputs, t
     from oc_engine.guard.classifier import load_classifier_config
     from oc_engine.guard.exchange_layout import INPUT_FORMAT
 
-    def edit(config):
-        config.pop(field) if drop else config.__setitem__(field, value)
-
-    loaded = _loaded_or_one_line_error(load_classifier_config, _spoil(inputs, tmp_path, "classifier", edit))
+    spoiled = _spoil(inputs, tmp_path, "classifier", _set_or_drop(field, value, drop))
+    loaded = _loaded_or_one_line_error(load_classifier_config, spoiled)
     if loaded is None:
         return
     assert all(type(x) is str for x in loaded.labels) and len(set(loaded.labels)) == len(loaded.labels) >= 2
@@ -463,12 +466,8 @@ READER_FIELDS = ["model", "layers", "hidden_size", "labels", "unsafe_label", "al
 def test_any_value_in_a_reader_config_field_loads_or_fails_cleanly(inputs, tmp_path, field, value, drop):
     from oc_engine.guard.state_reader import load_reader
 
-    def edit(config):
-        parent, _, key = field.rpartition(".")
-        target = config[parent] if parent else config
-        target.pop(key) if drop else target.__setitem__(key, value)
-
-    reader = _loaded_or_one_line_error(load_reader, _spoil(inputs, tmp_path, "reader", edit))
+    spoiled = _spoil(inputs, tmp_path, "reader", _set_or_drop(field, value, drop))
+    reader = _loaded_or_one_line_error(load_reader, spoiled)
     if reader is None:
         return
     c = reader.config
