@@ -146,6 +146,7 @@ def test_a_blocked_answer_shows_the_refusal_and_no_held_token(page, server):
             assert all(v is None or isinstance(v, (int, float, bool)) for k, v in event.items()
                        if k not in ("event", "verdict", "error")), event
     traffic.collect()
+    assert not any(held in body for _, body in traffic.received if body)
     others = {url.split("?")[0].removeprefix(server[0].base) for url, _ in traffic.received
               if not url.endswith("/v1/chat/completions")}
     assert others <= {"/", "/console/settings", "/metrics", *(f"/console/static/{name}" for name in STATIC)}, others
