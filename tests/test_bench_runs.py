@@ -90,3 +90,7 @@ def test_headlines_read_the_committed_reports():
         "continuous batching", "32 requests, 8 slots, bf16: 265.0 vs 167.4 tokens/s for static batches, 0 recompiles")
     what, result = headline("decode", report("cpu-decode-bfloat16-llm.json"))
     assert what == "decode, bf16, batch 1" and "engine_compiled 105.1 tokens/s (1.99x HF)" in result
+    # --quantize writes other rows (configurations, not modes) and the probe's cost per weight format.
+    what, result = headline("decode", report("cpu-decode-quantized-bfloat16.json"))
+    assert what == "decode, `--quantize`, batch 1"
+    assert "engine int4 127.4 tokens/s" in result and result.endswith("the probe costs none 6.2%, int8 5.0%, int4 6.3%")

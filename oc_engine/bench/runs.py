@@ -105,6 +105,10 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
     """(what, result) for a bench's report: the row a run adds to the README's table."""
     given = report.get("dtype") or report.get("command_settings", {}).get("dtype")
     dtype = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(given, given)
+    if bench == "decode" and "probe_cost" in report:  # --quantize: configurations timed in turns
+        parts = [f"{r['name']} {r['tokens_per_s']:.1f} tokens/s" for r in report["results"]]
+        cost = ", ".join(f"{q} {c:.1%}" for q, c in report["probe_cost"].items())
+        return "decode, `--quantize`, batch 1", "; ".join(parts) + (f"; the probe costs {cost}" if cost else "")
     if bench == "decode" and "results" in report:
         rows = {r["mode"]: r for r in report["results"]}
         parts = [f"{mode} {row['tokens_per_s']:.1f} tokens/s" + (f" ({row['ratio_to_hf']:.2f}x HF)"
