@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import oc_engine.kernels.probe_ema  # noqa: F401  (registers torch.ops.oc_engine.probe_ema)
-from oc_engine.engine.accel import mark_static
+from oc_engine.engine.accel import mark_static, probe_ema_op
 from oc_engine.guard.probe import Probe
 
 
@@ -25,6 +25,7 @@ class ProbeRuntime:
         self.thresholds = mark_static(torch.tensor([cfg.alpha, cfg.warn, cfg.pause], device=device))
         self.ema = mark_static(torch.full((batch,), -1.0, device=device))  # -1: no score yet
         self.active = mark_static(torch.ones(batch, dtype=torch.bool, device=device))  # False: frozen this step
+        self._probe_ema = probe_ema_op(torch.device(device))
 
     def load(self, probe: Probe) -> None:
         """Another probe of the same shape: copied in place, so the compiled step is reused."""
@@ -40,7 +41,7 @@ class ProbeRuntime:
     def score(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [L, B, H] -> (score [B], ema [B], flags [B] int32), updating the EMA of active rows."""
         before = self.ema.clone()
-        score, flags = torch.ops.oc_engine.probe_ema(hidden, self.weight, self.bias, self.ema, self.thresholds)
+        score, flags = self._probe_ema(hidden, self.weight, self.bias, self.ema, self.thresholds)
         self.ema.copy_(torch.where(self.active, self.ema, before))
         return score, self.ema.clone(), flags
 

@@ -39,7 +39,9 @@ except ImportError:  # triton is optional off Linux; the reference serves CPU
 def probe_ema_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ema: torch.Tensor,
                         thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, the same maths as the kernel; updates `ema` in place."""
-    logit = torch.einsum("lbh,lh->b", hidden.float(), weight.float()) + bias.float()
+    # A multiply-and-sum, not einsum: inside the compiled CPU step (accel.probe_ema_op) inductor
+    # fuses it into one loop, where einsum would become a separate batched matmul call.
+    logit = (hidden.float() * weight.float()[:, None, :]).sum(dim=(0, 2)) + bias.float()
     score = score_of_logit(logit)
     new_ema, flags = ema_update(score, ema, thresholds[0], thresholds[1], thresholds[2])
     ema.copy_(new_ema)
