@@ -36,8 +36,9 @@ class Traffic:
     """Every response the page received, read over the DevTools protocol (not through the page's
     own code). `collect()` reads those finished since its last call into `received`.
 
-    Chromium may drop a finished response's body (its DevTools buffer evicts old ones): the buffers are raised, a failed read is retried, and a body that still
-    cannot be read is kept as None unless its URL ends with one of `needed`, where it fails."""
+    Chromium may drop a finished response's body (its DevTools buffer evicts old ones): the
+    buffers are raised, a failed read is retried, and a body that still cannot be read is kept
+    as None unless its URL ends with one of `needed`, where it fails."""
 
     def __init__(self, driver, needed: tuple[str, ...] = ("/v1/chat/completions",)):
         self.driver, self.urls, self.needed = driver, {}, needed
@@ -45,7 +46,7 @@ class Traffic:
         driver.execute_cdp_cmd("Network.enable", {"maxTotalBufferSize": 200_000_000,
                                                   "maxResourceBufferSize": 50_000_000})
 
-    def collect(self) -> list[tuple[str, str]]:
+    def collect(self) -> list[tuple[str, str | None]]:
         finished = []
         for entry in self.driver.get_log("performance"):  # each entry is returned once
             message = json.loads(entry["message"])["message"]

@@ -33,8 +33,8 @@ def probe_ema_op(device: torch.device) -> Callable:
     """What the compiled step scores the probe with (see `oc_engine.kernels.probe_ema`): the
     custom op on CUDA, one node that runs the Triton kernel inside the CUDA graph; on CPU its
     reference maths inline, which inductor fuses into the step's own loops. Through the op, CPU
-    runs the reference eagerly as a dozen small operators after the graph (0.1 to 0.2 ms of a
-    17 ms step, measured with `bench/profile_decode_step.py --probe`)."""
+    ran the reference eagerly after the graph, a dozen small operators per step: 5.6-6.2% per
+    generated token, against none measurable inline (`bench/bench_probe_cost.py`)."""
     from oc_engine.kernels.probe_ema import probe_ema_reference
 
     return torch.ops.oc_engine.probe_ema if device.type == "cuda" else probe_ema_reference
