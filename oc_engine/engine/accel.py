@@ -40,6 +40,17 @@ def probe_ema_op(device: torch.device) -> Callable:
     return torch.ops.oc_engine.probe_ema if device.type == "cuda" else probe_ema_reference
 
 
+def materialized(x: torch.Tensor) -> torch.Tensor:
+    """`x` written to memory before a compiled few-row matmul reads it, not recomputed inside it.
+
+    Inductor inlines a pointwise producer (the RMSNorm before q/k/v, SiLU(gate) * up before
+    the down projection) into the multiply-and-sum loop that consumes it, so the producer is
+    recomputed for every output row: thousands of times per input element, which halved the
+    loop's speed. `as_strided` needs a real layout, so inductor writes `x` out once; eager and
+    other compilers see a no-op view."""
+    return torch.as_strided(x, x.shape, x.stride())
+
+
 def mark_static(tensor: torch.Tensor) -> torch.Tensor:
     """Tell CUDA graphs that this buffer keeps its address across calls (the KV cache)."""
     if tensor.is_cuda:
