@@ -1,0 +1,80 @@
+"""What writing a decode GEMV's input out first buys, on the embedded model at batch 1.
+
+    uv run python bench/bench_gemv_input.py [--quantize none|int8|int4] [--slots 1] [--rounds 4]
+
+Two variants of the compiled step: as shipped, where `fused_llama.linear` passes its input
+through `accel.materialized` before the multiply-and-sum; and with that call replaced by the
+identity (the code before), so inductor inlines the RMSNorm or SiLU(gate) * up producing the
+input into the loop. Each variant runs in its own process, in turns, `--rounds` times: two
+engines compiled in one process ran alike here even where separate processes differed by 25%,
+so a pairing inside one process would hide the effect. Each process times 128-token answers
+through `LLM.generate` (median of 3, after one that compiles); the result is the median of
+each round's ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("inlined", "written_out")
+
+
+def child(variant: str, quantize: str, slots: int) -> None:
+    from oc_engine.bench.decode import BENCH_PROMPT, bench_llm
+    from oc_engine.engine.prompts import render_prompt
+    from oc_engine.engine.runners import fused_llama
+    from oc_engine.models.loading import load_model
+    from oc_engine.params import SamplingParams
+
+    if variant == "inlined":
+        fused_llama.materialized = lambda x: x  # read when the step is traced
+    loaded = load_model(None, dtype="bfloat16", quantize=quantize, progress=False)
+    prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
+    params = SamplingParams(max_tokens=128, ignore_eos=True)
+    llm = bench_llm(loaded, prompt, 128, slots=slots)
+    tokens = llm.generate([prompt], params)[0].token_ids  # compiles the step
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        times.append((time.perf_counter() - start) / 128 * 1000)
+    print(json.dumps({"ms_per_token": statistics.median(times), "tokens": list(tokens)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+    parser.add_argument("--slots", type=int, default=1, help="the engine's slots (rows of each GEMV)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.quantize, args.slots)
+
+    runs = {variant: [] for variant in VARIANTS}
+    for round_ in range(args.rounds):
+        for variant in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--quantize", args.quantize,
+                                  "--slots", str(args.slots)], capture_output=True, text=True, check=True)
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {round_ + 1}/{args.rounds} {variant}: {runs[variant][-1]['ms_per_token']:.2f} ms/token",
+                  file=sys.stderr, flush=True)
+    ms = {variant: [r["ms_per_token"] for r in rows] for variant, rows in runs.items()}
+    ratios = sorted(w / i for w, i in zip(ms["written_out"], ms["inlined"]))
+    import torch
+
+    print(json.dumps({"quantization": args.quantize, "slots": args.slots, "rounds": args.rounds,
+                      "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "ms_per_token": {variant: [round(v, 2) for v in values] for variant, values in ms.items()},
+                      "time_ratio": round(statistics.median(ratios), 3),
+                      "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+                      "same_tokens": runs["inlined"][0]["tokens"] == runs["written_out"][0]["tokens"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
