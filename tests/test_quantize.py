@@ -47,6 +47,30 @@ def test_packed_kernel_matches_the_dequantized_reference(scheme, rows):
     torch.testing.assert_close(layer.dequantized(), reference_weight(weight, scheme), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_int8_gemv_matches_the_dequantized_reference(dtype):
+    """One row inside torch.compile takes inductor's multiply-and-sum (`int8_gemv`), its input
+    produced by an RMSNorm-like op as in the step; two rows take aten's kernel."""
+    torch.manual_seed(0)
+    weight = torch.randn(192, 256) * 0.05
+    layer = QuantizedLinear.from_weight(weight.to(dtype), "int8")
+    norm = torch.rand(256, dtype=dtype) + 0.5
+
+    def step(x):
+        return layer(x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dtype) * norm)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for rows in (1, 2):
+        x = torch.randn(rows, 256, dtype=dtype)
+        expected = step(x).float() if dtype == torch.float32 else None
+        h = (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dtype) * norm).float()
+        reference = h @ (quantize_int8(weight.to(dtype))[0].float() * layer.scales.float()[:, None]).t()
+        tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(compiled(x).float(), reference, **tolerance)
+        if expected is not None:
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantization_error_is_within_half_a_step(scheme):
     torch.manual_seed(1)
@@ -86,15 +110,16 @@ def test_fused_rows_equal_the_separate_layers(scheme):
 
 @pytest.mark.parametrize("family,scheme", [("llama", "int8"), ("llama", "int4"), ("qwen3", "int4"),
                                            ("gemma3", "int8")])
-@pytest.mark.parametrize("compile", [False, True])
-def test_engine_tokens_equal_hf_generate_on_the_quantized_model(family, scheme, compile):
+@pytest.mark.parametrize("compile,slots", [(False, 2), (True, 2), (True, 1)])
+def test_engine_tokens_equal_hf_generate_on_the_quantized_model(family, scheme, compile, slots):
     """fp32: the fused runner (llama, qwen3) or Hugging Face's modules (gemma3) over the same
-    quantized layers give Hugging Face's greedy tokens exactly."""
+    quantized layers give Hugging Face's greedy tokens exactly; one compiled slot multiplies
+    the int8 layers (and int4's int8 head) as `int8_gemv`, two through aten's kernel."""
     from oc_engine import LLM, SamplingParams
 
     loaded = quantized_tiny(family, scheme)
     expected = hf_greedy(loaded, PROMPT, 24)
-    with LLM(loaded, EngineConfig(compile=compile, max_num_seqs=2, max_model_len=64), UNGUARDED) as llm:
+    with LLM(loaded, EngineConfig(compile=compile, max_num_seqs=slots, max_model_len=64), UNGUARDED) as llm:
         got = llm.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
     assert list(got) == expected
 

@@ -1,8 +1,9 @@
 """Weight-only int8 and int4 quantization of a model's linear layers, on torch's own packed ops.
 
     int8  one scale per output row, symmetric: w ~ q * scale, q in [-127, 127].
-          CPU: aten._weight_int8pack_mm. CUDA: the int8 weight cast inside the matmul
-          (gpt-fast's form, which inductor fuses).
+          CPU: aten._weight_int8pack_mm, except one row inside the compiled step, which
+          inductor multiplies and sums (`int8_gemv`). CUDA: the int8 weight cast inside the
+          matmul (gpt-fast's form, which inductor fuses).
     int4  one scale and one offset per group of INT4_GROUP inputs in a row, like GGUF's Q4_1:
           w ~ (q - 8) * scale + zero, q in [0, 15].
           CPU: aten._weight_int4pack_mm_for_cpu. CUDA: aten._weight_int4pack_mm (tinygemm).
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from oc_engine.config import check_quantization
+from oc_engine.engine.accel import materialized
 from oc_engine.errors import OcEngineError
 
 QUANTIZER_VERSION = 1  # bump when the codes a weight gets change (cached activations are keyed by it)
@@ -65,7 +67,9 @@ class QuantizedLinear(nn.Module):
         """x [..., K] -> x @ W.T [..., N] in x's dtype (no bias)."""
         flat = x.reshape(-1, self.in_features)
         if self.scheme == "int8":
-            if flat.device.type == "cpu":
+            if flat.shape[0] == 1 and flat.device.type == "cpu" and torch.compiler.is_compiling():
+                out = int8_gemv(flat, self.data, self.scales)
+            elif flat.device.type == "cpu":
                 out = torch.ops.aten._weight_int8pack_mm(flat, self.data, self.scales)
             else:
                 out = torch.nn.functional.linear(flat, self.data.to(flat.dtype)) * self.scales
@@ -118,6 +122,17 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def int8_gemv(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ (data [N, K] int8 * scales [N]).T -> [1, N] in x's dtype, as multiply-and-sum.
+
+    Why: at one row aten's int8 kernel streams the weight at about 9-10 GB/s on this 2-core
+    CPU, slower than the bf16 multiply-and-sum (about 20 GB/s) over twice the bytes; inductor's
+    loop over the int8 weight, its input written out first (`materialized`), streams it at about
+    18 GB/s (fp32 accumulation either way; `bench/results/cpu-int8-gemv-2026-12-07.md`)."""
+    x = materialized(x)
+    return ((x.float()[:, None, :] * data.float()).sum(-1) * scales.float()).to(x.dtype)
 
 
 def _int4_block_rows(device: torch.device) -> int:

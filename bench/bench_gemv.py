@@ -1,11 +1,15 @@
-"""What writing a decode GEMV's input out first buys, on the embedded model at batch 1.
+"""The compiled step's one-row GEMVs as shipped against the code before, on the embedded model.
 
-    uv run python bench/bench_gemv_input.py [--quantize none|int8|int4] [--slots 1] [--rounds 4]
+    uv run python bench/bench_gemv.py [--compare input|int8] [--quantize none|int8|int4]
+                                            [--slots 1] [--rounds 4]
 
-Two variants of the compiled step: as shipped, where `fused_llama.linear` passes its input
-through `accel.materialized` before the multiply-and-sum; and with that call replaced by the
-identity (the code before), so inductor inlines the RMSNorm or SiLU(gate) * up producing the
-input into the loop. Each variant runs in its own process, in turns, `--rounds` times: two
+--compare input: as shipped, `fused_llama.linear` passes its input through
+`accel.materialized` before the multiply-and-sum; before, that call was the identity, so
+inductor inlined the RMSNorm or SiLU(gate) * up producing the input into the loop.
+--compare int8: as shipped, one row of an int8 layer is `quantize.int8_gemv`; before, aten's
+`_weight_int8pack_mm` (use with --quantize int8 or int4, whose head is int8).
+
+Each variant runs in its own process, in turns, `--rounds` times: two
 engines compiled in one process ran alike here even where separate processes differed by 25%,
 so a pairing inside one process would hide the effect. Each process times 128-token answers
 through `LLM.generate` (median of 3, after one that compiles); the result is the median of
@@ -21,18 +25,23 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("inlined", "written_out")
+VARIANTS = ("before", "shipped")
 
 
-def child(variant: str, quantize: str, slots: int) -> None:
+def child(compare: str, variant: str, quantize: str, slots: int) -> None:
+    import torch
+
     from oc_engine.bench.decode import BENCH_PROMPT, bench_llm
     from oc_engine.engine.prompts import render_prompt
     from oc_engine.engine.runners import fused_llama
+    from oc_engine.models import quantize as quantize_module
     from oc_engine.models.loading import load_model
     from oc_engine.params import SamplingParams
 
-    if variant == "inlined":
+    if variant == "before" and compare == "input":
         fused_llama.materialized = lambda x: x  # read when the step is traced
+    if variant == "before" and compare == "int8":
+        quantize_module.int8_gemv = lambda x, data, scales: torch.ops.aten._weight_int8pack_mm(x, data, scales)
     loaded = load_model(None, dtype="bfloat16", quantize=quantize, progress=False)
     prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
     params = SamplingParams(max_tokens=128, ignore_eos=True)
@@ -48,32 +57,35 @@ def child(variant: str, quantize: str, slots: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=["input", "int8"], default="input")
     parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
     parser.add_argument("--slots", type=int, default=1, help="the engine's slots (rows of each GEMV)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.quantize, args.slots)
+        return child(args.compare, args.child, args.quantize, args.slots)
 
     runs = {variant: [] for variant in VARIANTS}
     for round_ in range(args.rounds):
         for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", variant, "--quantize", args.quantize,
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--compare", args.compare,
+                                  "--quantize", args.quantize,
                                   "--slots", str(args.slots)], capture_output=True, text=True, check=True)
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_ + 1}/{args.rounds} {variant}: {runs[variant][-1]['ms_per_token']:.2f} ms/token",
                   file=sys.stderr, flush=True)
     ms = {variant: [r["ms_per_token"] for r in rows] for variant, rows in runs.items()}
-    ratios = sorted(w / i for w, i in zip(ms["written_out"], ms["inlined"]))
+    ratios = sorted(s / b for s, b in zip(ms["shipped"], ms["before"]))
     import torch
 
-    print(json.dumps({"quantization": args.quantize, "slots": args.slots, "rounds": args.rounds,
+    print(json.dumps({"compare": args.compare, "quantization": args.quantize, "slots": args.slots,
+                      "rounds": args.rounds,
                       "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "ms_per_token": {variant: [round(v, 2) for v in values] for variant, values in ms.items()},
                       "time_ratio": round(statistics.median(ratios), 3),
                       "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
-                      "same_tokens": runs["inlined"][0]["tokens"] == runs["written_out"][0]["tokens"]}, indent=2))
+                      "same_tokens": runs["before"][0]["tokens"] == runs["shipped"][0]["tokens"]}, indent=2))
 
 
 if __name__ == "__main__":
