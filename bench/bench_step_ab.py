@@ -1,13 +1,15 @@
-"""The compiled step's one-row GEMVs as shipped against the code before, on the embedded model.
+"""The compiled decode step, two variants, each in its own process, on the embedded model.
 
-    uv run python bench/bench_gemv.py [--compare input|int8] [--quantize none|int8|int4]
-                                            [--slots 1] [--rounds 4]
+    uv run python bench/bench_step_ab.py [--compare input|int8|probe] [--quantize none|int8|int4]
+                                         [--slots 1] [--rounds 4]
 
 --compare input: as shipped, `fused_llama.linear` passes its input through
 `accel.materialized` before the multiply-and-sum; before, that call was the identity, so
 inductor inlined the RMSNorm or SiLU(gate) * up producing the input into the loop.
 --compare int8: as shipped, one row of an int8 layer is `quantize.int8_gemv`; before, aten's
 `_weight_int8pack_mm` (use with --quantize int8 or int4, whose head is int8).
+--compare probe: "shipped" scores a probe every token (never pausing), "before" has none: the
+probe's cost.
 
 Each variant runs in its own process, in turns, `--rounds` times: two
 engines compiled in one process ran alike here even where separate processes differed by 25%,
@@ -31,7 +33,7 @@ VARIANTS = ("before", "shipped")
 def child(compare: str, variant: str, quantize: str, slots: int) -> None:
     import torch
 
-    from oc_engine.bench.decode import BENCH_PROMPT, bench_llm
+    from oc_engine.bench.decode import BENCH_PROMPT, bench_llm, quiet_probe
     from oc_engine.engine.prompts import render_prompt
     from oc_engine.engine.runners import fused_llama
     from oc_engine.models import quantize as quantize_module
@@ -45,7 +47,8 @@ def child(compare: str, variant: str, quantize: str, slots: int) -> None:
     loaded = load_model(None, dtype="bfloat16", quantize=quantize, progress=False)
     prompt = render_prompt(loaded.tokenizer, BENCH_PROMPT)
     params = SamplingParams(max_tokens=128, ignore_eos=True)
-    llm = bench_llm(loaded, prompt, 128, slots=slots)
+    probe = quiet_probe(loaded) if variant == "shipped" and compare == "probe" else None
+    llm = bench_llm(loaded, prompt, 128, slots=slots, probe=probe)
     tokens = llm.generate([prompt], params)[0].token_ids  # compiles the step
     times = []
     for _ in range(3):
@@ -57,7 +60,7 @@ def child(compare: str, variant: str, quantize: str, slots: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--compare", choices=["input", "int8"], default="input")
+    parser.add_argument("--compare", choices=["input", "int8", "probe"], default="input")
     parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
     parser.add_argument("--slots", type=int, default=1, help="the engine's slots (rows of each GEMV)")
     parser.add_argument("--rounds", type=int, default=4)
