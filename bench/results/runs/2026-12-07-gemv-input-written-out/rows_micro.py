@@ -1,6 +1,12 @@
-import time, sys, torch
-from oc_engine.engine.runners.fused_llama import rms_norm
+"""30 layers of RMSNorm -> 3072x576 GEMV at 1-16 rows: the multiply-and-sum (input written out)
+against F.linear (oneDNN). uv run python rows_micro.py"""
+import time
+
+import torch
+
 from oc_engine.engine.accel import materialized
+from oc_engine.engine.runners.fused_llama import rms_norm
+
 torch.manual_seed(0)
 dtype = torch.bfloat16
 L = 30
