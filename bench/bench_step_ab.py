@@ -11,9 +11,10 @@ inductor inlined the RMSNorm or SiLU(gate) * up producing the input into the loo
 --compare probe: "shipped" scores a probe every token (never pausing), "before" has none: the
 probe's cost.
 
-Each variant runs in its own process, in turns, `--rounds` times: two
-engines compiled in one process ran alike here even where separate processes differed by 25%,
-so a pairing inside one process would hide the effect. Each process times 128-token answers
+Each variant runs in its own process, in turns, `--rounds` times. The "before" variants swap
+a module global that the step reads when it is traced, and dynamo guards on it: two engines
+in one process cannot each keep their own (putting the global back recompiled the first
+engine with the shipped code, and both then ran alike). Each process times 128-token answers
 through `LLM.generate` (median of 3, after one that compiles); the result is the median of
 each round's ratio.
 """
