@@ -69,20 +69,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.compare, args.child, args.quantize, args.slots)
+    if args.compare == "int8" and args.quantize == "none":
+        parser.error("--compare int8 needs --quantize int8 or int4 (an unquantized model has no int8 layer)")
+    import torch
 
     runs = {variant: [] for variant in VARIANTS}
     for round_ in range(args.rounds):
         for variant in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "--child", variant, "--compare", args.compare,
-                                  "--quantize", args.quantize,
-                                  "--slots", str(args.slots)], capture_output=True, text=True, check=True)
+                                  "--quantize", args.quantize, "--slots", str(args.slots)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"the {variant} process failed:\n{out.stderr[-2000:]}")
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_ + 1}/{args.rounds} {variant}: {runs[variant][-1]['ms_per_token']:.2f} ms/token",
                   file=sys.stderr, flush=True)
     ms = {variant: [r["ms_per_token"] for r in rows] for variant, rows in runs.items()}
     ratios = sorted(s / b for s, b in zip(ms["shipped"], ms["before"]))
-    import torch
-
     print(json.dumps({"compare": args.compare, "quantization": args.quantize, "slots": args.slots,
                       "rounds": args.rounds,
                       "torch": torch.__version__, "threads": torch.get_num_threads(),
