@@ -129,8 +129,9 @@ def int8_gemv(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torc
 
     Why: at one row aten's int8 kernel streams the weight at about 9-10 GB/s on this 2-core
     CPU, slower than the bf16 multiply-and-sum (about 20 GB/s) over twice the bytes; inductor's
-    loop over the int8 weight, its input written out first (`materialized`), streams it at about
-    18 GB/s (fp32 accumulation either way; `bench/results/runs/2026-12-07-gemv-input-written-out`)."""
+    loop over the int8 weight, its input written out first (`materialized`), streamed 18 GB/s
+    over the decoder's int8 layers in a micro-benchmark, and makes int8 decode 0.78x as long per
+    token (fp32 accumulation either way; `bench/results/runs/2026-12-07-gemv-input-written-out`)."""
     x = materialized(x)
     return ((x.float()[:, None, :] * data.float()).sum(-1) * scales.float()).to(x.dtype)
 
