@@ -27,6 +27,8 @@ DEFAULT = "default"  # a setting resolved by the engine: the shipped probe, clas
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "int4")
 MAX_MODEL_LEN_CAP = 2048  # the default cache length: memory, and (whole-cache attention) time
+# Step batch sizes compiled beside max_num_seqs (bench/results/cpu-batch-buckets-2026-12-07.md).
+BATCH_BUCKETS = (1, 4)
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -60,6 +62,9 @@ class EngineConfig:
     max_model_len: prompt plus answer, in tokens (None: the model's context, at most 2048).
     prefill_chunk: prompt tokens prefilled per step at most (None: a prompt at once); a long
     prompt joining then costs the running requests one chunk per step, not the whole prompt.
+    batch_buckets: batch sizes below max_num_seqs that the decode step is also compiled for
+    (each at warm-up): a step runs over the smallest that holds its live requests, so a lone
+    request does not pay for every slot. Sizes at or above max_num_seqs are dropped.
     quantize: None, "int8" or "int4" weight-only quantization of the linear layers.
     chat_template: render text prompts as the user turn of the model's chat template.
     trust_remote_code: allow model code from the hub (off unless asked)."""
@@ -70,6 +75,7 @@ class EngineConfig:
     max_num_seqs: int = 8
     max_model_len: int | None = None
     prefill_chunk: int | None = 256
+    batch_buckets: tuple[int, ...] = BATCH_BUCKETS
     quantize: str | None = None
     chat_template: bool = True
     trust_remote_code: bool = False
@@ -84,6 +90,11 @@ class EngineConfig:
             check_int("max_model_len", self.max_model_len, 2)
         if self.prefill_chunk is not None:
             check_int("prefill_chunk", self.prefill_chunk, 1)
+        if not isinstance(self.batch_buckets, (tuple, list)):
+            raise OcEngineError(f"batch_buckets must be a list of integers, got {self.batch_buckets!r}")
+        for size in self.batch_buckets:
+            check_int("each of batch_buckets", size, 1)
+        object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
         object.__setattr__(self, "quantize", check_quantization(self.quantize))
         for name in ("compile", "chat_template", "trust_remote_code"):
             check_bool(name, getattr(self, name))

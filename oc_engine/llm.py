@@ -102,7 +102,8 @@ class LLM(PreparesRequests):
             self.chat_template = config.chat_template
             self.runner = ModelRunner(self.loaded, num_slots=config.max_num_seqs, max_model_len=self.max_model_len,
                                       compile=config.compile, probe=probe, tap=debug.tap,
-                                      prefer_fused=debug.prefer_fused, output_lag=debug.output_lag)
+                                      prefer_fused=debug.prefer_fused, output_lag=debug.output_lag,
+                                      buckets=config.batch_buckets)
             check_state_reader(self.classifier, self.loaded.model, self.runner.taps, self.guard_config)
         except BaseException:
             self.close()
@@ -220,8 +221,10 @@ class LLM(PreparesRequests):
             self.probe = probe
 
     def warm_up(self) -> None:
-        """Compile the greedy and the sampled decode steps and start the classifier, so no first
-        request pays for them (a non-streamed call's final check asks the classifier)."""
+        """Compile the greedy and the sampled decode steps of every batch bucket and start the
+        classifier, so no first request pays for them (a non-streamed call's final check asks
+        the classifier). Without it, the steps below `max_num_seqs` are never used."""
+        self.runner.compile_buckets()
         self.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True))
         self.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0, seed=0))
 

@@ -88,5 +88,5 @@ def test_each_runner_compiles_its_own_step(tiny):
         llm = plain_llm(loaded, compile=True, max_num_seqs=1 + i % 3, max_model_len=64 + 8 * i)
         (done,) = llm.generate([PROMPT[:4]], fixed(2))
         assert len(done.token_ids) == 2
-        codes.add(llm.runner._steps[False]._torchdynamo_orig_callable.__code__)
+        codes.add(llm.runner._steps[False, llm.runner.num_slots]._torchdynamo_orig_callable.__code__)
     assert len(codes) == 10

@@ -51,6 +51,8 @@ from oc_engine.jsonl import iter_jsonl
 
 SERVERS = ("guarded", "probe-only", "unguarded", "transformers")  # the default set, guarded first
 VLLM_SERVERS = ("vllm-unguarded", "vllm-guarded")
+# Unguarded with the step over every slot, as before batch buckets (serve --batch-buckets "").
+ALL_SLOTS = "unguarded-all-slots"
 
 
 @dataclass
@@ -83,7 +85,9 @@ def server_command(kind: str, port: int, weights: str, dtype: str, slots: int) -
         command += ["--backend", "vllm"]
     if kind == "probe-only":  # an EMA never reaches 1: every token scored, no check asked
         command += ["--warn", "1", "--pause", "1"]
-    return command + (["--no-guard"] if kind.endswith("unguarded") else [])
+    if kind == ALL_SLOTS:
+        command += ["--batch-buckets", ""]
+    return command + (["--no-guard"] if "unguarded" in kind else [])
 
 
 def run_client_process(base: str, model: str, prompts: list[str], concurrency: int, requests: int,

@@ -440,10 +440,11 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 @bench.command("serve")
 @click.option("--server", "servers", multiple=True,
-              type=click.Choice(["guarded", "probe-only", "unguarded", "transformers", "vllm-unguarded",
-                                 "vllm-guarded"]),
+              type=click.Choice(["guarded", "probe-only", "unguarded", "unguarded-all-slots", "transformers",
+                                 "vllm-unguarded", "vllm-guarded"]),
               help="Servers to run (repeatable). Default: guarded, probe-only (the probe without checks), "
-                   "unguarded, transformers. The vllm- ones run `oc-engine serve --backend vllm` and need the "
+                   "unguarded, transformers. unguarded-all-slots runs the step over every slot whatever the "
+                   "load (--batch-buckets \"\"), as before batch buckets. The vllm- ones run `oc-engine serve --backend vllm` and need the "
                    "plugin's environment (uv run --project integrations/vllm oc-engine bench serve ...).")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients, comma-separated.")
 @click.option("--requests", default="8,16,32", show_default=True,

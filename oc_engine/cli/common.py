@@ -27,6 +27,28 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(value):
             self.fail(f"{value} is not a finite number", param, ctx)
         return value
+
+
+class Sizes(click.ParamType):
+    """A comma-separated list of positive integers ("1,2,4"; "" for none); a config file's list
+    passes through."""
+
+    name = "sizes"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            parts = list(value)
+        else:
+            parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        try:
+            sizes = tuple(int(p) for p in parts)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if any(size < 1 for size in sizes):
+            self.fail(f"{value!r}: every size must be at least 1", param, ctx)
+        return sizes
+
+
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 MODEL_HELP = ("Hub id (org/name), local Hugging Face directory, or .gguf file. "
               "Default: the embedded SmolLM2-135M-Instruct.")
@@ -79,6 +101,12 @@ def engine_options(fn=None, *, max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs,
                      show_default=True, help="Prompt tokens prefilled per step at most, between decode steps, so "
                                              "that a long prompt joining does not stall the running answers "
                                              "(0: a prompt at once)."),
+        click.option("--batch-buckets", type=Sizes(), default=",".join(map(str, ENGINE_DEFAULTS.batch_buckets)),
+                     show_default=True,
+                     help="Batch sizes below --max-num-seqs that the decode step is also compiled for (at "
+                          "warm-up, each a compile): a step runs over the smallest that holds its live "
+                          "requests, so one request alone does not pay for every slot (\"\": only "
+                          "--max-num-seqs)."),
         click.option("--no-chat-template", is_flag=True, help="Feed text prompts as raw text."),
         click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off unless asked)."),
     ]
@@ -92,6 +120,7 @@ def engine_config(fields: dict) -> EngineConfig:
     values = dict(dtype=fields.pop("dtype"), quantize=fields.pop("quantize"), device=fields.pop("device"),
                   compile=not fields.pop("no_compile"), max_num_seqs=fields.pop("max_num_seqs"),
                   max_model_len=fields.pop("max_model_len"), prefill_chunk=fields.pop("prefill_chunk") or None,
+                  batch_buckets=fields.pop("batch_buckets"),
                   chat_template=not fields.pop("no_chat_template"),
                   trust_remote_code=fields.pop("trust_remote_code"))
     return EngineConfig(**values)

@@ -3,7 +3,7 @@
     model = "gemma-3-270m-q4_k_m.gguf"   # hub id, directory or .gguf (as --model)
 
     [engine]      # EngineConfig: dtype, device, compile, max_num_seqs, max_model_len,
-                  #   prefill_chunk, quantize, chat_template, trust_remote_code
+                  #   prefill_chunk, batch_buckets, quantize, chat_template, trust_remote_code
     [guard]       # enabled (false: --no-guard), probe, classifier; warn, pause, every, alpha
                   #   override the probe's thresholds
     [policy]      # GuardConfig: final_check, input_check, uncertain, on_failure, deadline_s,

@@ -85,23 +85,26 @@ class StepReader:
         if lag < 0:
             raise ValueError(f"output lag must be >= 0, got {lag}")
         self.device, self.lag = device, lag
-        self._slots: list[list[torch.Tensor]] = []  # pinned buffers, reused round-robin
-        self._events: list = []  # one CUDA event per buffer set, reused with it (not one per step)
-        self._next = 0
+        # Per batch size (each bucket's outputs have their own): pinned buffer sets, each with
+        # its CUDA event (reused with it, not one per step), reused round-robin.
+        self._rings: dict[int, tuple[list[list[torch.Tensor]], list, list[int]]] = {}
 
     def stage(self, tensors: list[torch.Tensor]):
         """Start the copies of `tensors` (each [B]); returns a handle for `read`."""
         if self.device.type != "cuda":
             return None, [t.clone() if self.lag else t for t in tensors]
-        if len(self._slots) < self.lag + 1:
-            self._slots.append([torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors])
-            self._events.append(torch.cuda.Event())
-        index = self._next
-        slot, event = self._slots[index], self._events[index]
-        self._next = (self._next + 1) % (self.lag + 1)
+        sets, events, turn = self._rings.setdefault(tensors[0].shape[0], ([], [], [0]))
+        if len(sets) < self.lag + 1:
+            sets.append([torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors])
+            events.append(torch.cuda.Event())
+        index = turn[0]
+        slot, event = sets[index], events[index]
+        turn[0] = (index + 1) % (self.lag + 1)
         for host, t in zip(slot, tensors):
             host.copy_(t, non_blocking=True)
-        event.record()  # re-recording is safe: this set's previous step was read `lag + 1` steps ago
+        # Re-recording is safe: this set's previous step (of the same size) was staged at least
+        # `lag + 1` steps ago, and the host reads every step `lag` steps after staging it.
+        event.record()
         return event, slot
 
     @staticmethod

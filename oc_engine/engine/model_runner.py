@@ -8,6 +8,13 @@ captured. A slot that is free, finished or waiting has `advance` 0: it recompute
 position (same token, same cache entry) and its outputs are ignored. Two variants of the step
 exist, compiled on first use: greedy only, and per-slot sampling (any running request samples).
 
+Batch buckets: the step runs over the first `bucket` slots, the smallest bucket that holds
+every slot that advances (the scheduler hands out the lowest free slot first). Each bucket is
+a graph of its own with fixed shapes, compiled by `compile_buckets` at warm-up; until then only
+the full batch runs, so no request ever waits for a compile it did not ask for. On one CPU row,
+the step's GEMVs stream each weight once instead of per slot (`fused_llama.linear`): a lone
+request decodes as fast as in a one-slot engine.
+
 In a long cache (over `SPAN_MIN_CACHE` positions, with the fused runner), attention reads only
 the cache's first `span` positions: the live slots' furthest position + 1, rounded up to
 `SPAN_BUCKET` (the host counts positions, so this needs no sync). The span reaches the step as
@@ -46,7 +53,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, *, num_slots: int, max_model_len: int, compile: bool = True,
                  probe: Probe | None = None, tap: int | Seq[int] | None = None, prefer_fused: bool = True,
-                 output_lag: int | None = None):
+                 output_lag: int | None = None, buckets: Seq[int] | None = None):
         self.model = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.runner = build_runner(self.model, prefer_fused=prefer_fused)
@@ -58,6 +65,7 @@ class ModelRunner:
             tap = probe.config.layers
         self.taps = normalize_taps(tap, self.num_layers)
         self.num_slots, self.max_model_len = num_slots, max_model_len
+        self.buckets = step_buckets(buckets, num_slots)
         self.vocab = int(self.model.get_output_embeddings().out_features)
         # + output_lag: with a lagged read, a slot may run that many steps past its last token
         # before the host sees it finish; those writes must stay inside the cache.
@@ -78,8 +86,9 @@ class ModelRunner:
         self._next_pos: dict[int, int] = {}  # live slot -> position its next step writes
         self._advancing: set[int] = set()
         self._span_refs: dict[int, torch.Tensor] = {}  # span -> marker tensor of that length
-        self._steps: dict[bool, Callable] = {}  # sampled? -> step
-        self._compiled: set[bool] = set()  # steps whose first (compiling) call has run
+        self._steps: dict[tuple[bool, int], Callable] = {}  # (sampled?, bucket) -> step
+        self._compiled: set[tuple[bool, int]] = set()  # steps whose first (compiling) call has run
+        self._bucket_rows = {b: self.cache.rows(0, b) for b in self.buckets[:-1]}
         self.compile_s = 0.0  # wall time spent compiling steps (their first calls)
         self.compile_intervals: list[tuple[float, float]] = []
 
@@ -90,6 +99,7 @@ class ModelRunner:
             raise OcEngineError("the cache can be resized only before the first request")
         self.max_model_len = max_model_len
         self.cache = StaticKVCache(self.num_slots, max_model_len + self.output_lag, self.device, self.dtype)
+        self._bucket_rows = {b: self.cache.rows(0, b) for b in self.buckets[:-1]}
         self.span_attention = self._wants_span()
         self._span_refs.clear()
 
@@ -151,30 +161,55 @@ class ModelRunner:
 
     # -- the step -----------------------------------------------------------------------
     def launch(self, sampled: bool, keep_taps: bool = False):
-        """Queue one decode step over all slots; returns a handle for `read` (outputs for the
-        slots that advanced: token ids, and the probe's score, EMA and flags)."""
-        start = time.perf_counter()  # before `_step`: making the compiled function imports inductor
-        step = self._step(sampled)
-        first_call = self.compile and sampled not in self._compiled
-        span = self._span_ref()
+        """Queue one decode step over the first slots (`bucket`); returns a handle for `read`
+        (outputs [bucket] for the slots that advanced: token ids, and the probe's score, EMA and
+        flags) and, with `keep_taps`, the tapped states [L, bucket, H]."""
+        bucket = self.bucket(sampled)
+        next_tokens, tapped, score, ema, flags = self._run_step(sampled, bucket)
         with torch.inference_mode():
-            next_tokens, tapped, score, ema, flags = step(self.tokens, self.pos, self.cache.all_rows(), self.probe,
-                                                          self.keys, self.sampling, span)
             self.pos += self.advance
             for slot in self._advancing:
                 if slot in self._next_pos:
                     self._next_pos[slot] += 1
-            self.tokens.copy_(torch.where(self.advance.bool(), next_tokens[:, None], self.tokens))
+            tokens = self.tokens[:bucket]
+            tokens.copy_(torch.where(self.advance[:bucket].bool(), next_tokens[:, None], tokens))
             outputs = [next_tokens] + ([score, ema, flags] if self.probe is not None else [])
             handle = self.reader.stage(outputs)
             kept = tapped.clone() if keep_taps and tapped is not None else None
+        return handle, kept
+
+    def compile_buckets(self) -> None:
+        """Compile the greedy and the sampled step of every bucket now (warm-up). Each runs once
+        over the slots as they are and its outputs are dropped: a slot that does not advance
+        recomputes its last position (the same K/V) and keeps its EMA, and nothing moves on."""
+        for bucket in self.buckets:
+            for sampled in (False, True):
+                if self.compile and (sampled, bucket) not in self._compiled:
+                    self._run_step(sampled, bucket)
+
+    def bucket(self, sampled: bool) -> int:
+        """The step's batch: the smallest bucket that holds every slot that advances and is
+        compiled (the full one compiles on first use, the smaller ones in `compile_buckets`:
+        a lone request never waits for a compile). The scheduler hands out the lowest free slot,
+        so a lone request in an idle engine runs in bucket 1."""
+        need = max(self._advancing, default=0) + 1
+        return next(b for b in self.buckets if b >= need and (b == self.num_slots or not self.compile
+                                                              or (sampled, b) in self._compiled))
+
+    def _run_step(self, sampled: bool, bucket: int):
+        start = time.perf_counter()  # before `_step`: making the compiled function imports inductor
+        step = self._step(sampled, bucket)
+        first_call = self.compile and (sampled, bucket) not in self._compiled
+        rows = self._bucket_rows.get(bucket) or self.cache.all_rows()
+        with torch.inference_mode():
+            outputs = step(self.tokens, self.pos, rows, self.probe, self.keys, self.sampling, self._span_ref())
         if first_call:  # the first call of a compiled step traces and compiles it
             accel.synchronize(self.device)
             end = time.perf_counter()
-            self._compiled.add(sampled)
+            self._compiled.add((sampled, bucket))
             self.compile_s += end - start
             self.compile_intervals.append((start, end))
-        return handle, kept
+        return outputs
 
     def read(self, handle) -> list[list]:
         """The host's one wait per step (`output_lag` steps behind the device)."""
@@ -198,13 +233,22 @@ class ModelRunner:
         score, ema, flags = probe.score(tapped)
         return next_tokens, tapped, score, ema, flags
 
-    def _step(self, sampled: bool) -> Callable:
-        if sampled not in self._steps:
-            def step(tokens, pos, rows, probe, keys, sampling, span_ref, _sampled=sampled):
+    def _step(self, sampled: bool, bucket: int) -> Callable:
+        """The step over the first `bucket` slots. Every bucket is a graph of its own, compiled
+        with fixed shapes (a dynamic batch made inductor's CPU code far slower); the full
+        tensors go in and are sliced inside the graph, so on CUDA every input keeps its static
+        address."""
+        key = (sampled, bucket)
+        if key not in self._steps:
+            full = bucket == self.num_slots
+
+            def step(tokens, pos, rows, probe, keys, sampling, span_ref, _sampled=sampled, _b=bucket, _full=full):
+                if not _full:
+                    tokens, pos, keys, sampling = tokens[:_b], pos[:_b], keys[:_b], sampling.first(_b)
                 return self.decode_one_token(tokens, pos, rows, probe, keys, sampling if _sampled else None, span_ref)
-            name = f"decode_step_{'sampled' if sampled else 'greedy'}_{id(self):x}"
-            self._steps[sampled] = accel.compile_step(step, self.device, name) if self.compile else step
-        return self._steps[sampled]
+            name = f"decode_step_{'sampled' if sampled else 'greedy'}_{bucket}_{id(self):x}"
+            self._steps[key] = accel.compile_step(step, self.device, name) if self.compile else step
+        return self._steps[key]
 
 
     def _wants_span(self) -> bool:
@@ -227,6 +271,13 @@ class ModelRunner:
                 torch._dynamo.decorators.mark_unbacked(ref, 0)
             self._span_refs[span] = ref
         return self._span_refs[span]
+
+
+def step_buckets(buckets: Seq[int] | None, num_slots: int) -> tuple[int, ...]:
+    """The sorted batch buckets below `num_slots`, then `num_slots` (None: that one bucket)."""
+    if any(b < 1 for b in buckets or ()):
+        raise OcEngineError(f"batch buckets must be at least 1, got {tuple(buckets)}")
+    return tuple(sorted({b for b in buckets or () if b < num_slots} | {num_slots}))
 
 
 def _row(sampling: RowSampling, slot: int) -> RowSampling:

@@ -81,6 +81,10 @@ class RowSampling:
         return cls(torch.zeros(batch, device=device), torch.full((batch,), vocab, dtype=torch.int64, device=device),
                    torch.ones(batch, device=device))
 
+    def first(self, rows: int) -> "RowSampling":
+        """The first `rows` rows, as views (a batch bucket of the step)."""
+        return RowSampling(self.temperature[:rows], self.top_k[:rows], self.top_p[:rows])
+
     def set(self, rows, config: SamplingConfig, vocab: int) -> None:
         self.temperature[rows] = config.temperature
         self.top_k[rows] = min(config.top_k or vocab, vocab)

@@ -39,11 +39,14 @@ class ProbeRuntime:
         self.ema[row] = -1.0
 
     def score(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden [L, B, H] -> (score [B], ema [B], flags [B] int32), updating the EMA of active rows."""
-        before = self.ema.clone()
-        score, flags = self._probe_ema(hidden, self.weight, self.bias, self.ema, self.thresholds)
-        self.ema.copy_(torch.where(self.active, self.ema, before))
-        return score, self.ema.clone(), flags
+        """hidden [L, B, H] -> (score [B], ema [B], flags [B] int32), updating the EMA of active
+        rows. B may be fewer than the runtime's rows (a batch bucket): its first B rows."""
+        rows = hidden.shape[1]
+        ema, active = self.ema[:rows], self.active[:rows]  # views: the EMA is updated in place
+        before = ema.clone()
+        score, flags = self._probe_ema(hidden, self.weight, self.bias, ema, self.thresholds)
+        ema.copy_(torch.where(active, ema, before))
+        return score, ema.clone(), flags
 
     def score_row(self, hidden: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill: hidden [L, 1, H] for one row."""
