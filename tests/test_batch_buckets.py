@@ -131,3 +131,30 @@ def test_bucket_settings_are_checked(tiny):
             EngineConfig(batch_buckets=bad)
     llm = bucketed_llm(tiny("llama"), (1, 8, 3))
     assert llm.runner.buckets == (1, 3, 4)  # at or above the slots: dropped
+
+
+def test_the_cuda_path_updates_only_its_buckets_rows_of_the_ema_in_a_compiled_step(tiny):
+    """On CUDA the step scores through the custom op, which updates the EMA in place: given the
+    first rows of the buffer (a view) inside a compiled graph, it must write those rows back and
+    leave the others, frozen rows included, as they were (checked here with the op on CPU)."""
+    from oc_engine.guard.probe_runtime import ProbeRuntime
+
+    probe = make_probe(tiny("llama").model, bias=0.3)
+    runtimes = [ProbeRuntime(probe, 4, torch.device("cpu")) for _ in range(2)]
+    for runtime in runtimes:
+        runtime._probe_ema = torch.ops.oc_engine.probe_ema  # what `probe_ema_op` gives on CUDA
+        runtime.ema.copy_(torch.tensor([0.2, 0.5, -1.0, 0.7]))
+        runtime.active.copy_(torch.tensor([True, False, True, True]))
+    hidden_size = probe.weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda runtime, hidden: runtime.score(hidden), fullgraph=True)
+    for _ in range(3):
+        hidden = torch.randn(1, 3, hidden_size, generator=g)  # a bucket of 3 of the 4 rows
+        expected = runtimes[0].score(hidden)
+        got = compiled(runtimes[1], hidden)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(runtimes[1].ema, runtimes[0].ema)
+    assert runtimes[1].ema[1] == 0.5 and runtimes[1].ema[3] == 0.7  # frozen, and outside the bucket
+    assert runtimes[1].ema[2] != -1.0  # scored

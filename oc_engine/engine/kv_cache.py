@@ -58,12 +58,17 @@ class CacheRows:
         live position + 1) bounds what attention reads: the whole cache costs more than the
         weights per token at long contexts."""
         keys, values = self.cache._buffers(layer, key.shape[1], key.shape[3])
-        if self.rows != slice(None):
-            keys, values = keys[self.rows], values[self.rows]
-        batch_index = torch.arange(key.shape[0], device=pos.device)[:, None].expand_as(pos)
+        # Written by index into the whole buffer, not into a view of these rows: in a compiled
+        # step a write through a view of an input became a copy of the view's rows (a batch
+        # bucket of one row in a 16-slot, 2,048-position cache decoded 0.77x as fast as a
+        # one-slot engine).
+        start = self.rows.start or 0
+        batch_index = torch.arange(start, start + key.shape[0], device=pos.device)[:, None].expand_as(pos)
         # Advanced indices around a slice put [B, T] first: the value is [B, T, kv_heads, head_dim].
         keys[batch_index, :, pos] = key.transpose(1, 2).to(keys.dtype)
         values[batch_index, :, pos] = value.transpose(1, 2).to(values.dtype)
+        if self.rows != slice(None):
+            keys, values = keys[self.rows], values[self.rows]
         if span is not None:
             keys, values = keys[:, :, :span], values[:, :, :span]
         return keys, values
