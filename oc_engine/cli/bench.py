@@ -444,8 +444,9 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
                                  "vllm-unguarded", "vllm-guarded"]),
               help="Servers to run (repeatable). Default: guarded, probe-only (the probe without checks), "
                    "unguarded, transformers. unguarded-all-slots runs the step over every slot whatever the "
-                   "load (--batch-buckets \"\"), as before batch buckets. The vllm- ones run `oc-engine serve --backend vllm` and need the "
-                   "plugin's environment (uv run --project integrations/vllm oc-engine bench serve ...).")
+                   "load (--batch-buckets \"\"), as before batch buckets. The vllm- ones run `oc-engine serve "
+                   "--backend vllm` and need the plugin's environment (uv run --project integrations/vllm "
+                   "oc-engine bench serve ...).")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Concurrent clients, comma-separated.")
 @click.option("--requests", default="8,16,32", show_default=True,
               help="Requests sent at each concurrency, comma-separated (one per --concurrency value).")

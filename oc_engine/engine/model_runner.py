@@ -1,19 +1,20 @@
 """The model side of the engine: a static cache of fixed slots and the compiled decode step.
 
-The step runs over every slot at once; per-slot state lives in device tensors that keep their
-shape and address (tokens, positions, an `advance` mask, random keys, sampling parameters, the
-probe's EMA), so a request joining (prefilled eagerly into a free slot), leaving, or waiting
-for a verdict changes values, never shapes: nothing recompiles and no new CUDA graph is
-captured. A slot that is free, finished or waiting has `advance` 0: it recomputes its last
-position (same token, same cache entry) and its outputs are ignored. Two variants of the step
-exist, compiled on first use: greedy only, and per-slot sampling (any running request samples).
+The step runs over the slots at once (all, or a bucket of the first ones: below); per-slot
+state lives in device tensors that keep their shape and address (tokens, positions, an
+`advance` mask, random keys, sampling parameters, the probe's EMA), so a request joining
+(prefilled eagerly into a free slot), leaving, or waiting for a verdict changes values, never
+shapes: nothing recompiles and no new CUDA graph is captured. A slot that is free, finished
+or waiting has `advance` 0: it recomputes its last position (same token, same cache entry) and
+its outputs are ignored. Two variants of the step exist, compiled on first use: greedy only,
+and per-slot sampling (any running request samples).
 
 Batch buckets: the step runs over the first `bucket` slots, the smallest bucket that holds
 every slot that advances (the scheduler hands out the lowest free slot first). Each bucket is
 a graph of its own with fixed shapes, compiled by `compile_buckets` at warm-up; until then only
-the full batch runs, so no request ever waits for a compile it did not ask for. On one CPU row,
-the step's GEMVs stream each weight once instead of per slot (`fused_llama.linear`): a lone
-request decodes as fast as in a one-slot engine.
+the full batch runs, so no request ever waits for a compile it did not ask for. Here, in a
+16-slot engine, one row took 9.4 ms a step and sixteen 30: a lone request decodes about as fast
+as in a one-slot engine (0.97-0.98x measured).
 
 In a long cache (over `SPAN_MIN_CACHE` positions, with the fused runner), attention reads only
 the cache's first `span` positions: the live slots' furthest position + 1, rounded up to

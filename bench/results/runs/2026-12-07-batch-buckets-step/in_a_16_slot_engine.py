@@ -1,4 +1,4 @@
-import sys, time, collections
+import time, collections
 from oc_engine.config import UNGUARDED, EngineConfig
 from oc_engine.llm import LLM
 from oc_engine.params import SamplingParams
