@@ -130,9 +130,9 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_part(self, slot: int, prompt_ids: list[int], start: int, end: int) -> None:
         """Run prompt tokens [start, end) into `slot`'s cache (those before `start` are there),
-        sampling nothing: one chunk of a long prompt, between decode steps. Those steps run over
-        every slot and write this (non-advancing) slot's K/V at its position, which is set to
-        `end`: the next chunk writes there first, so nothing prefilled is overwritten."""
+        sampling nothing: one chunk of a long prompt, between decode steps. A step whose bucket
+        holds this (non-advancing) slot writes its K/V at its position, which is set to `end`:
+        the next chunk writes there first, so nothing prefilled is overwritten."""
         self._run_prompt(slot, prompt_ids, start, end)
         self.pos[slot, 0] = end
 
