@@ -14,12 +14,13 @@ from probe_helpers import FakeClassifier, fixed, make_probe
 PROMPTS = [[2, 17, 99, 45, 300, 12, 7], [2, 8, 9, 10], [2, 200, 201, 202, 203, 204], [2, 5, 6]]
 
 
-def bucketed_llm(loaded, buckets, *, compile=False, max_num_seqs=4, probe=None, output_lag=None):
+def bucketed_llm(loaded, buckets, *, compile=False, max_num_seqs=4, probe=None, output_lag=None, prefill_chunk=256):
     from oc_engine.config import UNGUARDED, DebugOptions, EngineConfig, GuardSetup
     from oc_engine.guard.policy import GuardConfig
     from oc_engine.llm import LLM
 
-    config = EngineConfig(compile=compile, max_num_seqs=max_num_seqs, max_model_len=128, batch_buckets=buckets)
+    config = EngineConfig(compile=compile, max_num_seqs=max_num_seqs, max_model_len=128, batch_buckets=buckets,
+                          prefill_chunk=prefill_chunk)
     guard = UNGUARDED if probe is None else GuardSetup(probe=probe, classifier=FakeClassifier(), record_trace=True,
                                                        policy=GuardConfig(refusal="REFUSED", max_held=1))
     return LLM(loaded, config, guard, debug=DebugOptions(output_lag=output_lag))
@@ -81,21 +82,22 @@ def test_a_compiled_engine_uses_smaller_buckets_only_after_warm_up(tiny):
     assert set(buckets) == {4} and {b for _, b in llm.runner._compiled} == {4}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(family=st.sampled_from(["llama", "gemma4"]), lag=st.sampled_from([0, 1]),
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(family=st.sampled_from(["llama", "gemma4"]), lag=st.sampled_from([0, 1]), chunk=st.sampled_from([2, 256]),
        requests=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 14), st.integers(0, 6), st.booleans()),
                          min_size=1, max_size=6))
-def test_buckets_change_no_token_score_or_ema(tiny, family, lag, requests):
+def test_buckets_change_no_token_score_or_ema(tiny, family, lag, chunk, requests):
     """Any schedule (prompt, length, the step it arrives at, sampled or greedy), with a probe that
-    pauses and with the host reading one step late: the same tokens, scores and EMAs as the
-    full batch."""
+    pauses, with the host reading one step late, and with prompts going in two tokens a step
+    while others decode (a slot mid-prefill, inside or outside the bucket): the same tokens,
+    scores and EMAs as the full batch."""
     loaded = tiny(family)
     # The EMA rises near the pause threshold: answers pause now and then, and a paused one
     # stops advancing while others go on (its EMA must stay as it was).
     probe = make_probe(loaded.model, bias=0.5, warn=0.5, pause=0.6)
 
     def run(buckets):
-        llm = bucketed_llm(loaded, buckets, probe=probe, output_lag=lag)
+        llm = bucketed_llm(loaded, buckets, probe=probe, output_lag=lag, prefill_chunk=chunk)
         used = record_buckets(llm)
         ids, seqs, finished, step = {}, {}, {}, 0
         pending = sorted(enumerate(requests), key=lambda r: r[1][2])
