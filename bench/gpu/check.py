@@ -14,7 +14,8 @@ error and the next one runs. Sections:
    EMA steps, a strided input) and its time;
 2. fp32, TF32 off, a small model: Hugging Face `generate`, the eager engine and the compiled
    engine with output lag 0, 1 and 2 make the same greedy tokens; a batch equals each request
-   alone; the probe's EMAs match eager; a state reader's checks in the compiled engine match
+   alone, also in a warmed engine's batch buckets (2, then 1: a CUDA graph each, the probe's
+   EMA updated through a view); the probe's EMAs match eager; a state reader's checks in the compiled engine match
    the reader applied to Hugging Face's hidden states; cudagraph skips and recompiles after warm-up;
 3. bf16 speed at batch 1 for SmolLM2-135M, Llama-3.2-1B and Qwen3-1.7B shapes: Hugging Face
    `generate`, engine eager, compiled, compiled with the probe; ms/token and achieved GB/s
