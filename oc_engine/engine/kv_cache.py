@@ -24,13 +24,20 @@ class StaticKVCache:
         self.batch, self.max_len, self.device, self.dtype = batch, max_len, device, dtype
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self._all_rows = CacheRows(self, slice(None))
+        self._first_rows = {batch: CacheRows(self, slice(None))}  # n -> the view of rows [0, n)
 
     def rows(self, start: int, stop: int) -> "CacheRows":
         return CacheRows(self, slice(start, stop))
 
+    def first_rows(self, count: int) -> "CacheRows":
+        """Rows [0, count) (a batch bucket of the step; all of them: `all_rows`), one object per
+        count, so the compiled step sees the same input every call."""
+        if count not in self._first_rows:
+            self._first_rows[count] = self.rows(0, count)
+        return self._first_rows[count]
+
     def all_rows(self) -> "CacheRows":
-        return self._all_rows
+        return self._first_rows[self.batch]
 
     def _buffers(self, layer: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.keys:

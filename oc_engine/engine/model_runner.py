@@ -89,7 +89,6 @@ class ModelRunner:
         self._span_refs: dict[int, torch.Tensor] = {}  # span -> marker tensor of that length
         self._steps: dict[tuple[bool, int], Callable] = {}  # (sampled?, bucket) -> step
         self._compiled: set[tuple[bool, int]] = set()  # steps whose first (compiling) call has run
-        self._bucket_rows = {b: self.cache.rows(0, b) for b in self.buckets[:-1]}
         self.compile_s = 0.0  # wall time spent compiling steps (their first calls)
         self.compile_intervals: list[tuple[float, float]] = []
 
@@ -100,7 +99,6 @@ class ModelRunner:
             raise OcEngineError("the cache can be resized only before the first request")
         self.max_model_len = max_model_len
         self.cache = StaticKVCache(self.num_slots, max_model_len + self.output_lag, self.device, self.dtype)
-        self._bucket_rows = {b: self.cache.rows(0, b) for b in self.buckets[:-1]}
         self.span_attention = self._wants_span()
         self._span_refs.clear()
 
@@ -116,7 +114,7 @@ class ModelRunner:
         self._next_pos[slot] = len(prompt_ids)
         self.keys[slot] = key
         self.sampling.set(slot, sampling, self.vocab)
-        first = sample_rows(logits, _row(self.sampling, slot), self.keys[slot:slot + 1], last)
+        first = sample_rows(logits, self.sampling.rows(slot, slot + 1), self.keys[slot:slot + 1], last)
         self.tokens[slot, 0] = first[0]
         self.pos[slot, 0] = len(prompt_ids)
         self.set_decoding(slot, True)
@@ -201,7 +199,7 @@ class ModelRunner:
         start = time.perf_counter()  # before `_step`: making the compiled function imports inductor
         step = self._step(sampled, bucket)
         first_call = self.compile and (sampled, bucket) not in self._compiled
-        rows = self._bucket_rows.get(bucket) or self.cache.all_rows()
+        rows = self.cache.first_rows(bucket)
         with torch.inference_mode():
             outputs = step(self.tokens, self.pos, rows, self.probe, self.keys, self.sampling, self._span_ref())
         if first_call:  # the first call of a compiled step traces and compiles it
@@ -245,7 +243,7 @@ class ModelRunner:
 
             def step(tokens, pos, rows, probe, keys, sampling, span_ref, _sampled=sampled, _b=bucket, _full=full):
                 if not _full:
-                    tokens, pos, keys, sampling = tokens[:_b], pos[:_b], keys[:_b], sampling.first(_b)
+                    tokens, pos, keys, sampling = tokens[:_b], pos[:_b], keys[:_b], sampling.rows(0, _b)
                 return self.decode_one_token(tokens, pos, rows, probe, keys, sampling if _sampled else None, span_ref)
             name = f"decode_step_{'sampled' if sampled else 'greedy'}_{bucket}_{id(self):x}"
             self._steps[key] = accel.compile_step(step, self.device, name) if self.compile else step
@@ -279,11 +277,6 @@ def step_buckets(buckets: Seq[int] | None, num_slots: int) -> tuple[int, ...]:
     if any(b < 1 for b in buckets or ()):
         raise OcEngineError(f"batch buckets must be at least 1, got {tuple(buckets)}")
     return tuple(sorted({b for b in buckets or () if b < num_slots} | {num_slots}))
-
-
-def _row(sampling: RowSampling, slot: int) -> RowSampling:
-    return RowSampling(sampling.temperature[slot:slot + 1], sampling.top_k[slot:slot + 1],
-                       sampling.top_p[slot:slot + 1])
 
 
 def normalize_taps(tap: int | Seq[int] | None, num_layers: int) -> tuple[int, ...]:

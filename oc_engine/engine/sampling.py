@@ -81,9 +81,9 @@ class RowSampling:
         return cls(torch.zeros(batch, device=device), torch.full((batch,), vocab, dtype=torch.int64, device=device),
                    torch.ones(batch, device=device))
 
-    def first(self, rows: int) -> "RowSampling":
-        """The first `rows` rows, as views (a batch bucket of the step)."""
-        return RowSampling(self.temperature[:rows], self.top_k[:rows], self.top_p[:rows])
+    def rows(self, start: int, stop: int) -> "RowSampling":
+        """Rows [start, stop), as views (one slot's prefill, or a batch bucket of the step)."""
+        return RowSampling(self.temperature[start:stop], self.top_k[start:stop], self.top_p[start:stop])
 
     def set(self, rows, config: SamplingConfig, vocab: int) -> None:
         self.temperature[rows] = config.temperature
