@@ -37,7 +37,9 @@ def client(server):
 
 
 def chat(client, prompt, **kwargs):
-    return client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=48,
+    # Greedy: the server's default temperature samples, and a sampled benign answer can drift into
+    # text the classifier blocks (and a harmful one into text it allows): a coin flip, not a test.
+    return client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=48, temperature=0,
                                           messages=[{"role": "user", "content": prompt}], **kwargs)
 
 
@@ -58,7 +60,7 @@ def test_four_concurrent_streams_are_each_guarded_on_their_own(server):
     async def one(client, prompt):
         text, verdicts, final = "", [], None
         stream = await client.chat.completions.create(
-            model="SmolLM2-135M-Instruct", max_tokens=48, stream=True,
+            model="SmolLM2-135M-Instruct", max_tokens=48, stream=True, temperature=0,
             messages=[{"role": "user", "content": prompt}])
         async for chunk in stream:
             extra = chunk.model_extra.get("oc_engine")
