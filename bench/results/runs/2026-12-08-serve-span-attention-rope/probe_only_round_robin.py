@@ -1,6 +1,6 @@
 """Servers of the given kinds started in turns, `rounds` times; 16 clients x 32 requests each
 (the bench serve load, from the openai client in its own process). Usage: KINDS ROUNDS."""
-import asyncio, json, os, sys
+import asyncio, json, sys
 from pathlib import Path
 from oc_engine.bench import serve as S
 from oc_engine.models.loading import resolve_model_source
