@@ -150,9 +150,10 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
                 f"{targets['audit_lines_lost']['value']} audit lines lost, RSS growth after warm-up "
                 f"{100 * rss.get('growth_after_warmup', 0):.1f}%, p99 {report['latency_s']['p99']} s")
     if bench == "serve" and "cost_split" in report:
-        def rate(kind, concurrency):
-            runs = {r["concurrency"]: r for r in report["results"].get(kind, {}).get("runs", [])}
-            return runs[concurrency]["tokens_per_s"] if concurrency in runs else None
+        from oc_engine.bench.serve import median_rate
+
+        def rate(kind, concurrency):  # over several rounds, the median
+            return median_rate(report["results"], kind, concurrency)
 
         top = max(report["command_settings"]["concurrency"])
         parts = []
@@ -163,8 +164,10 @@ def headline(bench: str, report: dict) -> tuple[str, str]:
             parts.append(f"{concurrency} client{'s' if concurrency > 1 else ''}: " + ", ".join(cells))
         library = report.get("library_tokens_per_s")
         vllm = any(kind.startswith("vllm-") for kind in report["results"])
+        rounds = report["command_settings"].get("rounds", 1)
         return (f"`{'serve --backend vllm' if vllm else 'oc-engine serve'}` under load, {dtype}",
-                "as the openai client sees it, TTFT included: " + "; ".join(parts) + " tokens/s"
+                "as the openai client sees it, TTFT included" + (f" (medians of {rounds} rounds)" if rounds > 1 else "")
+                + ": " + "; ".join(parts) + " tokens/s"
                 + (f"; library batch 1: {library:.0f}" if library else ""))
     if bench == "join" and "results" in report:
         rows = {r["prefill_chunk"]: r for r in report["results"]}

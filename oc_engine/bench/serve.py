@@ -20,6 +20,11 @@ in-process client (`run_load`: httpx, counting the tokens the server generated, 
 the figures before 2026-12-07) runs after it at each concurrency, so that the two methods are
 compared on the same server in the same run.
 
+With `rounds` above 1 the servers are started in turns, once per round, and every target that
+compares two servers is the median of its per-round ratios: this machine's speed drifts by
+20-40% over minutes, and a guarded server run once, minutes after the unguarded one, read 0.77x
+of it where the two in turns read alike (`runs/2026-12-08-serve-span-attention-rope`).
+
 Prompts are the JailbreakBench benign behaviours (mixed lengths), greedy, answers up to
 `max_tokens`. With `allowed_only` (the default) they are first sent once to the guarded server,
 and only those it does not block are used for every server: a blocked answer ends early, which
@@ -35,6 +40,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -201,51 +207,37 @@ async def run_load(base: str, model: str, prompts: list[str], concurrency: int, 
 
 def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...], requests: tuple[int, ...],
                     max_tokens: int, dtype: str, data_dir: Path, weights: str, allowed_only: bool = True,
-                    own_client: bool = True, library: bool = True, slots: int | None = None,
+                    own_client: bool = True, library: bool = True, slots: int | None = None, rounds: int = 1,
                     progress: Callable[[str], None] = lambda s: None, log_dir: Path | None = None) -> dict:
+    """`rounds` > 1: every server runs once per round, in turns, each round starting one server
+    later in the list; targets that compare two servers are the median of each round's ratio.
+    This machine's speed drifts by 20-40% over minutes, so two servers run once each, minutes
+    apart, compare the machine's moments as much as the servers."""
     prompts = jbb_prompts(data_dir, "benign")
     selection = {"benign": len(prompts), "allowed": None}
     if allowed_only and "guarded" in servers:  # the selection pass runs on it, before any other server
         servers = ("guarded",) + tuple(k for k in servers if k != "guarded")
-    results = {}
+    results = {kind: {"runs": []} for kind in servers}
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="oc-bench-serve-"))
     top = max(concurrencies)
     slots = slots or top
-    for kind in servers:
-        port = free_port()
-        log = log_dir / f"{kind}.log"
-        progress(f"{kind}: starting (log {log})")
-        proc = start_server(server_command(kind, port, weights, dtype, slots), log)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            started = time.perf_counter()
-            try:
-                wait_healthy(base, proc, log)
-            except OcEngineError as exc:  # one server that does not start must not lose the others' runs
-                progress(f"{kind}: {exc}")
-                results[kind] = {"error": str(exc), "runs": []}
+    for turn in range(rounds):
+        for kind in round_order(servers, turn):
+            label = kind if rounds == 1 else f"{kind} (round {turn + 1} of {rounds})"
+            runs = _run_server(kind, label, turn, weights, dtype, slots, prompts, concurrencies, requests,
+                               max_tokens, own_client, log_dir, progress,
+                               select=allowed_only and kind == "guarded" and turn == 0)
+            if "error" in runs:
+                results[kind].setdefault("errors", []).append(runs["error"])
                 continue
-            model = weights if kind == "transformers" else served_model(base)
-            asyncio.run(run_load(base, model, prompts, top, top, 8))  # warm-up
-            results[kind] = {"ready_s": round(time.perf_counter() - started, 1), "runs": []}
-            if allowed_only and kind == "guarded":
-                progress(f"guarded: choosing the prompts it allows ({len(prompts)} benign, one pass)")
-                kept = allowed_prompts(base, model, prompts, top, max_tokens)
-                selection["allowed"] = len(kept)
-                prompts = kept or prompts
-            for concurrency, count in zip(concurrencies, requests):
-                progress(f"{kind}: {count} requests at concurrency {concurrency} (openai client)")
-                before = server_counters(base) if kind != "transformers" else None
-                run = run_client_process(base, model, prompts, concurrency, count, max_tokens)
-                if before is not None:  # what the guard did during the run, from the server's /metrics
-                    after = server_counters(base)
-                    run["server"] = {name: round(after[name] - before[name], 3) for name in after}
-                if own_client:
-                    progress(f"{kind}: the same with the bench's own client")
-                    run["own_client"] = asyncio.run(run_load(base, model, prompts, concurrency, count, max_tokens))
-                results[kind]["runs"].append(run)
-        finally:
-            stop_server(proc)
+            if "allowed" in runs:
+                selection["allowed"] = len(runs["allowed"])
+                prompts = runs["allowed"] or prompts
+            results[kind].setdefault("ready_s", []).append(runs["ready_s"])
+            results[kind]["runs"] += runs["runs"]
+    for result in results.values():
+        if result.get("errors") and not result["runs"]:
+            result["error"] = result["errors"][0]
     rate = None
     if library:
         progress("library: batch-1 decode rate (bench decode --mode engine_compiled)")
@@ -265,12 +257,77 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
     return {"bench": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command_settings": {"servers": list(servers), "concurrency": list(concurrencies),
                                  "requests": list(requests), "max_tokens": max_tokens, "dtype": dtype,
-                                 "max_num_seqs": slots,
+                                 "max_num_seqs": slots, "rounds": rounds,
                                  "prompts": "jbb_behaviors benign" + (", those the guard allows"
                                                                       if selection["allowed"] else ""),
                                  "weights": weights, "client": "openai, in a process of its own"},
             "machine": versions, "prompt_selection": selection, "library_tokens_per_s": rate,
             "results": results, "cost_split": cost_split(results), "targets": _targets(results, concurrencies, rate)}
+
+
+def round_order(servers: tuple[str, ...], turn: int) -> tuple[str, ...]:
+    """The servers in round `turn`: each round starts one server later, so that no server always
+    runs first (after a cold start) or always right after the same one."""
+    shift = turn % len(servers)
+    return servers[shift:] + servers[:shift]
+
+
+def _run_server(kind: str, label: str, turn: int, weights: str, dtype: str, slots: int, prompts: list[str],
+                concurrencies, requests, max_tokens: int, own_client: bool, log_dir: Path, progress,
+                select: bool) -> dict:
+    """Start one server, warm it up, run the load at each concurrency, stop it. Returns its runs
+    (each tagged with `turn`), or {"error": ...} if it did not start; with `select`, also the
+    prompts it allowed in a first pass (`allowed`), which its runs then use."""
+    port = free_port()
+    log = log_dir / f"{kind}-{turn}.log"
+    progress(f"{label}: starting (log {log})")
+    proc = start_server(server_command(kind, port, weights, dtype, slots), log)
+    base = f"http://127.0.0.1:{port}"
+    out: dict = {"runs": []}
+    try:
+        started = time.perf_counter()
+        try:
+            wait_healthy(base, proc, log)
+        except OcEngineError as exc:  # one server that does not start must not lose the others' runs
+            progress(f"{label}: {exc}")
+            return {"error": str(exc)}
+        model = weights if kind == "transformers" else served_model(base)
+        top = max(concurrencies)
+        asyncio.run(run_load(base, model, prompts, top, top, 8))  # warm-up
+        out["ready_s"] = round(time.perf_counter() - started, 1)
+        if select:
+            progress(f"{label}: choosing the prompts it allows ({len(prompts)} benign, one pass)")
+            out["allowed"] = allowed_prompts(base, model, prompts, top, max_tokens)
+            prompts = out["allowed"] or prompts
+        for concurrency, count in zip(concurrencies, requests):
+            progress(f"{label}: {count} requests at concurrency {concurrency} (openai client)")
+            before = server_counters(base) if kind != "transformers" else None
+            run = run_client_process(base, model, prompts, concurrency, count, max_tokens)
+            run["round"] = turn
+            if before is not None:  # what the guard did during the run, from the server's /metrics
+                after = server_counters(base)
+                run["server"] = {name: round(after[name] - before[name], 3) for name in after}
+            if own_client:
+                progress(f"{label}: the same with the bench's own client")
+                run["own_client"] = asyncio.run(run_load(base, model, prompts, concurrency, count, max_tokens))
+            out["runs"].append(run)
+    finally:
+        stop_server(proc)
+    return out
+
+
+def rounds_of(results: dict) -> list[dict]:
+    """`results` split by round: one {kind: {"runs": [...]}} per round (runs without a round
+    tag, from a report before rounds, are round 0)."""
+    turns = sorted({r.get("round", 0) for result in results.values() for r in result.get("runs", [])})
+    return [{kind: {"runs": [r for r in result.get("runs", []) if r.get("round", 0) == turn]}
+             for kind, result in results.items()} for turn in turns]
+
+
+def median_rate(results: dict, kind: str, concurrency: int, key: str = "tokens_per_s") -> float | None:
+    """A server's tokens/s at `concurrency`: the median over its rounds (None if it did not run)."""
+    values = [r[key] for r in results.get(kind, {}).get("runs", []) if r["concurrency"] == concurrency and r[key]]
+    return statistics.median(values) if values else None
 
 
 SERVER_METRICS = {"pauses": "oc_engine_guard_pauses_total", "checks": "oc_engine_guard_checks_total",
@@ -294,7 +351,12 @@ def server_counters(base: str) -> dict:
 def cost_split(results: dict) -> list[dict]:
     """The guarded server's cost at each concurrency, in parts: the probe (probe-only against
     unguarded), the classifier's checks (guarded against probe-only), the tokens generated and
-    never shown, and the event loop's lag; steady tokens/s as the client saw them."""
+    never shown, and the event loop's lag; steady tokens/s as the client saw them. One row per
+    concurrency and round: each compares servers of the same round."""
+    return [{**row, "round": turn} for turn, one in enumerate(rounds_of(results)) for row in _round_cost_split(one)]
+
+
+def _round_cost_split(results: dict) -> list[dict]:
     def runs(kind):
         return {r["concurrency"]: r for r in results.get(kind, {}).get("runs", [])}
 
@@ -325,29 +387,51 @@ def _lag_ms(run: dict) -> float | None:
     return round(1000 * server["loop_lag_s"] / samples, 2) if samples else None
 
 
+AT_MOST = {"guarded_gap_p99_over_p50_at_top"}  # targets met at or below their value; the others at or above
+
+
 def _targets(results: dict, concurrencies: tuple[int, ...], library: float | None) -> dict:
-    """The issue's targets, where the servers they compare were run (tokens/s as the client saw them)."""
+    """The issue's targets, where the servers they compare were run (tokens/s as the client saw
+    them). Over several rounds each target is the median of its per-round values (each a ratio
+    of servers run in the same round), listed under `rounds`."""
+    per_round = [_round_targets(one, concurrencies, library) for one in rounds_of(results)]
+    if len(per_round) <= 1:
+        return per_round[0] if per_round else {}
+    merged = {}
+    for name in dict.fromkeys(name for targets in per_round for name in targets):
+        entries = [targets[name] for targets in per_round if name in targets]
+        if "ratios" in entries[0]:
+            keys = dict.fromkeys(k for e in entries for k in e["ratios"])
+            merged[name] = {"ratios": {k: round(statistics.median(e["ratios"][k] for e in entries if k in e["ratios"]), 3)
+                                       for k in keys},
+                            "rounds": [e["ratios"] for e in entries]}
+            continue
+        value, goal = statistics.median(e["value"] for e in entries), entries[0]["target"]
+        merged[name] = {"value": round(value, 3), "target": goal,
+                        "met": _met(name, value, goal), "rounds": [e["value"] for e in entries]}
+    return merged
+
+
+def _round_targets(results: dict, concurrencies: tuple[int, ...], library: float | None) -> dict:
     def runs(kind):
         return {r["concurrency"]: r for r in results.get(kind, {}).get("runs", [])}
 
-    def target(value, goal, above=True):
-        return {"value": round(value, 3), "target": goal, "met": value >= goal if above else value <= goal}
+    def target(name, value, goal):
+        out[name] = {"value": round(value, 3), "target": goal, "met": _met(name, value, goal)}
 
     top, out = max(concurrencies), {}
     unguarded, guarded, anchor = runs("unguarded"), runs("guarded"), runs("transformers")
     if 1 in unguarded and library:
-        out["one_client_vs_library_batch1"] = target(unguarded[1]["tokens_per_s"] / library, 0.9)
+        target("one_client_vs_library_batch1", unguarded[1]["tokens_per_s"] / library, 0.9)
     for c in (1, top):
         if c in unguarded and c in anchor:
-            out[f"unguarded_vs_transformers_at_{c}"] = target(unguarded[c]["tokens_per_s"]
-                                                             / anchor[c]["tokens_per_s"], 2.0)
+            target(f"unguarded_vs_transformers_at_{c}", unguarded[c]["tokens_per_s"] / anchor[c]["tokens_per_s"], 2.0)
     if top in unguarded and top in guarded and unguarded[top]["steady_tokens_per_s"]:
-        out["guarded_vs_unguarded_steady_at_top"] = target(guarded[top]["steady_tokens_per_s"]
-                                                           / unguarded[top]["steady_tokens_per_s"], 0.9)
+        target("guarded_vs_unguarded_steady_at_top",
+               guarded[top]["steady_tokens_per_s"] / unguarded[top]["steady_tokens_per_s"], 0.9)
     vllm_unguarded, vllm_guarded = runs("vllm-unguarded"), runs("vllm-guarded")
     if top in unguarded and top in vllm_unguarded:
-        out["unguarded_vs_vllm_at_top"] = target(unguarded[top]["tokens_per_s"] / vllm_unguarded[top]["tokens_per_s"],
-                                                 1.0)
+        target("unguarded_vs_vllm_at_top", unguarded[top]["tokens_per_s"] / vllm_unguarded[top]["tokens_per_s"], 1.0)
     if vllm_unguarded and vllm_guarded:  # the guard's cost on vLLM: reported, no target set
         out["vllm_guarded_vs_unguarded_tokens_per_s"] = {
             "ratios": {c: round(vllm_guarded[c]["tokens_per_s"] / vllm_unguarded[c]["tokens_per_s"], 3)
@@ -355,43 +439,55 @@ def _targets(results: dict, concurrencies: tuple[int, ...], library: float | Non
     if top in guarded:
         gap = guarded[top]["chunk_gap_ms"]
         if gap["p50"]:
-            out["guarded_gap_p99_over_p50_at_top"] = target(gap["p99"] / gap["p50"], 3.0, above=False)
+            target("guarded_gap_p99_over_p50_at_top", gap["p99"] / gap["p50"], 3.0)
     return out
+
+
+def _met(name: str, value: float, goal: float) -> bool:
+    return value <= goal if name in AT_MOST else value >= goal
 
 
 def serve_markdown_table(report: dict) -> str:
     selection = report.get("prompt_selection") or {}
+    rounds = report.get("command_settings", {}).get("rounds", 1) > 1
     lines = []
     if selection.get("allowed") is not None:
         lines += [f"Prompts: the {selection['allowed']} of {selection['benign']} benign ones the guarded server "
                   "allowed in a first pass.", ""]
     if report.get("library_tokens_per_s"):
         lines += [f"The library's batch-1 decode rate in this run: {report['library_tokens_per_s']:.1f} tokens/s.", ""]
+    if rounds:
+        lines += [f"{report['command_settings']['rounds']} rounds: every server once per round, in turns; a target "
+                  "comparing two servers is the median of its per-round values.", ""]
     own = any(r.get("own_client") for result in report["results"].values() for r in result.get("runs", []))
+    round_head, round_rule = ("round | ", "---:|") if rounds else ("", "")
     lines += ["As the openai client saw it (own process; wall time from the first request to the last token)"
               + (", and the bench's own client (in-process httpx, tokens generated) after it:" if own else ":"), "",
-              "| server | clients | requests (blocked) | tokens/s | steady tokens/s | TTFT p50 / p99 (ms) "
+              f"| {round_head}server | clients | requests (blocked) | tokens/s | steady tokens/s | TTFT p50 / p99 (ms) "
               "| chunk gap p50 / p99 (ms) | own client: tokens/s (steady) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              f"|{round_rule}---|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = sorted(((r.get("round", 0), kind, r) for kind, result in report["results"].items()
+                   for r in result.get("runs", [])), key=lambda t: t[0])
     for kind, result in report["results"].items():
         if result.get("error"):
-            lines.append(f"| {kind} | did not start: {result['error']} | | | | | | |")
-        for r in result["runs"]:
-            own = r.get("own_client")
-            own_cell = f"{own['tokens_per_s']} ({own['steady_tokens_per_s']})" if own else ""
-            lines.append(f"| {kind} | {r['concurrency']} | {r['requests']} "
-                         f"({r['finish_reasons'].get('content_filter', 0)}) | "
-                         f"{r['tokens_per_s']} | {r['steady_tokens_per_s']} | "
-                         f"{r['ttft_ms']['p50']} / {r['ttft_ms']['p99']} | "
-                         f"{r['chunk_gap_ms']['p50']} / {r['chunk_gap_ms']['p99']} | {own_cell} |")
+            lines.append(f"| {'| ' if rounds else ''}{kind} | did not start: {result['error']} | | | | | | |")
+    for turn, kind, r in runs:
+        own = r.get("own_client")
+        own_cell = f"{own['tokens_per_s']} ({own['steady_tokens_per_s']})" if own else ""
+        lines.append(f"| {f'{turn + 1} | ' if rounds else ''}{kind} | {r['concurrency']} | {r['requests']} "
+                     f"({r['finish_reasons'].get('content_filter', 0)}) | "
+                     f"{r['tokens_per_s']} | {r['steady_tokens_per_s']} | "
+                     f"{r['ttft_ms']['p50']} / {r['ttft_ms']['p99']} | "
+                     f"{r['chunk_gap_ms']['p50']} / {r['chunk_gap_ms']['p99']} | {own_cell} |")
     if report.get("cost_split"):
         lines += ["", "The guarded server's cost, in parts (steady tokens/s; costs as shares of unguarded):", "",
-                  "| clients | unguarded | probe only | guarded | probe cost | checks cost | held, never shown "
-                  "| pauses / checks / blocks | classifier s | loop lag ms (unguarded / probe / guarded) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| {round_head}clients | unguarded | probe only | guarded | probe cost | checks cost "
+                  "| held, never shown | pauses / checks / blocks | classifier s "
+                  "| loop lag ms (unguarded / probe / guarded) |",
+                  f"|{round_rule}---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in report["cost_split"]:
-            lag = row["loop_lag_ms"]
-            lines.append(f"| {row['concurrency']} | {row['unguarded']} | {row['probe_only']} | {row['guarded']} | "
+            lag, turn = row["loop_lag_ms"], row.get("round", 0) + 1
+            lines.append(f"| {f'{turn} | ' if rounds else ''}{row['concurrency']} | {row['unguarded']} | {row['probe_only']} | {row['guarded']} | "
                          f"{row['probe_cost']:.1%} | {row['checks_cost']:.1%} | "
                          f"{'' if row['held_share'] is None else format(row['held_share'], '.1%')} | "
                          f"{row['pauses']:.0f} / {row['checks']:.0f} / {row['blocks']} | {row['classifier_s']} | "

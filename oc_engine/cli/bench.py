@@ -462,12 +462,16 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
                    "before 2026-12-07), to compare the two.")
 @click.option("--library/--no-library", default=True, show_default=True,
               help="Also measure the library's batch-1 decode rate (bench decode --mode engine_compiled).")
+@click.option("--rounds", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Run every server this many times, in turns (each round starting one server later), and "
+                   "judge each target on the median of its per-round ratios. This machine's speed drifts over "
+                   "minutes: a ratio of two servers run once each, minutes apart, can be the drift's.")
 @jbb_data_option
 @bench_out_option
 @json_option("Print the JSON report instead of the table.")
 @user_errors
-def serve(servers, concurrency, requests, max_tokens, dtype, slots, allowed_only, own_client, library, data_dir, out,
-          as_json):
+def serve(servers, concurrency, requests, max_tokens, dtype, slots, allowed_only, own_client, library, rounds,
+          data_dir, out, as_json):
     """Serving under load, as a client sees it: oc-engine serve guarded, with the probe only and
     unguarded, and `transformers serve --continuous-batching`, on the embedded model's weights
     directory and the same prompts.
@@ -496,7 +500,7 @@ def serve(servers, concurrency, requests, max_tokens, dtype, slots, allowed_only
     report = run_serve_bench(servers=tuple(servers) or SERVERS, concurrencies=concurrencies, requests=counts,
                              max_tokens=max_tokens, dtype=dtype, data_dir=Path(data_dir),
                              weights=resolve_model_source(None), allowed_only=allowed_only, own_client=own_client,
-                             library=library, slots=slots, progress=_progress("serve"))
+                             library=library, slots=slots, rounds=rounds, progress=_progress("serve"))
     _report(report, serve_markdown_table(report), out, as_json)
 
 
