@@ -3,6 +3,7 @@ equal to Hugging Face generate), slots are freed and reused at once, cancel and 
 while other requests run, and a request's guard decisions do not depend on its neighbours."""
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +72,59 @@ def test_a_prompt_prefilled_in_chunks_between_decode_steps_gives_the_same_tokens
     whole = plain_llm(loaded, max_num_seqs=2, prefill_chunk=None)
     assert [c.token_ids for c in chunked.generate(PROMPTS, sampled)] == \
         [c.token_ids for c in whole.generate(PROMPTS, sampled)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_arriving_together_go_in_one_pass_with_the_tokens_of_hf_generate(tiny, family):
+    """Prompts of different lengths, right-padded into one forward pass: each gets Hugging Face
+    generate's greedy tokens, and sampled ones those it gets prefilled one after another."""
+    loaded = tiny(family)
+    llm = plain_llm(loaded, max_num_seqs=3)
+    runner, groups = llm.engine.runner, []
+    together = runner.prefill_together
+    runner.prefill_together = lambda prompts: groups.append(len(prompts)) or together(prompts)
+    completions = llm.generate(PROMPTS, [fixed(n) for n in LENGTHS])
+    assert groups == [3]
+    for prompt, n, completion in zip(PROMPTS, LENGTHS, completions):
+        assert list(completion.token_ids) == hf_greedy(loaded, prompt, n)
+    sampled = [fixed(n, temperature=0.9, seed=7) for n in LENGTHS]
+    batched = [c.token_ids for c in llm.generate(PROMPTS, sampled)]
+    runner.prefill_together = lambda prompts: [runner.prefill(*p) for p in prompts]
+    assert [c.token_ids for c in llm.generate(PROMPTS, sampled)] == batched
+    assert groups == [3, 3]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma4"])
+def test_a_prompt_prefilled_with_others_gives_the_probe_what_it_gives_alone(tiny, family):
+    from oc_engine.engine.model_runner import ModelRunner
+    from oc_engine.params import SamplingConfig
+
+    loaded = tiny(family)
+    runner = ModelRunner(loaded, num_slots=3, max_model_len=64, compile=False, probe=make_probe(loaded.model, bias=0.0))
+    prompts = [(slot, prompt, SamplingConfig(), slot) for slot, prompt in enumerate(PROMPTS)]
+    alone = [runner.prefill(*p) for p in prompts]
+    cached = [(runner.cache.keys[0][slot, :, :len(p)].clone(), runner.cache.values[0][slot, :, :len(p)].clone())
+              for slot, p in enumerate(PROMPTS)]
+    for slot in range(3):
+        runner.release(slot)
+    together = runner.prefill_together([prompts[2], prompts[0], prompts[1]])  # any slot order
+    for one, (token, score, ema, flags, tapped) in zip([alone[2], alone[0], alone[1]], together):
+        assert (token, flags) == (one[0], one[3])
+        assert score == pytest.approx(one[1], abs=1e-6) and ema == pytest.approx(one[2], abs=1e-6)
+        assert torch.allclose(tapped, one[4], rtol=1e-4, atol=1e-4)  # fp32, other matmul shapes
+    for slot, (keys, values) in enumerate(cached):  # each prompt's K/V where it was alone
+        assert torch.allclose(runner.cache.keys[0][slot, :, :len(PROMPTS[slot])], keys, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(runner.cache.values[0][slot, :, :len(PROMPTS[slot])], values, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_go_in_together_only_while_their_padded_batch_fits_the_chunk(tiny):
+    llm = plain_llm(tiny("llama"), max_num_seqs=3, prefill_chunk=30)
+    runner, groups = llm.engine.runner, []
+    together = runner.prefill_together
+    runner.prefill_together = lambda prompts: groups.append([len(p) for _, p, _, _ in prompts]) or together(prompts)
+    llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], [fixed(2)] * 3)
+    # 5 and 8 tokens: 2 x 8 = 16 padded fit 30; with 14 more, 27 tokens fit but 3 x 14 = 42 padded do not.
+    assert groups == [[5, 8], [14]]
 
 
 def test_a_long_prompt_joining_leaves_the_running_requests_decoding(tiny):

@@ -29,6 +29,10 @@ class StaticKVCache:
     def rows(self, start: int, stop: int) -> "CacheRows":
         return CacheRows(self, slice(start, stop))
 
+    def rows_at(self, slots: torch.Tensor) -> "CacheRows":
+        """The rows of `slots` [B] (long), in that order: prompts of several slots prefilled together."""
+        return CacheRows(self, slots)
+
     def first_rows(self, count: int) -> "CacheRows":
         """Rows [0, count) (a batch bucket of the step; all of them: `all_rows`), one object per
         count, so the compiled step sees the same input every call."""
@@ -48,9 +52,10 @@ class StaticKVCache:
 
 
 class CacheRows:
-    """A view of some batch rows of a `StaticKVCache` (prefill writes one sequence at a time)."""
+    """Some batch rows of a `StaticKVCache`: a range (the step's bucket, one prefilled slot) or
+    the slots in a tensor (prompts prefilled together)."""
 
-    def __init__(self, cache: StaticKVCache, rows: slice):
+    def __init__(self, cache: StaticKVCache, rows: slice | torch.Tensor):
         self.cache, self.rows = cache, rows
 
     @property
@@ -68,11 +73,17 @@ class CacheRows:
         # Written by index into the whole buffer, not through a view of these rows: in the
         # compiled step, a batch bucket of one row that wrote through the view decoded at 0.77x
         # a one-slot engine with a 2,048-position cache (0.96x at 512), 0.98x written this way.
-        start = self.rows.start or 0
-        batch_index = torch.arange(start, start + key.shape[0], device=pos.device)[:, None].expand_as(pos)
+        if isinstance(self.rows, torch.Tensor):
+            batch_index = self.rows[:, None].expand_as(pos)
+        else:
+            start = self.rows.start or 0
+            batch_index = torch.arange(start, start + key.shape[0], device=pos.device)[:, None].expand_as(pos)
         # Advanced indices around a slice put [B, T] first: the value is [B, T, kv_heads, head_dim].
         keys[batch_index, :, pos] = key.transpose(1, 2).to(keys.dtype)
         values[batch_index, :, pos] = value.transpose(1, 2).to(values.dtype)
+        if isinstance(self.rows, torch.Tensor):  # a gather: a copy of only the span's positions
+            length = self.max_len if span is None else span
+            return keys[self.rows, :, :length], values[self.rows, :, :length]
         if self.rows != slice(None):
             keys, values = keys[self.rows], values[self.rows]
         if span is not None:

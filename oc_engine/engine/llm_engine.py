@@ -5,9 +5,9 @@ One `step()`:
    arrived (never blocking otherwise); a sequence its guard stopped leaves at once;
 2. admit waiting requests into free slots (first come, first served) and prefill them, at most
    `prefill_chunk` prompt tokens per step (a long prompt over several steps, so the running
-   requests keep decoding); a step in which a prefill completes, sampling its first token,
-   ends there, so first tokens are delivered before the next decode step (the first one
-   compiles);
+   requests keep decoding; prompts that fit together, in one forward pass); a step in which a
+   prefill completes, sampling its first token, ends there, so first tokens are delivered
+   before the next decode step (the first one compiles);
 3. run the compiled step over all slots, with the slots whose guard holds `max_held` tokens
    frozen, and read the new tokens (on CUDA one step behind the device, see `accel.StepReader`);
 4. a sequence that ends (EOS, stop string, length, guard, cancel) frees its slot at once; one
@@ -149,8 +149,10 @@ class LLMEngine:
 
     def _prefill(self) -> bool:
         """Prefill admitted prompts in order, `prefill_chunk` tokens at most; a prompt whose
-        last tokens go in samples its first token. Returns whether one did."""
-        budget, completed = self.prefill_chunk or float("inf"), False
+        last tokens go in samples its first token. Returns whether one did. Whole prompts that
+        fit the budget together, padding included, go in one forward pass (`prefill_together`)."""
+        limit = self.prefill_chunk or float("inf")
+        budget, completed = limit, False
         while self.prefilling and budget > 0:
             seq = self.prefilling[0]
             start, total = seq.prefilled, len(seq.prompt_ids)
@@ -158,14 +160,35 @@ class LLMEngine:
                 seq.prefilled = start + int(budget)
                 self.runner.prefill_part(seq.slot, seq.prompt_ids, start, seq.prefilled)
                 return completed
-            self.prefilling.popleft()
-            budget -= total - start
-            token, score, ema, flags, tapped = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling,
-                                                                   seq.key, start=start)
-            seq.prefilled = total
-            self._accept(seq, token, score, ema, flags, tapped)
+            if start > 0:  # the last chunk of a long prompt: alone, at its positions
+                self.prefilling.popleft()
+                budget -= total - start
+                result = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling, seq.key, start=start)
+                seq.prefilled = total
+                self._accept(seq, *result)
+                completed = True
+                continue
+            group = self._whole_prompts(budget, limit)
+            budget -= sum(len(s.prompt_ids) for s in group)
+            results = self.runner.prefill_together([(s.slot, s.prompt_ids, s.params.sampling, s.key) for s in group])
+            for seq, result in zip(group, results):
+                seq.prefilled = len(seq.prompt_ids)
+                self._accept(seq, *result)
             completed = True
         return completed
+
+    def _whole_prompts(self, budget: float, limit: float) -> list[Sequence]:
+        """The waiting prompts from the front, none begun, whose tokens fit `budget` and whose
+        padded batch fits `limit` (at least the first: it fits the budget)."""
+        group = [self.prefilling.popleft()]
+        width = used = len(group[0].prompt_ids)
+        while self.prefilling and self.prefilling[0].prefilled == 0:
+            length = len(self.prefilling[0].prompt_ids)
+            if used + length > budget or (len(group) + 1) * max(width, length) > limit:
+                break
+            group.append(self.prefilling.popleft())
+            width, used = max(width, length), used + length
+        return group
 
     def _read_oldest(self) -> None:
         handle, slots, taps = self.inflight.popleft()

@@ -1,8 +1,9 @@
 """Model runners: one forward contract over different model families.
 
-    runner(input_ids [B, T], pos [B, T], cache_rows, taps) -> (logits [B, V] fp32, tapped [L, B, H] | None)
+    runner(input_ids [B, T], pos [B, T], cache_rows, taps, span, last) -> (logits [B, V] fp32, tapped [L, B, H] | None)
 
-Logits and the tapped hidden states (one per entry of `taps`) are for the last of the T positions.
+Logits and the tapped hidden states (one per entry of `taps`) are for the last of the T positions,
+or for each row's `last` [B] (prompts of different lengths, right-padded into one batch).
 """
 
 from torch import nn

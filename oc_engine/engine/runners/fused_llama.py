@@ -17,6 +17,7 @@ from torch import nn
 from oc_engine.engine.accel import materialized
 from oc_engine.engine.kv_cache import CacheRows
 from oc_engine.engine.masks import attention_mask
+from oc_engine.engine.runners.common import last_positions
 from oc_engine.models.quantize import QuantizedLinear
 
 FUSED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
@@ -190,7 +191,8 @@ class FusedLlamaRunner(nn.Module):
     """forward(input_ids [B, T], pos [B, T], cache, taps, span) -> (logits [B, V] fp32,
     tapped [len(taps), B, H] | None).
 
-    Logits and tapped states are for the last position only. `taps` index Hugging Face's
+    Logits and tapped states are for the last position only, or for each row's `last` [B]
+    (prompts of different lengths padded to one batch). `taps` index Hugging Face's
     `output_hidden_states` (0 = embeddings, L = after the final norm), already normalised.
     `span`: attend over the cache's first `span` positions only (None: all of it).
     """
@@ -209,16 +211,16 @@ class FusedLlamaRunner(nn.Module):
         self.eps = config.rms_norm_eps
         self.lm_head = _weight(model.get_output_embeddings())
 
-    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
+    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None, last=None):
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, pos)
         mask = attention_mask(pos, cache.max_len if span is None else span, x.dtype)
-        tapped = {0: x[:, -1]} if 0 in taps else {}
+        tapped = {0: last_positions(x, last)} if 0 in taps else {}
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, pos, cache, span)
             if i + 1 in taps and i + 1 != self.num_layers:
-                tapped[i + 1] = x[:, -1]
-        x = rms_norm(x[:, -1], self.norm, self.eps)
+                tapped[i + 1] = last_positions(x, last)
+        x = rms_norm(last_positions(x, last), self.norm, self.eps)
         if self.num_layers in taps:
             tapped[self.num_layers] = x
         logits = linear(x, self.lm_head).float()

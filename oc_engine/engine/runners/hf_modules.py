@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 
 from oc_engine.engine.kv_cache import CacheRows
 from oc_engine.engine.masks import attention_mask
+from oc_engine.engine.runners.common import last_positions
 
 
 class EngineCache(Cache):
@@ -57,7 +58,8 @@ def cache_kwarg(text_model: nn.Module) -> str:
 
 
 class HFModulesRunner(nn.Module):
-    """Same contract as FusedLlamaRunner: (logits [B, V] fp32, tapped [len(taps), B, H] | None), last position.
+    """Same contract as FusedLlamaRunner: (logits [B, V] fp32, tapped [len(taps), B, H] | None), last
+    position (or each row's `last`).
     A `span` bounds attention when given, but the step never gives one: Hugging Face's attention
     folds K/V in matmuls, which a symbolic span cannot go through (see `decode_attention`)."""
 
@@ -73,7 +75,7 @@ class HFModulesRunner(nn.Module):
         self.windows = {t: (window if t == "sliding_attention" else None) for t in set(layer_types)}
         self.cache_kwarg = cache_kwarg(self.text_model)
 
-    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None):
+    def forward(self, input_ids, pos, cache: CacheRows, taps: tuple[int, ...] = (), span=None, last=None):
         dtype = self.text_model.get_input_embeddings().weight.dtype
         length = cache.max_len if span is None else span
         masks = {t: attention_mask(pos, length, dtype, w) for t, w in self.windows.items()}
@@ -82,10 +84,10 @@ class HFModulesRunner(nn.Module):
         out = self.text_model(input_ids=input_ids, position_ids=pos, attention_mask=masks,
                               **{self.cache_kwarg: EngineCache(cache, pos, span)}, use_cache=True,
                               output_hidden_states=bool(taps))
-        hidden = out.last_hidden_state[:, -1]
+        hidden = last_positions(out.last_hidden_state, last)
         logits = self.lm_head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        tapped = torch.stack([out.hidden_states[t][:, -1] for t in taps]) if taps else None
+        tapped = torch.stack([last_positions(out.hidden_states[t], last) for t in taps]) if taps else None
         return logits, tapped
 
