@@ -26,13 +26,16 @@ class FakeClassifier:
     def submit(self, prompt, response, urgent=False, judged_chars=0):
         self.calls.append(response)
         self.urgent.append(urgent)
-        return self.pool.submit(self._run)
+        # The verdict is the one set when the check is submitted: a subclass that sets it per
+        # prompt must not see a later submit's choice (two prompts prefilled together submit
+        # back to back, before the worker thread runs the first).
+        return self.pool.submit(self._run, self.verdict)
 
-    def _run(self):
+    def _run(self, verdict):
         time.sleep(self.delay)
         if self.error is not None:
             raise self.error
-        return {"verdict": self.verdict, "p_unsafe": 0.9 if self.verdict == "block" else 0.1}
+        return {"verdict": verdict, "p_unsafe": 0.9 if verdict == "block" else 0.1}
 
 
 def plain_llm(loaded, compile=False, *, max_num_seqs=4, max_model_len=128, prefill_chunk=256, **debug):

@@ -204,7 +204,7 @@ class ValueClassifier(FakeClassifier):
         super().__init__(delay=delay)
         self.value = value
 
-    def _run(self):
+    def _run(self, verdict):
         import time
         time.sleep(self.delay)
         return self.value
