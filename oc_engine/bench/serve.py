@@ -209,10 +209,7 @@ def run_serve_bench(*, servers: tuple[str, ...], concurrencies: tuple[int, ...],
                     max_tokens: int, dtype: str, data_dir: Path, weights: str, allowed_only: bool = True,
                     own_client: bool = True, library: bool = True, slots: int | None = None, rounds: int = 1,
                     progress: Callable[[str], None] = lambda s: None, log_dir: Path | None = None) -> dict:
-    """`rounds` > 1: every server runs once per round, in turns, each round starting one server
-    later in the list; targets that compare two servers are the median of each round's ratio.
-    This machine's speed drifts by 20-40% over minutes, so two servers run once each, minutes
-    apart, compare the machine's moments as much as the servers."""
+    """Every server once per round, `rounds` rounds (see the module's docstring)."""
     prompts = jbb_prompts(data_dir, "benign")
     selection = {"benign": len(prompts), "allowed": None}
     if allowed_only and "guarded" in servers:  # the selection pass runs on it, before any other server
@@ -324,9 +321,10 @@ def rounds_of(results: dict) -> list[dict]:
              for kind, result in results.items()} for turn in turns]
 
 
-def median_rate(results: dict, kind: str, concurrency: int, key: str = "tokens_per_s") -> float | None:
+def median_rate(results: dict, kind: str, concurrency: int) -> float | None:
     """A server's tokens/s at `concurrency`: the median over its rounds (None if it did not run)."""
-    values = [r[key] for r in results.get(kind, {}).get("runs", []) if r["concurrency"] == concurrency and r[key]]
+    values = [r["tokens_per_s"] for r in results.get(kind, {}).get("runs", [])
+              if r["concurrency"] == concurrency and r["tokens_per_s"]]
     return statistics.median(values) if values else None
 
 
