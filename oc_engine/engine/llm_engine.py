@@ -161,16 +161,13 @@ class LLMEngine:
                 self.runner.prefill_part(seq.slot, seq.prompt_ids, start, seq.prefilled)
                 return completed
             if start > 0:  # the last chunk of a long prompt: alone, at its positions
-                self.prefilling.popleft()
-                budget -= total - start
-                result = self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling, seq.key, start=start)
-                seq.prefilled = total
-                self._accept(seq, *result)
-                completed = True
-                continue
-            group = self._whole_prompts(budget, limit)
-            budget -= sum(len(s.prompt_ids) for s in group)
-            results = self.runner.prefill_together([(s.slot, s.prompt_ids, s.params.sampling, s.key) for s in group])
+                group = [self.prefilling.popleft()]
+                results = [self.runner.prefill(seq.slot, seq.prompt_ids, seq.params.sampling, seq.key, start=start)]
+            else:
+                group = self._whole_prompts(budget, limit)
+                results = self.runner.prefill_together([(s.slot, s.prompt_ids, s.params.sampling, s.key)
+                                                        for s in group])
+            budget -= sum(len(s.prompt_ids) - s.prefilled for s in group)
             for seq, result in zip(group, results):
                 seq.prefilled = len(seq.prompt_ids)
                 self._accept(seq, *result)
